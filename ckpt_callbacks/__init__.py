@@ -1,0 +1,30 @@
+"""ckpt_callbacks: checkpoints for JAX training loops that never stall the loop.
+
+>>> import jax.numpy as jnp
+>>> import ckpt_callbacks as cc
+>>> cc.save("memory://doc/init/run-1", {"w": jnp.ones(2)}, step=1)
+>>> cc.find_latest_checkpoint("memory://doc/init")
+'memory://doc/init/run-1'
+"""
+
+from ckpt_callbacks.discovery import CheckpointInfo as CheckpointInfo
+from ckpt_callbacks.discovery import VerifyReport as VerifyReport
+from ckpt_callbacks.discovery import find_latest_checkpoint as find_latest_checkpoint
+from ckpt_callbacks.discovery import list_checkpoints as list_checkpoints
+from ckpt_callbacks.discovery import verify as verify
+from ckpt_callbacks.errors import CheckpointError as CheckpointError
+from ckpt_callbacks.errors import CheckpointExistsError as CheckpointExistsError
+from ckpt_callbacks.errors import CheckpointFormatError as CheckpointFormatError
+from ckpt_callbacks.errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ckpt_callbacks.errors import CorruptCheckpointError as CorruptCheckpointError
+from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
+from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
+from ckpt_callbacks.restore import restore as restore
+from ckpt_callbacks.rules import match_partition_rules as match_partition_rules
+from ckpt_callbacks.rules import shardings_from_rules as shardings_from_rules
+from ckpt_callbacks.serializer import SaveHandle as SaveHandle
+from ckpt_callbacks.serializer import SaveStats as SaveStats
+from ckpt_callbacks.serializer import save as save
+from ckpt_callbacks.serializer import save_async as save_async
+
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""The few multi-host primitives: who is primary, barriers, and small JSON exchanges.
+
+They go through the ``jax.distributed`` coordination service (its key-value store), not
+device collectives, so they are safe from a background thread while the training loop keeps
+dispatching steps. With one process every call returns at once, without communication.
+
+>>> is_primary()
+True
+>>> broadcast_json("doc-example", {"step": 3})
+{'step': 3}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+
+__all__ = ["process_index", "process_count", "is_primary", "barrier", "broadcast_json",
+           "gather_json", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Process 0 writes shared files (manifests, metadata, the commit marker) and deletes."""
+    return process_index() == 0
+
+
+def _client() -> Any:
+    from jax._src import distributed  # noqa: PLC0415
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("several JAX processes but no jax.distributed client; call "
+                           "jax.distributed.initialize() first")
+    return client
+
+
+def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Blocks until every process reaches ``name``; raises after ``timeout_s``."""
+    if process_count() == 1:
+        return
+    try:
+        _client().wait_at_barrier(f"ckpt_callbacks/{name}", int(timeout_s * 1000))
+    except Exception as e:
+        raise TimeoutError(f"barrier {name!r}: not every process arrived within {timeout_s:.0f}s "
+                           f"(a process may have died): {e}") from e
+
+
+def broadcast_json(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """Process 0's ``value`` on every process."""
+    if process_count() == 1:
+        return value
+    key = f"ckpt_callbacks/bcast/{name}"
+    if is_primary():
+        _client().key_value_set(key, json.dumps(value))
+        return value
+    try:
+        return json.loads(_client().blocking_key_value_get(key, int(timeout_s * 1000)))
+    except Exception as e:
+        raise TimeoutError(f"broadcast {name!r}: no value from process 0 within {timeout_s:.0f}s: {e}") from e
+
+
+def gather_json(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any] | None:
+    """Every process's ``value``, in process order, on process 0; None elsewhere."""
+    if process_count() == 1:
+        return [value]
+    client = _client()
+    client.key_value_set(f"ckpt_callbacks/gather/{name}/{process_index()}", json.dumps(value))
+    if not is_primary():
+        return None
+    out = []
+    for pid in range(process_count()):
+        try:
+            raw = client.blocking_key_value_get(f"ckpt_callbacks/gather/{name}/{pid}", int(timeout_s * 1000))
+        except Exception as e:
+            raise TimeoutError(f"gather {name!r}: process {pid} sent nothing within {timeout_s:.0f}s: {e}") from e
+        out.append(json.loads(raw))
+    return out

@@ -1,0 +1,49 @@
+"""Named exceptions of ckpt_callbacks.
+
+Each subclasses the builtin a caller would already catch, so
+``except FileNotFoundError`` keeps working around a missing checkpoint:
+
+>>> from ckpt_callbacks.errors import CheckpointNotFoundError
+>>> issubclass(CheckpointNotFoundError, FileNotFoundError)
+True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CorruptCheckpointError",
+    "ShardingRuleError",
+    "RestoreMismatchError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint at the given path."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint already exists where a save was asked to write."""
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """Metadata or manifest is malformed, or of a format version this reader refuses."""
+
+
+class CorruptCheckpointError(CheckpointError, OSError):
+    """Stored bytes do not match the checksums recorded at save time."""
+
+
+class ShardingRuleError(CheckpointError, ValueError):
+    """Partition rules or shardings do not fit a leaf (rank, divisibility, mesh axes)."""
+
+
+class RestoreMismatchError(CheckpointError, ValueError):
+    """The checkpoint and the requested template or keys disagree (missing, unexpected, shape)."""

@@ -1,0 +1,356 @@
+"""Format v1: tree structure, leaf records, manifests and metadata as plain JSON.
+
+A checkpoint directory holds ``metadata.json``, one ``<item>/manifest.json`` per item, the
+items' zarr3 arrays, and ``COMMITTED``, written last, which names the metadata file and item
+directories of the committed version. Nothing here runs code on load: JSON only.
+
+>>> escape_component("../x")
+'%2E%2E%2Fx'
+>>> key_string(("params", "Dense_0", "kernel"))
+'params/Dense_0/kernel'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from ckpt_callbacks.errors import CheckpointFormatError
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "COMMIT_MARKER", "KeyPath", "LeafRecord", "Manifest",
+           "Commit", "Metadata", "escape_component", "leaf_dir", "key_string", "path_of", "zarr_spec", "chunk_key", "flatten",
+           "unflatten", "dtype_name", "dtype_from_name", "check_version", "dumps", "loads"]
+
+FORMAT_NAME = "ckpt_callbacks"
+FORMAT_VERSION = 1
+COMMIT_MARKER = "COMMITTED"
+
+KeyPath = tuple[str | int, ...]
+
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+_MAX_COMPONENT = 120
+
+
+def escape_component(key: str | int) -> str:
+    """A file-name-safe, injective spelling of one key (no '/', '.', or empty names)."""
+    text = str(key)
+    if not text:
+        return "%"
+    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
+    if len(out) > _MAX_COMPONENT:
+        out = out[:96] + "~" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
+
+
+def leaf_dir(path: KeyPath) -> str:
+    """The array directory of a leaf, relative to its item directory."""
+    return "/".join(escape_component(k) for k in path) if path else "%root"
+
+
+def key_string(path: Sequence[str | int]) -> str:
+    """The '/'-joined key path that partition rules and error messages use."""
+    return "/".join(str(k) for k in path)
+
+
+def _key_of(entry: Any) -> str | int:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            key = getattr(entry, attr)
+            if isinstance(key, bool) or not isinstance(key, str | int):
+                raise TypeError(f"key {key!r} of type {type(key).__name__}: only str and int keys can be saved")
+            return key
+    raise TypeError(f"unsupported key path entry {entry!r}")
+
+
+def path_of(entries: Sequence[Any]) -> KeyPath:
+    """A jax key path (DictKey, SequenceKey, GetAttrKey, ...) as plain str/int components."""
+    return tuple(_key_of(e) for e in entries)
+
+
+def _children(node: Any) -> list[tuple[Any, Any]] | None:
+    """One level of a pytree: [(key entry, child)], or None when ``node`` is a leaf."""
+    if node is None:
+        return None
+    flat, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if len(flat) == 1 and not flat[0][0] and flat[0][1] is node:
+        return None
+    return [(path[0], child) for path, child in flat]
+
+
+def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[KeyPath, Any]]]:
+    """Walks a pytree into (structure JSON, [(key path, leaf)]); None is a leaf."""
+    leaves: list[tuple[KeyPath, Any]] = []
+
+    def walk(node: Any, path: KeyPath) -> dict[str, Any]:
+        children = _children(node)
+        if children is None:
+            leaves.append((path, node))
+            return {"leaf": len(leaves) - 1}
+        keyed = [(_key_of(entry), child) for entry, child in children]
+        if isinstance(node, list | tuple) and not hasattr(node, "_fields"):
+            kind = "list" if isinstance(node, list) else "tuple"
+            return {kind: [walk(child, (*path, k)) for k, child in keyed]}
+        out: dict[str, Any] = {"dict": [[k, walk(child, (*path, k))] for k, child in keyed]}
+        if not isinstance(node, dict):
+            out["node"] = type(node).__name__
+        return out
+
+    return walk(tree, ()), leaves
+
+
+def unflatten(structure: dict[str, Any], leaves: Sequence[Any], keep: set[int] | None = None) -> Any:
+    """Rebuilds nested dicts/lists/tuples; leaves not in ``keep`` (and emptied containers) drop out."""
+
+    def build(node: dict[str, Any]) -> tuple[bool, Any]:
+        if "leaf" in node:
+            index = node["leaf"]
+            return (keep is None or index in keep), (leaves[index] if keep is None or index in keep else None)
+        if "dict" in node:
+            built = [(k, build(child)) for k, child in node["dict"]]
+            kept = {k: v for k, (ok, v) in built if ok}
+            return (bool(kept) or not built), kept
+        kind = "list" if "list" in node else "tuple"
+        if kind not in node:
+            raise CheckpointFormatError(f"unknown tree node {sorted(node)} in manifest")
+        items = [build(child) for child in node[kind]]
+        values = [v for ok, v in items if ok]
+        return (bool(values) or not items), (values if kind == "list" else tuple(values))
+
+    return build(structure)[1]
+
+
+def dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    """A numpy dtype from its name; ml_dtypes names (bfloat16, float8_*, int4) included."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        pass
+    candidate = getattr(ml_dtypes, name, None)
+    if candidate is None or not isinstance(candidate, type):
+        raise CheckpointFormatError(f"unknown dtype {name!r} in manifest")
+    return np.dtype(candidate)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LeafRecord:
+    """What the manifest says of one leaf."""
+
+    path: KeyPath
+    kind: str  # "array" | "prng_key" | "scalar"
+    source: str = ""  # "jax" | "numpy" for arrays
+    shape: tuple[int, ...] = ()
+    dtype: str = ""  # dtype of the leaf in the saved tree
+    stored_dtype: str = ""  # dtype of the stored values (after a ``dtype=`` cast)
+    zarr_dtype: str = ""  # zarr3 data_type on disk
+    key_impl: str = ""
+    key_tail: tuple[int, ...] = ()  # trailing key-data dims of a PRNG key leaf
+    partition_spec: tuple[Any, ...] | None = None
+    mesh: dict[str, Any] | None = None
+    array: str = ""
+    chunks: tuple[int, ...] = ()
+    crc32c: dict[str, int] = dataclasses.field(default_factory=dict)
+    value: Any = None
+    value_type: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("array", "prng_key", "scalar"):
+            raise CheckpointFormatError(f"leaf {key_string(self.path)!r}: unknown kind {self.kind!r}")
+
+    @property
+    def key(self) -> str:
+        return key_string(self.path)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Shape of the stored array (a PRNG key array stores its key data)."""
+        return (*self.shape, *self.key_tail)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.data_shape) * dtype_from_name(self.zarr_dtype).itemsize if self.zarr_dtype else 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.kind == "scalar":
+            return {k: out[k] for k in ("path", "kind", "value", "value_type")}
+        out.pop("value")
+        out.pop("value_type")
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LeafRecord:
+        try:
+            fields = dict(data)
+            fields["path"] = tuple(fields["path"])
+            for name in ("shape", "chunks", "key_tail"):
+                if name in fields:
+                    fields[name] = tuple(int(x) for x in fields[name])
+            if fields.get("partition_spec") is not None:
+                fields["partition_spec"] = tuple(
+                    tuple(p) if isinstance(p, list) else p for p in fields["partition_spec"])
+            fields["crc32c"] = {str(k): int(v) for k, v in fields.get("crc32c", {}).items()}
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in fields.items() if k in known})
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"malformed leaf record {str(data)[:200]}: {e}") from e
+
+
+def encode_scalar(value: Any) -> tuple[Any, str]:
+    """A Python scalar as (JSON value, type name); non-finite floats as strings."""
+    if value is None:
+        return None, "none"
+    if isinstance(value, bool):
+        return value, "bool"
+    if isinstance(value, int):
+        return value, "int"
+    if isinstance(value, float):
+        return (value if math.isfinite(value) else repr(value)), "float"
+    if isinstance(value, str):
+        return value, "str"
+    raise TypeError(f"unsupported scalar type {type(value).__name__}")
+
+
+def decode_scalar(value: Any, value_type: str) -> Any:
+    match value_type:
+        case "none":
+            return None
+        case "bool":
+            return bool(value)
+        case "int":
+            return int(value)
+        case "float":
+            return float(value)
+        case "str":
+            return str(value)
+    raise CheckpointFormatError(f"unknown scalar type {value_type!r} in manifest")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """One item: its tree structure and its leaves."""
+
+    tree: dict[str, Any]
+    leaves: tuple[LeafRecord, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tree": self.tree,
+                "leaves": [leaf.to_json() for leaf in self.leaves]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
+        check_version(data, where)
+        try:
+            return cls(tree=data["tree"], leaves=tuple(LeafRecord.from_json(x) for x in data["leaves"]))
+        except KeyError as e:
+            raise CheckpointFormatError(f"{where}: manifest lacks {e}") from e
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Metadata:
+    """``metadata.json``: seed-compatible keys plus format name and version."""
+
+    step: int | None
+    timestamp: float
+    is_temporary: bool = False
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    items: tuple[str, ...] = ("state",)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "timestamp": self.timestamp, "is_temporary": self.is_temporary,
+                "format": FORMAT_NAME, "version": FORMAT_VERSION, "extras": self.extras,
+                "items": list(self.items)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> Metadata:
+        check_version(data, where)
+        try:
+            step = data["step"]
+            return cls(step=None if step is None else int(step), timestamp=float(data["timestamp"]),
+                       is_temporary=bool(data.get("is_temporary", False)),
+                       extras=dict(data.get("extras") or {}), items=tuple(data.get("items", ("state",))))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{where}: malformed metadata: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Commit:
+    """The commit marker: which metadata file and item directories form the checkpoint."""
+
+    metadata: str = "metadata.json"
+    items: dict[str, str] = dataclasses.field(default_factory=lambda: {"state": "state"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metadata": self.metadata,
+                "items": self.items}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> Commit:
+        check_version(data, where)
+        try:
+            commit = cls(metadata=str(data["metadata"]), items={str(k): str(v) for k, v in data["items"].items()})
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointFormatError(f"{where}: malformed commit marker: {e}") from e
+        for name in (commit.metadata, *commit.items.values()):
+            if not name or "/" in name or name in (".", ".."):
+                raise CheckpointFormatError(f"{where}: commit marker names {name!r}, not a plain entry")
+        return commit
+
+
+def check_version(data: Any, where: str) -> None:
+    """Refuses other formats and unknown major versions with a clear error."""
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    if data.get("format") != FORMAT_NAME:
+        raise CheckpointFormatError(f"{where}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointFormatError(f"{where}: format version {version!r} is not an integer")
+    if version != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{where}: format version {version}; this reader supports version {FORMAT_VERSION}"
+            + (" (upgrade ckpt_callbacks to read it)" if version > FORMAT_VERSION else ""))
+
+
+def dumps(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=1, allow_nan=False).encode()
+
+
+def loads(raw: bytes, where: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"{where}: not valid JSON: {e}") from e
+
+
+def zarr_spec(kvstore: dict[str, Any], record: LeafRecord) -> dict[str, Any]:
+    """The TensorStore spec of a leaf's zarr3 array under its item's kvstore (pure)."""
+    item_path = kvstore.get("path", "")
+    return {
+        "driver": "zarr3",
+        "kvstore": {**kvstore, "path": f"{item_path}{record.array}/"},
+        "metadata": {
+            "shape": list(record.data_shape),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(record.chunks)}},
+            "chunk_key_encoding": {"name": "default"},
+            "data_type": record.zarr_dtype,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        },
+    }
+
+
+def chunk_key(chunk: Sequence[int]) -> str:
+    """The manifest key of a chunk's checksum: grid indices joined by '.' ('0' for 0-d)."""
+    return ".".join(str(i) for i in chunk) or "0"

@@ -1,0 +1,212 @@
+"""Checkpoint locations: one URL, two views (TensorStore kvstore, fsspec filesystem).
+
+Arrays and small files go through TensorStore, whose writes of one key are atomic on every
+backend (temp file + rename on local disk, one PUT on object stores); listing and recursive
+deletes go through fsspec, which lists one level with a delimiter instead of every chunk.
+``memory://`` has no fsspec view: TensorStore's memory store and fsspec's are separate
+namespaces, so everything goes through one process-wide TensorStore context.
+
+>>> loc = parse("memory://runs/a")
+>>> kvstore_spec(loc.join("run-10"))
+{'driver': 'memory', 'path': 'runs/a/run-10/'}
+>>> parse("/tmp/x/../y").url
+'file:///tmp/y'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+import tensorstore as ts
+
+__all__ = ["Location", "parse", "kvstore_spec", "context", "read_bytes", "write_bytes", "list_entries", "delete_entry",
+           "list_dirs", "has_any", "delete_tree"]
+
+SCHEMES = ("file", "memory", "s3", "gs")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Location:
+    """A directory on one backend; ``path`` never ends in '/'."""
+
+    scheme: str
+    bucket: str = ""
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unsupported scheme {self.scheme!r}; expected one of {SCHEMES}")
+        if self.scheme in ("s3", "gs") and len(self.bucket) < 3:
+            raise ValueError(f"{self.scheme}:// URL needs a bucket of 3+ characters, got {self.bucket!r}")
+
+    @property
+    def url(self) -> str:
+        if self.scheme == "file":
+            return "file://" + self.path
+        root = self.bucket + ("/" + self.path if self.path else "")
+        return f"{self.scheme}://{root}"
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    def join(self, *parts: str) -> Location:
+        for part in parts:
+            if part in ("", ".", "..") or "/" in part:
+                raise ValueError(f"invalid path component {part!r} under {self.url}")
+        path = posixpath.join(self.path, *parts) if self.path else posixpath.join(*parts)
+        return dataclasses.replace(self, path=path)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse(url: str | os.PathLike[str] | Location) -> Location:
+    """Parses a local path, ``file://``, ``memory://``, ``s3://`` or ``gs://`` URL."""
+    if isinstance(url, Location):
+        return url
+    text = os.fspath(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return Location(scheme="file", path=os.path.abspath(os.path.expanduser(text)))
+    if scheme == "file":
+        return Location(scheme="file", path=os.path.abspath(rest))
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ValueError(f"'.' and '..' are not allowed in {text!r}")
+    if scheme == "memory":
+        return Location(scheme="memory", path="/".join(parts))
+    if scheme in ("s3", "gs"):
+        if not parts:
+            raise ValueError(f"{text!r} names no bucket")
+        return Location(scheme=scheme, bucket=parts[0], path="/".join(parts[1:]))
+    raise ValueError(f"unsupported URL scheme {scheme!r} in {text!r}; expected one of {SCHEMES}")
+
+
+def kvstore_spec(loc: Location, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The TensorStore kvstore spec of a directory (pure; S3 endpoint/region from ``env``)."""
+    env = os.environ if env is None else env
+    prefix = loc.path + "/" if loc.path else ""
+    if loc.scheme == "file":
+        return {"driver": "file", "path": prefix}
+    if loc.scheme == "memory":
+        return {"driver": "memory", "path": prefix}
+    spec: dict[str, Any] = {"driver": loc.scheme, "bucket": loc.bucket, "path": prefix}
+    if loc.scheme == "s3":
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            spec["endpoint"] = endpoint
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            spec["aws_region"] = region
+        if env.get("AWS_ACCESS_KEY_ID"):
+            spec["aws_credentials"] = {"type": "environment"}
+    return spec
+
+
+_CONTEXT: ts.Context | None = None
+
+
+def context() -> ts.Context:
+    """The process-wide TensorStore context (one ``memory://`` namespace per process)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = ts.Context()
+    return _CONTEXT
+
+
+def _kvstore(loc: Location) -> ts.KvStore:
+    return ts.KvStore.open(kvstore_spec(loc), context=context()).result()
+
+
+def read_bytes(loc: Location, name: str) -> bytes | None:
+    """The bytes of file ``name`` under ``loc``, or None if it does not exist."""
+    result = _kvstore(loc).read(name).result()
+    return bytes(result.value) if result.state == "value" else None
+
+
+def write_bytes(loc: Location, name: str, data: bytes) -> None:
+    """Writes file ``name`` under ``loc`` atomically (readers see old or new, never part)."""
+    _kvstore(loc).write(name, data).result()
+
+
+def _fs(loc: Location) -> Any:
+    import fsspec  # noqa: PLC0415  (imported lazily: gcsfs needs an env var first)
+
+    if loc.scheme == "gs":
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
+        return fsspec.filesystem("gs", **({"endpoint_url": endpoint, "token": "anon"} if endpoint else {}))
+    if loc.scheme == "s3":
+        spec = kvstore_spec(loc)
+        client_kwargs = {k: v for k, v in (("endpoint_url", spec.get("endpoint")),
+                                          ("region_name", spec.get("aws_region"))) if v}
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs)
+    return fsspec.filesystem("file")
+
+
+def _fs_path(loc: Location) -> str:
+    return loc.path if loc.scheme == "file" else f"{loc.bucket}/{loc.path}".rstrip("/")
+
+
+def _memory_keys(loc: Location) -> list[str]:
+    return [k.decode() for k in _kvstore(loc).list().result()]
+
+
+def list_dirs(loc: Location) -> list[str]:
+    """Names of the immediate subdirectories of ``loc`` (one delimited listing)."""
+    if loc.scheme == "memory":
+        return sorted({k.split("/", 1)[0] for k in _memory_keys(loc) if "/" in k})
+    fs = _fs(loc)
+    root = _fs_path(loc)
+    if not fs.exists(root):
+        return []
+    names = []
+    for entry in fs.ls(root, detail=True, refresh=True) if loc.scheme != "file" else fs.ls(root, detail=True):
+        if entry["type"] == "directory":
+            names.append(posixpath.basename(entry["name"].rstrip("/")))
+    return sorted(names)
+
+
+def has_any(loc: Location) -> bool:
+    """Whether anything at all is stored under ``loc``."""
+    if loc.scheme == "memory":
+        return bool(_memory_keys(loc))
+    fs = _fs(loc)
+    root = _fs_path(loc)
+    return bool(fs.exists(root) and fs.ls(root))
+
+
+def delete_tree(loc: Location) -> None:
+    """Deletes everything under ``loc``; a missing directory is not an error."""
+    if loc.scheme == "memory":
+        prefix = loc.path + "/" if loc.path else ""
+        kv = ts.KvStore.open({"driver": "memory"}, context=context()).result()
+        kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0" if prefix else "")).result()
+        return
+    fs = _fs(loc)
+    root = _fs_path(loc)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def list_entries(loc: Location) -> list[str]:
+    """Names of everything (files and directories) directly under ``loc``."""
+    if loc.scheme == "memory":
+        return sorted({k.split("/", 1)[0] for k in _memory_keys(loc)})
+    fs = _fs(loc)
+    root = _fs_path(loc)
+    if not fs.exists(root):
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False))
+
+
+def delete_entry(loc: Location, name: str) -> None:
+    """Deletes file or directory ``name`` directly under ``loc``."""
+    if loc.scheme == "memory":
+        _kvstore(loc).delete_range(ts.KvStore.KeyRange(name, name + "\x00")).result()
+    delete_tree(loc.join(name))

@@ -1,0 +1,343 @@
+"""Restore a checkpoint onto any mesh: each process reads only the chunks its devices need.
+
+>>> import jax.numpy as jnp
+>>> from ckpt_callbacks.serializer import save
+>>> save("memory://doc/restore", {"w": jnp.arange(4.0), "step": 7})
+>>> tree = restore("memory://doc/restore")
+>>> tree["step"], tree["w"].tolist()
+(7, [0.0, 1.0, 2.0, 3.0])
+
+Target shardings come from, in order: ``shardings``; template leaves carrying ``.sharding``;
+``mesh`` + ``rules``; ``mesh`` alone with the partition specs saved in the manifest. Without
+any of them, jax leaves land on the first local device and numpy leaves come back as numpy.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import crc32c
+import jax
+import numpy as np
+import tensorstore as ts
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks import paths, planning
+from ckpt_callbacks.errors import (CheckpointFormatError, CheckpointNotFoundError, CorruptCheckpointError,
+                                   RestoreMismatchError, ShardingRuleError)
+from ckpt_callbacks.rules import Rules, check_spec, spec_for
+from ckpt_callbacks.serializer import read_commit
+
+__all__ = ["restore", "open_checkpoint", "read_manifest", "read_leaves", "Target"]
+
+# Bytes of chunk reads in flight at once: bounds host memory beyond the restored arrays.
+READ_WINDOW_BYTES = 512 << 20
+
+
+def open_checkpoint(path: Any) -> tuple[paths.Location, fmt.Commit, fmt.Metadata]:
+    """The commit marker and metadata of a committed checkpoint; raises if it is not committed."""
+    loc = paths.parse(path)
+    commit = read_commit(loc)
+    if commit is None:
+        hint = " (it holds files but no commit marker: a save that did not finish)" if paths.has_any(loc) else ""
+        raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}{hint}")
+    where = loc.join(commit.metadata).url
+    raw = paths.read_bytes(loc, commit.metadata)
+    if raw is None:
+        raise CheckpointFormatError(f"{where}: named by the commit marker but missing")
+    return loc, commit, fmt.Metadata.from_json(fmt.loads(raw, where), where)
+
+
+def read_manifest(loc: paths.Location, commit: fmt.Commit, item: str) -> fmt.Manifest:
+    if item not in commit.items:
+        raise CheckpointNotFoundError(f"{loc.url} has no item {item!r}; items: {sorted(commit.items)}")
+    item_loc = loc.join(commit.items[item])
+    where = item_loc.join("manifest.json").url
+    raw = paths.read_bytes(item_loc, "manifest.json")
+    if raw is None:
+        raise CheckpointFormatError(f"{where}: missing from a committed checkpoint")
+    return fmt.Manifest.from_json(fmt.loads(raw, where), where)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """How one leaf comes back: its sharding (None: a numpy array) and dtype."""
+
+    sharding: Sharding | None
+    dtype: np.dtype | None = None
+
+
+def _chunk_regions(region: planning.Region, chunks: Sequence[int], shape: Sequence[int]) -> list[tuple[tuple[int, ...], planning.Region]]:
+    grids = [range(a // c, -(-b // c)) for (a, b), c in zip(region, chunks, strict=True)]
+    out: list[tuple[tuple[int, ...], planning.Region]] = [((), ())]
+    for grid, c, n in zip(grids, chunks, shape, strict=True):
+        out = [((*idx, g), (*reg, (g * c, min((g + 1) * c, n)))) for idx, reg in out for g in grid]
+    return out
+
+
+def _slices(region: planning.Region) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in region)
+
+
+class _LeafRead:
+    """Chunk reads of one leaf's regions, checked against the manifest's crc32c on arrival."""
+
+    def __init__(self, array: ts.TensorStore, record: fmt.LeafRecord, regions: list[planning.Region], where: str) -> None:
+        self.record, self.regions, self.where = record, regions, where
+        self.chunks: dict[tuple[int, ...], tuple[planning.Region, Any]] = {}
+        for region in regions:
+            for idx, creg in _chunk_regions(region, record.chunks, record.data_shape):
+                if idx not in self.chunks:
+                    self.chunks[idx] = (creg, array[_slices(creg)].read())
+        itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
+        self.nbytes = sum(math.prod(b - a for a, b in creg) * itemsize for creg, _ in self.chunks.values())
+
+    def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
+        creg, future = self.chunks[idx]
+        if isinstance(future, np.ndarray):  # already read and checked
+            return future
+        try:
+            data = future.result()
+        except Exception as e:
+            raise CorruptCheckpointError(f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} "
+                                         f"could not be read: {e}") from e
+        expected = self.record.crc32c.get(fmt.chunk_key(idx))
+        found = crc32c.crc32c(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+        if expected is None or found != expected:
+            raise CorruptCheckpointError(
+                f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} (region "
+                f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest")
+        self.chunks[idx] = (creg, data)
+        return data
+
+    def result(self) -> dict[planning.Region, np.ndarray]:
+        """Each requested region as one host array of the stored dtype."""
+        out = {}
+        stored = fmt.dtype_from_name(self.record.stored_dtype)
+        for region in self.regions:
+            parts = _chunk_regions(region, self.record.chunks, self.record.data_shape)
+            if len(parts) == 1 and parts[0][1] == region:
+                host = self._chunk(parts[0][0])
+            else:
+                host = np.empty(tuple(b - a for a, b in region), fmt.dtype_from_name(self.record.zarr_dtype))
+                for idx, creg in parts:
+                    inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg, strict=True))
+                    dst = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))
+                    src = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))
+                    host[dst] = self._chunk(idx)[src]
+            out[region] = host.view(stored) if host.dtype != stored else host
+        return out
+
+
+def _data_sharding(record: fmt.LeafRecord, sharding: Sharding) -> Sharding:
+    """The sharding of a PRNG key leaf's stored key data (trailing key dims unsharded)."""
+    if record.kind != "prng_key":
+        return sharding
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (len(record.data_shape) - len(sharding.spec))
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+    if isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    raise ShardingRuleError(f"leaf {record.key!r}: PRNG keys restore onto NamedSharding or a single "
+                            f"device, got {type(sharding).__name__}")
+
+
+def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.Region, np.ndarray]) -> Any:
+    dtype = target.dtype
+    if record.kind == "array" and dtype is not None:
+        regions = {r: (a if a.dtype == dtype else a.astype(dtype)) for r, a in regions.items()}
+    if target.sharding is None:
+        return regions[tuple((0, n) for n in record.data_shape)]
+    sharding = _data_sharding(record, target.sharding)
+    shape = record.data_shape
+    array = jax.make_array_from_callback(
+        shape, sharding, lambda index: regions[planning.normalize_index(index, shape)])
+    if record.kind == "prng_key":
+        return jax.random.wrap_key_data(array, impl=record.key_impl)
+    return array
+
+
+def read_leaves(loc: paths.Location, records: Sequence[fmt.LeafRecord], targets: Sequence[Target],
+                window: int = READ_WINDOW_BYTES) -> list[Any]:
+    """Reads array leaves onto their targets, a bounded number of bytes in flight."""
+    kvstore = paths.kvstore_spec(loc)
+    opened = [ts.open(fmt.zarr_spec(kvstore, r), open=True, assume_metadata=True, context=paths.context())
+              for r in records]
+    out: list[Any] = [None] * len(records)
+    inflight: collections.deque[tuple[int, _LeafRead]] = collections.deque()
+    pending = 0
+
+    def drain_one() -> None:
+        nonlocal pending
+        i, read = inflight.popleft()
+        out[i] = _finish_leaf(records[i], targets[i], read.result())
+        pending -= read.nbytes
+
+    for i, (record, target) in enumerate(zip(records, targets, strict=True)):
+        shape = record.data_shape
+        if target.sharding is None:
+            regions = [tuple((0, n) for n in shape)]
+        else:
+            index_map = _data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
+            regions = sorted({planning.normalize_index(idx, shape) for idx in index_map.values()})
+        try:
+            array = opened[i].result()
+        except Exception as e:
+            raise CorruptCheckpointError(f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}") from e
+        read = _LeafRead(array, record, regions, loc.url)
+        inflight.append((i, read))
+        pending += read.nbytes
+        while pending > window and len(inflight) > 1:
+            drain_one()
+    while inflight:
+        drain_one()
+    return out
+
+
+def _select(records: Sequence[fmt.LeafRecord], keys: Sequence[str] | None, where: str) -> list[int]:
+    if keys is None:
+        return list(range(len(records)))
+    if isinstance(keys, str):
+        keys = [keys]
+    chosen: list[int] = []
+    for key in keys:
+        parts = [p for p in key.split("/") if p]
+        hits = [i for i, r in enumerate(records) if [str(k) for k in r.path[:len(parts)]] == parts]
+        if not hits:
+            top = sorted({str(r.path[0]) for r in records if r.path})
+            raise RestoreMismatchError(f"{where}: no leaf under key {key!r}; top-level keys: {top}")
+        chosen.extend(i for i in hits if i not in chosen)
+    return sorted(chosen)
+
+
+def _sharding_map(shardings: Any) -> dict[fmt.KeyPath, Sharding] | Sharding | None:
+    if shardings is None or isinstance(shardings, Sharding):
+        return shardings
+    flat, _ = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, Sharding) or x is None)
+    return {fmt.path_of(p): s for p, s in flat if s is not None}
+
+
+def _target_sharding(record: fmt.LeafRecord, template_leaf: Any, given: Any, mesh: Mesh | None,
+                     rules: Rules | None) -> Sharding | None:
+    if isinstance(given, Sharding):
+        return given
+    if isinstance(given, dict) and record.path in given:
+        return given[record.path]
+    sharding = getattr(template_leaf, "sharding", None)
+    if isinstance(sharding, Sharding):
+        return sharding
+    if isinstance(template_leaf, np.ndarray):
+        return None
+    if template_leaf is None and record.source == "numpy":
+        return None
+    if mesh is not None:
+        if rules is not None:
+            spec = spec_for(record.key, record.shape, rules)
+        elif record.partition_spec is not None:
+            spec = PartitionSpec(*record.partition_spec)
+        else:
+            spec = PartitionSpec()
+        check_spec(record.key, record.shape, spec, mesh)
+        return NamedSharding(mesh, spec)
+    return SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _target_dtype(record: fmt.LeafRecord, template_leaf: Any, dtype: Any) -> np.dtype | None:
+    if record.kind == "prng_key":
+        return None
+    template_dtype = getattr(template_leaf, "dtype", None)
+    if template_dtype is not None:
+        return np.dtype(template_dtype)
+    original = fmt.dtype_from_name(record.dtype)
+    if dtype is not None and jax.numpy.issubdtype(original, jax.numpy.floating):
+        return np.dtype(dtype)
+    return original
+
+
+def _scalar_into(value: Any, template_leaf: Any) -> Any:
+    if isinstance(template_leaf, jax.Array | jax.ShapeDtypeStruct):
+        return jax.numpy.asarray(value, dtype=template_leaf.dtype)
+    if isinstance(template_leaf, np.ndarray):
+        return np.asarray(value, dtype=template_leaf.dtype)
+    return value
+
+
+def _match_template(records: Sequence[fmt.LeafRecord], chosen: list[int], template: Any, strict: bool,
+                    where: str) -> tuple[list[tuple[fmt.KeyPath, Any]], Any, dict[fmt.KeyPath, int]]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=lambda x: x is None)
+    t_leaves = [(fmt.path_of(p), leaf) for p, leaf in flat]
+    on_disk = {records[i].path: i for i in chosen}
+    problems = []
+    wanted = {path for path, _ in t_leaves}
+    for path, leaf in t_leaves:
+        if path not in on_disk:
+            problems.append(f"missing on disk: {fmt.key_string(path)!r}")
+            continue
+        record = records[on_disk[path]]
+        shape = tuple(getattr(leaf, "shape", ()))
+        if record.kind != "scalar" and hasattr(leaf, "shape") and shape != record.shape:
+            problems.append(f"shape mismatch at {record.key!r}: {shape} in template, {record.shape} on disk")
+    problems += [f"unexpected on disk (not in template): {records[i].key!r}" for p, i in on_disk.items()
+                 if p not in wanted]
+    if problems and strict:
+        raise RestoreMismatchError(f"{where}: checkpoint and template disagree ({len(problems)}):\n  "
+                                   + "\n  ".join(problems))
+    return t_leaves, treedef, on_disk
+
+
+def restore(path: Any, *, mesh: Mesh | None = None, rules: Rules | None = None, template: Any = None,
+            shardings: Any = None, dtype: Any = None, keys: Sequence[str] | str | None = None,
+            strict: bool = True, item: str = "state") -> Any:
+    """Restores a committed checkpoint.
+
+    Args:
+      path: checkpoint directory URL.
+      mesh: target mesh; with ``rules`` the specs come from the rules, otherwise from the
+        partition specs saved in the manifest.
+      rules: ``[(regex, PartitionSpec), ...]`` over '/'-joined key paths; first match wins.
+      template: pytree giving the result's structure, leaf types and dtypes; leaves with a
+        ``.sharding`` (jax arrays, ``ShapeDtypeStruct``) give the target sharding.
+      shardings: one ``Sharding`` for every array leaf, or a pytree of them (None = default).
+      dtype: cast floating leaves to this dtype (a template's dtypes take precedence).
+      keys: restore only the leaves under these '/'-joined key prefixes.
+      strict: with a template, fail on missing or unexpected keys and on shape mismatches,
+        naming every offending path. With ``strict=False`` missing leaves keep the template's
+        value and unexpected ones are ignored.
+      item: the item to restore.
+
+    Returns:
+      The template's structure if one is given, else nested dicts, lists and tuples.
+    """
+    loc, commit, _ = open_checkpoint(path)
+    manifest = read_manifest(loc, commit, item)
+    item_loc = loc.join(commit.items[item])
+    records = manifest.leaves
+    chosen = _select(records, keys, loc.url)
+    given = _sharding_map(shardings)
+    if template is not None:
+        t_leaves, treedef, on_disk = _match_template(records, chosen, template, strict, loc.url)
+        pairs = [(on_disk[p], leaf) for p, leaf in t_leaves if p in on_disk]
+        pairs = [(i, leaf) for i, leaf in pairs
+                 if records[i].kind == "scalar" or not hasattr(leaf, "shape") or tuple(leaf.shape) == records[i].shape]
+    else:
+        pairs = [(i, None) for i in chosen]
+    arrays = [(i, leaf) for i, leaf in pairs if records[i].kind != "scalar"]
+    targets = [Target(_target_sharding(records[i], leaf, given, mesh, rules), _target_dtype(records[i], leaf, dtype))
+               for i, leaf in arrays]
+    values = dict(zip((i for i, _ in arrays), read_leaves(item_loc, [records[i] for i, _ in arrays], targets),
+                      strict=True))
+    for i, leaf in pairs:
+        if records[i].kind == "scalar":
+            values[i] = _scalar_into(fmt.decode_scalar(records[i].value, records[i].value_type), leaf)
+        elif leaf is not None and isinstance(leaf, bool | int | float) and not hasattr(leaf, "shape"):
+            values[i] = type(leaf)(np.asarray(values[i]).item())
+    if template is None:
+        leaves = [values.get(i) for i in range(len(records))]
+        return fmt.unflatten(manifest.tree, leaves, keep=set(chosen))
+    result = [values[on_disk[p]] if p in on_disk and on_disk[p] in values else leaf for p, leaf in t_leaves]
+    return jax.tree_util.tree_unflatten(treedef, result)

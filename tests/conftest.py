@@ -1,0 +1,60 @@
+"""Shared fixtures: meshes over the 8 fake CPU devices (set up in the root conftest)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_COUNTER = itertools.count()
+
+
+def make_mesh(shape: tuple[int, ...], names: tuple[str, ...] = ("x", "y"), devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    n = int(np.prod(shape))
+    return Mesh(np.array(devices[:n]).reshape(shape), names[: len(shape)])
+
+
+def put(value, mesh: Mesh, spec: P) -> jax.Array:
+    return jax.device_put(value, NamedSharding(mesh, spec))
+
+
+def assert_tree_equal(a, b) -> None:
+    """Bit-exact equality of two trees (PRNG keys compared by key data)."""
+    la, ta = jax.tree_util.tree_flatten(a, is_leaf=lambda x: x is None)
+    lb, tb = jax.tree_util.tree_flatten(b, is_leaf=lambda x: x is None)
+    assert ta == tb, f"structure differs:\n{ta}\n{tb}"
+    for x, y in zip(la, lb, strict=True):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            assert jax.random.key_impl(x) == jax.random.key_impl(y)
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        if hasattr(x, "shape") or hasattr(y, "shape"):
+            x, y = np.asarray(x), np.asarray(y)
+            assert x.dtype == y.dtype, (x.dtype, y.dtype)
+            assert x.shape == y.shape
+            assert x.tobytes() == y.tobytes()
+        else:
+            assert type(x) is type(y) and (x == y or (x != x and y != y)), (x, y)
+
+
+@pytest.fixture
+def mesh42() -> Mesh:
+    return make_mesh((4, 2))
+
+
+@pytest.fixture
+def mem_url() -> str:
+    """A fresh memory:// directory (the process-wide TensorStore memory store)."""
+    return f"memory://tests/{next(_COUNTER)}"
+
+
+@pytest.fixture(params=["file", "memory"])
+def url(request, tmp_path) -> str:
+    """A fresh checkpoint directory on local disk and in memory://."""
+    if request.param == "file":
+        return str(tmp_path / "ckpt")
+    return f"memory://tests/{next(_COUNTER)}"
