@@ -25,7 +25,7 @@ from ckpt_callbacks import paths
 from ckpt_callbacks.errors import CheckpointError, CorruptCheckpointError
 from ckpt_callbacks.restore import Target, open_checkpoint, read_leaves, read_manifest
 
-__all__ = ["CheckpointInfo", "list_checkpoints", "find_latest_checkpoint", "VerifyReport", "verify"]
+__all__ = ["CheckpointInfo", "VerifyReport", "find_latest_checkpoint", "list_checkpoints", "verify"]
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -58,8 +58,15 @@ def list_checkpoints(base: Any) -> list[CheckpointInfo]:
         except CheckpointError as e:  # committed but unreadable: say so, keep looking
             log.warning("skipping %s: %s", loc.url, e)
             continue
-        out.append(CheckpointInfo(path=loc.url, step=meta.step, timestamp=meta.timestamp,
-                                  is_temporary=meta.is_temporary, extras=meta.extras))
+        out.append(
+            CheckpointInfo(
+                path=loc.url,
+                step=meta.step,
+                timestamp=meta.timestamp,
+                is_temporary=meta.is_temporary,
+                extras=meta.extras,
+            )
+        )
     return sorted(out, key=lambda c: (-1 if c.step is None else c.step, c.name))
 
 

@@ -17,8 +17,15 @@ from typing import Any
 
 import jax
 
-__all__ = ["process_index", "process_count", "is_primary", "barrier", "broadcast_json",
-           "gather_json", "DEFAULT_TIMEOUT_S"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "barrier",
+    "broadcast_json",
+    "gather_json",
+    "is_primary",
+    "process_count",
+    "process_index",
+]
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -37,12 +44,13 @@ def is_primary() -> bool:
 
 
 def _client() -> Any:
-    from jax._src import distributed  # noqa: PLC0415
+    from jax._src import distributed
 
     client = distributed.global_state.client
     if client is None:
-        raise RuntimeError("several JAX processes but no jax.distributed client; call "
-                           "jax.distributed.initialize() first")
+        raise RuntimeError(
+            "several JAX processes but no jax.distributed client; call jax.distributed.initialize() first"
+        )
     return client
 
 
@@ -53,8 +61,9 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     try:
         _client().wait_at_barrier(f"ckpt_callbacks/{name}", int(timeout_s * 1000))
     except Exception as e:
-        raise TimeoutError(f"barrier {name!r}: not every process arrived within {timeout_s:.0f}s "
-                           f"(a process may have died): {e}") from e
+        raise TimeoutError(
+            f"barrier {name!r}: not every process arrived within {timeout_s:.0f}s (a process may have died): {e}"
+        ) from e
 
 
 def broadcast_json(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
-    "CheckpointNotFoundError",
     "CheckpointExistsError",
     "CheckpointFormatError",
+    "CheckpointNotFoundError",
     "CorruptCheckpointError",
-    "ShardingRuleError",
     "RestoreMismatchError",
+    "ShardingRuleError",
 ]
 
 

@@ -20,15 +20,36 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
+import crc32c
 import jax
 import ml_dtypes
 import numpy as np
 
 from ckpt_callbacks.errors import CheckpointFormatError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "COMMIT_MARKER", "KeyPath", "LeafRecord", "Manifest",
-           "Commit", "Metadata", "escape_component", "leaf_dir", "key_string", "path_of", "zarr_spec", "chunk_key", "flatten",
-           "unflatten", "dtype_name", "dtype_from_name", "check_version", "dumps", "loads"]
+__all__ = [
+    "COMMIT_MARKER",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Commit",
+    "KeyPath",
+    "LeafRecord",
+    "Manifest",
+    "Metadata",
+    "check_version",
+    "chunk_key",
+    "dtype_from_name",
+    "dtype_name",
+    "dumps",
+    "escape_component",
+    "flatten",
+    "key_string",
+    "leaf_dir",
+    "loads",
+    "path_of",
+    "unflatten",
+    "zarr_spec",
+]
 
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
@@ -128,6 +149,12 @@ def unflatten(structure: dict[str, Any], leaves: Sequence[Any], keep: set[int] |
     return build(structure)[1]
 
 
+def crc32c_of(array: np.ndarray) -> int:
+    """The crc32c of an array's bytes in C order, as stored (the per-chunk checksum)."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return int(crc32c.crc32c(flat.data))
+
+
 def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
@@ -200,7 +227,8 @@ class LeafRecord:
                     fields[name] = tuple(int(x) for x in fields[name])
             if fields.get("partition_spec") is not None:
                 fields["partition_spec"] = tuple(
-                    tuple(p) if isinstance(p, list) else p for p in fields["partition_spec"])
+                    tuple(p) if isinstance(p, list) else p for p in fields["partition_spec"]
+                )
             fields["crc32c"] = {str(k): int(v) for k, v in fields.get("crc32c", {}).items()}
             known = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in fields.items() if k in known})
@@ -246,8 +274,12 @@ class Manifest:
     leaves: tuple[LeafRecord, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tree": self.tree,
-                "leaves": [leaf.to_json() for leaf in self.leaves]}
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tree": self.tree,
+            "leaves": [leaf.to_json() for leaf in self.leaves],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
@@ -269,18 +301,28 @@ class Metadata:
     items: tuple[str, ...] = ("state",)
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "timestamp": self.timestamp, "is_temporary": self.is_temporary,
-                "format": FORMAT_NAME, "version": FORMAT_VERSION, "extras": self.extras,
-                "items": list(self.items)}
+        return {
+            "step": self.step,
+            "timestamp": self.timestamp,
+            "is_temporary": self.is_temporary,
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "extras": self.extras,
+            "items": list(self.items),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Metadata:
         check_version(data, where)
         try:
             step = data["step"]
-            return cls(step=None if step is None else int(step), timestamp=float(data["timestamp"]),
-                       is_temporary=bool(data.get("is_temporary", False)),
-                       extras=dict(data.get("extras") or {}), items=tuple(data.get("items", ("state",))))
+            return cls(
+                step=None if step is None else int(step),
+                timestamp=float(data["timestamp"]),
+                is_temporary=bool(data.get("is_temporary", False)),
+                extras=dict(data.get("extras") or {}),
+                items=tuple(data.get("items", ("state",))),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointFormatError(f"{where}: malformed metadata: {e}") from e
 
@@ -293,8 +335,7 @@ class Commit:
     items: dict[str, str] = dataclasses.field(default_factory=lambda: {"state": "state"})
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metadata": self.metadata,
-                "items": self.items}
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metadata": self.metadata, "items": self.items}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Commit:
@@ -321,7 +362,8 @@ def check_version(data: Any, where: str) -> None:
     if version != FORMAT_VERSION:
         raise CheckpointFormatError(
             f"{where}: format version {version}; this reader supports version {FORMAT_VERSION}"
-            + (" (upgrade ckpt_callbacks to read it)" if version > FORMAT_VERSION else ""))
+            + (" (upgrade ckpt_callbacks to read it)" if version > FORMAT_VERSION else "")
+        )
 
 
 def dumps(data: dict[str, Any]) -> bytes:

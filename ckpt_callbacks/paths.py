@@ -16,6 +16,7 @@ namespaces, so everything goes through one process-wide TensorStore context.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import posixpath
 from collections.abc import Mapping
@@ -23,8 +24,19 @@ from typing import Any
 
 import tensorstore as ts
 
-__all__ = ["Location", "parse", "kvstore_spec", "context", "read_bytes", "write_bytes", "list_entries", "delete_entry",
-           "list_dirs", "has_any", "delete_tree"]
+__all__ = [
+    "Location",
+    "context",
+    "delete_entry",
+    "delete_tree",
+    "has_any",
+    "kvstore_spec",
+    "list_dirs",
+    "list_entries",
+    "parse",
+    "read_bytes",
+    "write_bytes",
+]
 
 SCHEMES = ("file", "memory", "s3", "gs")
 
@@ -47,8 +59,9 @@ class Location:
     def url(self) -> str:
         if self.scheme == "file":
             return "file://" + self.path
-        root = self.bucket + ("/" + self.path if self.path else "")
-        return f"{self.scheme}://{root}"
+        if self.scheme == "memory":
+            return "memory://" + self.path
+        return f"{self.scheme}://{self.bucket}" + ("/" + self.path if self.path else "")
 
     @property
     def name(self) -> str:
@@ -95,7 +108,7 @@ def kvstore_spec(loc: Location, env: Mapping[str, str] | None = None) -> dict[st
         return {"driver": "file", "path": prefix}
     if loc.scheme == "memory":
         return {"driver": "memory", "path": prefix}
-    spec: dict[str, Any] = {"driver": loc.scheme, "bucket": loc.bucket, "path": prefix}
+    spec: dict[str, Any] = {"driver": "gcs" if loc.scheme == "gs" else "s3", "bucket": loc.bucket, "path": prefix}
     if loc.scheme == "s3":
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         if endpoint:
@@ -108,15 +121,10 @@ def kvstore_spec(loc: Location, env: Mapping[str, str] | None = None) -> dict[st
     return spec
 
 
-_CONTEXT: ts.Context | None = None
-
-
+@functools.cache
 def context() -> ts.Context:
     """The process-wide TensorStore context (one ``memory://`` namespace per process)."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = ts.Context()
-    return _CONTEXT
+    return ts.Context()
 
 
 def _kvstore(loc: Location) -> ts.KvStore:
@@ -135,7 +143,7 @@ def write_bytes(loc: Location, name: str, data: bytes) -> None:
 
 
 def _fs(loc: Location) -> Any:
-    import fsspec  # noqa: PLC0415  (imported lazily: gcsfs needs an env var first)
+    import fsspec
 
     if loc.scheme == "gs":
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -143,8 +151,9 @@ def _fs(loc: Location) -> Any:
         return fsspec.filesystem("gs", **({"endpoint_url": endpoint, "token": "anon"} if endpoint else {}))
     if loc.scheme == "s3":
         spec = kvstore_spec(loc)
-        client_kwargs = {k: v for k, v in (("endpoint_url", spec.get("endpoint")),
-                                          ("region_name", spec.get("aws_region"))) if v}
+        client_kwargs = {
+            k: v for k, v in (("endpoint_url", spec.get("endpoint")), ("region_name", spec.get("aws_region"))) if v
+        }
         return fsspec.filesystem("s3", client_kwargs=client_kwargs)
     return fsspec.filesystem("file")
 

@@ -18,8 +18,15 @@ import dataclasses
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
-__all__ = ["Region", "WriteUnit", "ArrayPlan", "plan_array", "normalize_index", "MIN_SPLIT_BYTES",
-           "DEFAULT_MAX_CHUNK_BYTES"]
+__all__ = [
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "MIN_SPLIT_BYTES",
+    "ArrayPlan",
+    "Region",
+    "WriteUnit",
+    "normalize_index",
+    "plan_array",
+]
 
 Region = tuple[tuple[int, int], ...]
 
@@ -93,8 +100,14 @@ def _chunks_in(region: Region, chunk: tuple[int, ...]) -> list[Region]:
     return out
 
 
-def plan_array(shape: Sequence[int], itemsize: int, index_map: Mapping[Hashable, Region], *,
-               leaf_index: int, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> ArrayPlan:
+def plan_array(
+    shape: Sequence[int],
+    itemsize: int,
+    index_map: Mapping[Hashable, Region],
+    *,
+    leaf_index: int,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> ArrayPlan:
     """The global write plan of one array.
 
     Args:

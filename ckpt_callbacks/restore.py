@@ -20,7 +20,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import crc32c
 import jax
 import numpy as np
 import tensorstore as ts
@@ -28,12 +27,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths, planning
-from ckpt_callbacks.errors import (CheckpointFormatError, CheckpointNotFoundError, CorruptCheckpointError,
-                                   RestoreMismatchError, ShardingRuleError)
+from ckpt_callbacks.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    RestoreMismatchError,
+    ShardingRuleError,
+)
 from ckpt_callbacks.rules import Rules, check_spec, spec_for
 from ckpt_callbacks.serializer import read_commit
 
-__all__ = ["restore", "open_checkpoint", "read_manifest", "read_leaves", "Target"]
+__all__ = ["Target", "open_checkpoint", "read_leaves", "read_manifest", "restore"]
 
 # Bytes of chunk reads in flight at once: bounds host memory beyond the restored arrays.
 READ_WINDOW_BYTES = 512 << 20
@@ -72,7 +76,9 @@ class Target:
     dtype: np.dtype | None = None
 
 
-def _chunk_regions(region: planning.Region, chunks: Sequence[int], shape: Sequence[int]) -> list[tuple[tuple[int, ...], planning.Region]]:
+def _chunk_regions(
+    region: planning.Region, chunks: Sequence[int], shape: Sequence[int]
+) -> list[tuple[tuple[int, ...], planning.Region]]:
     grids = [range(a // c, -(-b // c)) for (a, b), c in zip(region, chunks, strict=True)]
     out: list[tuple[tuple[int, ...], planning.Region]] = [((), ())]
     for grid, c, n in zip(grids, chunks, shape, strict=True):
@@ -87,7 +93,9 @@ def _slices(region: planning.Region) -> tuple[slice, ...]:
 class _LeafRead:
     """Chunk reads of one leaf's regions, checked against the manifest's crc32c on arrival."""
 
-    def __init__(self, array: ts.TensorStore, record: fmt.LeafRecord, regions: list[planning.Region], where: str) -> None:
+    def __init__(
+        self, array: ts.TensorStore, record: fmt.LeafRecord, regions: list[planning.Region], where: str
+    ) -> None:
         self.record, self.regions, self.where = record, regions, where
         self.chunks: dict[tuple[int, ...], tuple[planning.Region, Any]] = {}
         for region in regions:
@@ -104,14 +112,16 @@ class _LeafRead:
         try:
             data = future.result()
         except Exception as e:
-            raise CorruptCheckpointError(f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} "
-                                         f"could not be read: {e}") from e
+            raise CorruptCheckpointError(
+                f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
+            ) from e
         expected = self.record.crc32c.get(fmt.chunk_key(idx))
-        found = crc32c.crc32c(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+        found = fmt.crc32c_of(data)
         if expected is None or found != expected:
             raise CorruptCheckpointError(
                 f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} (region "
-                f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest")
+                f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest"
+            )
         self.chunks[idx] = (creg, data)
         return data
 
@@ -143,8 +153,9 @@ def _data_sharding(record: fmt.LeafRecord, sharding: Sharding) -> Sharding:
         return NamedSharding(sharding.mesh, PartitionSpec(*spec))
     if isinstance(sharding, SingleDeviceSharding):
         return sharding
-    raise ShardingRuleError(f"leaf {record.key!r}: PRNG keys restore onto NamedSharding or a single "
-                            f"device, got {type(sharding).__name__}")
+    raise ShardingRuleError(
+        f"leaf {record.key!r}: PRNG keys restore onto NamedSharding or a single device, got {type(sharding).__name__}"
+    )
 
 
 def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.Region, np.ndarray]) -> Any:
@@ -155,19 +166,24 @@ def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.
         return regions[tuple((0, n) for n in record.data_shape)]
     sharding = _data_sharding(record, target.sharding)
     shape = record.data_shape
-    array = jax.make_array_from_callback(
-        shape, sharding, lambda index: regions[planning.normalize_index(index, shape)])
+
+    def region_of(index: Any) -> np.ndarray:
+        return regions[planning.normalize_index(index, shape)]
+
+    array = jax.make_array_from_callback(shape, sharding, region_of)
     if record.kind == "prng_key":
         return jax.random.wrap_key_data(array, impl=record.key_impl)
     return array
 
 
-def read_leaves(loc: paths.Location, records: Sequence[fmt.LeafRecord], targets: Sequence[Target],
-                window: int = READ_WINDOW_BYTES) -> list[Any]:
+def read_leaves(
+    loc: paths.Location, records: Sequence[fmt.LeafRecord], targets: Sequence[Target], window: int = READ_WINDOW_BYTES
+) -> list[Any]:
     """Reads array leaves onto their targets, a bounded number of bytes in flight."""
     kvstore = paths.kvstore_spec(loc)
-    opened = [ts.open(fmt.zarr_spec(kvstore, r), open=True, assume_metadata=True, context=paths.context())
-              for r in records]
+    opened = [
+        ts.open(fmt.zarr_spec(kvstore, r), open=True, assume_metadata=True, context=paths.context()) for r in records
+    ]
     out: list[Any] = [None] * len(records)
     inflight: collections.deque[tuple[int, _LeafRead]] = collections.deque()
     pending = 0
@@ -184,7 +200,7 @@ def read_leaves(loc: paths.Location, records: Sequence[fmt.LeafRecord], targets:
             regions = [tuple((0, n) for n in shape)]
         else:
             index_map = _data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
-            regions = sorted({planning.normalize_index(idx, shape) for idx in index_map.values()})
+            regions = sorted({planning.normalize_index(idx, shape) for idx in index_map.values() if idx is not None})
         try:
             array = opened[i].result()
         except Exception as e:
@@ -207,7 +223,7 @@ def _select(records: Sequence[fmt.LeafRecord], keys: Sequence[str] | None, where
     chosen: list[int] = []
     for key in keys:
         parts = [p for p in key.split("/") if p]
-        hits = [i for i, r in enumerate(records) if [str(k) for k in r.path[:len(parts)]] == parts]
+        hits = [i for i, r in enumerate(records) if [str(k) for k in r.path[: len(parts)]] == parts]
         if not hits:
             top = sorted({str(r.path[0]) for r in records if r.path})
             raise RestoreMismatchError(f"{where}: no leaf under key {key!r}; top-level keys: {top}")
@@ -222,8 +238,9 @@ def _sharding_map(shardings: Any) -> dict[fmt.KeyPath, Sharding] | Sharding | No
     return {fmt.path_of(p): s for p, s in flat if s is not None}
 
 
-def _target_sharding(record: fmt.LeafRecord, template_leaf: Any, given: Any, mesh: Mesh | None,
-                     rules: Rules | None) -> Sharding | None:
+def _target_sharding(
+    record: fmt.LeafRecord, template_leaf: Any, given: Any, mesh: Mesh | None, rules: Rules | None
+) -> Sharding | None:
     if isinstance(given, Sharding):
         return given
     if isinstance(given, dict) and record.path in given:
@@ -259,6 +276,18 @@ def _target_dtype(record: fmt.LeafRecord, template_leaf: Any, dtype: Any) -> np.
     return original
 
 
+def _check_representable(record: fmt.LeafRecord, target: Target, where: str) -> None:
+    """Refuses a jax target dtype that jax would silently narrow (64-bit types without x64)."""
+    if target.sharding is None or target.dtype is None:
+        return
+    if jax.dtypes.canonicalize_dtype(target.dtype) != target.dtype:
+        raise RestoreMismatchError(
+            f"{where}: leaf {record.key!r} is {target.dtype} but jax_enable_x64 is off, so a jax.Array would "
+            f"silently become {jax.dtypes.canonicalize_dtype(target.dtype)}; restore it as numpy (a numpy "
+            "template leaf), cast it with dtype=, or enable x64"
+        )
+
+
 def _scalar_into(value: Any, template_leaf: Any) -> Any:
     if isinstance(template_leaf, jax.Array | jax.ShapeDtypeStruct):
         return jax.numpy.asarray(value, dtype=template_leaf.dtype)
@@ -267,8 +296,9 @@ def _scalar_into(value: Any, template_leaf: Any) -> Any:
     return value
 
 
-def _match_template(records: Sequence[fmt.LeafRecord], chosen: list[int], template: Any, strict: bool,
-                    where: str) -> tuple[list[tuple[fmt.KeyPath, Any]], Any, dict[fmt.KeyPath, int]]:
+def _match_template(
+    records: Sequence[fmt.LeafRecord], chosen: list[int], template: Any, strict: bool, where: str
+) -> tuple[list[tuple[fmt.KeyPath, Any]], Any, dict[fmt.KeyPath, int]]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=lambda x: x is None)
     t_leaves = [(fmt.path_of(p), leaf) for p, leaf in flat]
     on_disk = {records[i].path: i for i in chosen}
@@ -282,17 +312,28 @@ def _match_template(records: Sequence[fmt.LeafRecord], chosen: list[int], templa
         shape = tuple(getattr(leaf, "shape", ()))
         if record.kind != "scalar" and hasattr(leaf, "shape") and shape != record.shape:
             problems.append(f"shape mismatch at {record.key!r}: {shape} in template, {record.shape} on disk")
-    problems += [f"unexpected on disk (not in template): {records[i].key!r}" for p, i in on_disk.items()
-                 if p not in wanted]
+    problems += [
+        f"unexpected on disk (not in template): {records[i].key!r}" for p, i in on_disk.items() if p not in wanted
+    ]
     if problems and strict:
-        raise RestoreMismatchError(f"{where}: checkpoint and template disagree ({len(problems)}):\n  "
-                                   + "\n  ".join(problems))
+        raise RestoreMismatchError(
+            f"{where}: checkpoint and template disagree ({len(problems)}):\n  " + "\n  ".join(problems)
+        )
     return t_leaves, treedef, on_disk
 
 
-def restore(path: Any, *, mesh: Mesh | None = None, rules: Rules | None = None, template: Any = None,
-            shardings: Any = None, dtype: Any = None, keys: Sequence[str] | str | None = None,
-            strict: bool = True, item: str = "state") -> Any:
+def restore(
+    path: Any,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+    template: Any = None,
+    shardings: Any = None,
+    dtype: Any = None,
+    keys: Sequence[str] | str | None = None,
+    strict: bool = True,
+    item: str = "state",
+) -> Any:
     """Restores a committed checkpoint.
 
     Args:
@@ -322,15 +363,23 @@ def restore(path: Any, *, mesh: Mesh | None = None, rules: Rules | None = None, 
     if template is not None:
         t_leaves, treedef, on_disk = _match_template(records, chosen, template, strict, loc.url)
         pairs = [(on_disk[p], leaf) for p, leaf in t_leaves if p in on_disk]
-        pairs = [(i, leaf) for i, leaf in pairs
-                 if records[i].kind == "scalar" or not hasattr(leaf, "shape") or tuple(leaf.shape) == records[i].shape]
+        pairs = [
+            (i, leaf)
+            for i, leaf in pairs
+            if records[i].kind == "scalar" or not hasattr(leaf, "shape") or tuple(leaf.shape) == records[i].shape
+        ]
     else:
         pairs = [(i, None) for i in chosen]
     arrays = [(i, leaf) for i, leaf in pairs if records[i].kind != "scalar"]
-    targets = [Target(_target_sharding(records[i], leaf, given, mesh, rules), _target_dtype(records[i], leaf, dtype))
-               for i, leaf in arrays]
-    values = dict(zip((i for i, _ in arrays), read_leaves(item_loc, [records[i] for i, _ in arrays], targets),
-                      strict=True))
+    targets = [
+        Target(_target_sharding(records[i], leaf, given, mesh, rules), _target_dtype(records[i], leaf, dtype))
+        for i, leaf in arrays
+    ]
+    for (i, _), target in zip(arrays, targets, strict=True):
+        _check_representable(records[i], target, loc.url)
+    values = dict(
+        zip((i for i, _ in arrays), read_leaves(item_loc, [records[i] for i, _ in arrays], targets), strict=True)
+    )
     for i, leaf in pairs:
         if records[i].kind == "scalar":
             values[i] = _scalar_into(fmt.decode_scalar(records[i].value, records[i].value_type), leaf)

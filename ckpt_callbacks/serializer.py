@@ -20,11 +20,11 @@ import logging
 import math
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import crc32c
 import jax
 import numpy as np
 import tensorstore as ts
@@ -33,7 +33,7 @@ from ckpt_callbacks import distributed, paths, planning
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.errors import CheckpointExistsError
 
-__all__ = ["save", "save_async", "SaveHandle", "SaveStats", "read_commit"]
+__all__ = ["SaveHandle", "SaveStats", "read_commit", "save", "save_async"]
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -75,10 +75,17 @@ class SaveHandle:
         start = time.perf_counter()
         try:
             nbytes = work()
-            self._stats = SaveStats(path=self.path, bytes_written=nbytes, blocking_s=self.blocking_s,
-                                    write_s=time.perf_counter() - start)
-            log.info("saved %s: %.3f GB, blocked %.3fs, total %.2fs (%.2f GB/s)", self.path, nbytes / 1e9,
-                     self._stats.blocking_s, self._stats.total_s, self._stats.gb_per_s)
+            self._stats = SaveStats(
+                path=self.path, bytes_written=nbytes, blocking_s=self.blocking_s, write_s=time.perf_counter() - start
+            )
+            log.info(
+                "saved %s: %.3f GB, blocked %.3fs, total %.2fs (%.2f GB/s)",
+                self.path,
+                nbytes / 1e9,
+                self._stats.blocking_s,
+                self._stats.total_s,
+                self._stats.gb_per_s,
+            )
         except BaseException as e:  # re-raised by wait(); logged so an unwaited failure is seen
             self._error = e
             log.error("save to %s failed: %s: %s", self.path, type(e).__name__, e)
@@ -148,36 +155,56 @@ def _describe(path: fmt.KeyPath, value: Any, cast: Any) -> _Leaf:
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if isinstance(value, jax.Array):
-        kind, key_impl, key_tail = "array", "", ()
+        kind, key_impl = "array", ""
+        key_tail: tuple[int, ...] = ()
         spec, mesh = _spec_json(value.sharding, value.ndim)
         dtype = value.dtype
         source, private = value, False
         if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
             kind, key_impl = "prng_key", str(jax.random.key_impl(value))
             source = jax.random.key_data(value)
-            key_tail = source.shape[value.ndim:]
+            key_tail = source.shape[value.ndim :]
         elif cast is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype != cast:
             source, private = value.astype(cast), True
         stored = np.dtype(source.dtype)
-        record = fmt.LeafRecord(path=path, kind=kind, source="jax", shape=tuple(value.shape),
-                                dtype=fmt.dtype_name(dtype) if kind == "array" else str(dtype),
-                                stored_dtype=stored.name, zarr_dtype=_zarr_dtype(stored), key_impl=key_impl,
-                                key_tail=tuple(key_tail), partition_spec=spec, mesh=mesh)
+        record = fmt.LeafRecord(
+            path=path,
+            kind=kind,
+            source="jax",
+            shape=tuple(value.shape),
+            dtype=fmt.dtype_name(dtype) if kind == "array" else str(dtype),
+            stored_dtype=stored.name,
+            zarr_dtype=_zarr_dtype(stored),
+            key_impl=key_impl,
+            key_tail=tuple(key_tail),
+            partition_spec=spec,
+            mesh=mesh,
+        )
         return _Leaf(record, source, private)
     if isinstance(value, np.ndarray):
         if not _storable(value.dtype):
-            raise TypeError(f"leaf {where!r}: numpy dtype {value.dtype} cannot be saved; "
-                            "expected a numeric, bool or ml_dtypes array")
-        source = value
+            raise TypeError(
+                f"leaf {where!r}: numpy dtype {value.dtype} cannot be saved; "
+                "expected a numeric, bool or ml_dtypes array"
+            )
+        host_source = value
         if cast is not None and np.issubdtype(value.dtype, np.floating) and value.dtype != cast:
-            source = value.astype(cast)
-        stored = np.dtype(source.dtype)
-        record = fmt.LeafRecord(path=path, kind="array", source="numpy", shape=value.shape,
-                                dtype=fmt.dtype_name(value.dtype), stored_dtype=stored.name,
-                                zarr_dtype=_zarr_dtype(stored))
-        return _Leaf(record, source, private=source is not value)
-    raise TypeError(f"leaf {where!r}: cannot save {type(value).__name__}; expected jax.Array, numpy "
-                    "array, typed PRNG key, int, float, bool, str or None")
+            host_source = value.astype(cast)
+        stored = np.dtype(host_source.dtype)
+        record = fmt.LeafRecord(
+            path=path,
+            kind="array",
+            source="numpy",
+            shape=value.shape,
+            dtype=fmt.dtype_name(value.dtype),
+            stored_dtype=stored.name,
+            zarr_dtype=_zarr_dtype(stored),
+        )
+        return _Leaf(record, host_source, private=host_source is not value)
+    raise TypeError(
+        f"leaf {where!r}: cannot save {type(value).__name__}; expected jax.Array, numpy "
+        "array, typed PRNG key, int, float, bool, str or None"
+    )
 
 
 def _plan(leaves: list[_Leaf], max_chunk_bytes: int) -> None:
@@ -193,7 +220,7 @@ def _plan(leaves: list[_Leaf], max_chunk_bytes: int) -> None:
             raw = leaf.source.sharding.devices_indices_map(shape)
             index_map = {d: planning.normalize_index(raw[d], shape) for d in sorted(raw, key=lambda d: d.id)}
             plan = planning.plan_array(shape, itemsize, index_map, leaf_index=index, max_chunk_bytes=max_chunk_bytes)
-            units = [u for u in plan.units if u.device.process_index == me]
+            units = [u for u in plan.units if typing.cast(jax.Device, u.device).process_index == me]
         else:  # numpy leaves are host values, identical on every process: one process writes each
             full = tuple((0, n) for n in shape)
             plan = planning.plan_array(shape, itemsize, {"host": full}, leaf_index=0, max_chunk_bytes=max_chunk_bytes)
@@ -209,8 +236,10 @@ def _check_dirs(leaves: list[_Leaf]) -> None:
             continue
         other = seen.setdefault(leaf.record.array, leaf.record.key)
         if other != leaf.record.key:
-            raise ValueError(f"leaves {other!r} and {leaf.record.key!r} map to one directory "
-                             f"{leaf.record.array!r}; rename one of the keys")
+            raise ValueError(
+                f"leaves {other!r} and {leaf.record.key!r} map to one directory "
+                f"{leaf.record.array!r}; rename one of the keys"
+            )
 
 
 def _slices(region: planning.Region) -> tuple[slice, ...]:
@@ -226,51 +255,71 @@ def _host_resident() -> bool:
 
 
 class _Snapshot:
-    """Private copies of one batch of units, independent of the caller's buffers."""
+    """Private copies of one batch of units, independent of the caller's buffers.
 
-    def __init__(self, batch: list[tuple[_Leaf, planning.WriteUnit]]) -> None:
+    A shard is copied once on its device (``device_put`` with ``may_alias=False``: asynchronous,
+    and on an accelerator it stays in device memory) and its units are cut from that copy on
+    the host later. Only where this process writes part of a replicated shard held in host
+    memory is exactly that part copied on the host instead, so the copy never exceeds what
+    the process writes.
+    """
+
+    def __init__(self, batch: list[tuple[_Leaf, planning.WriteUnit]], staging: np.ndarray | None = None) -> None:
+        self.batch = batch
         self.copies: dict[int, Any] = {}
-        whole: list[tuple[int, Any, Any]] = []
-        shard_copies: dict[tuple[int, Any], Any] = {}
-        host = _host_resident()
+        self.owned = staging is None
+        if staging is not None:
+            self._stage(staging)
+            return
+        groups: dict[tuple[int, tuple[int, ...]], list[int]] = collections.defaultdict(list)
         for n, (leaf, unit) in enumerate(batch):
             if leaf.record.source == "numpy":
                 self.copies[n] = np.array(leaf.source[_slices(unit.local)])
-                continue
+            else:
+                origin = tuple(a - la for (a, _), (la, _) in zip(unit.region, unit.local, strict=True))
+                groups[(id(leaf), origin)].append(n)
+        host = _host_resident()
+        to_copy: list[tuple[list[int], Any]] = []
+        for members in groups.values():
+            leaf, unit = batch[members[0]]
             shard = next(s.data for s in leaf.source.addressable_shards if s.device == unit.device)
-            full = tuple(s for s in unit.shape) == tuple(shard.shape)
-            if full and leaf.private:
-                self.copies[n] = shard
-            elif full or not host:
-                # A device-side copy: asynchronous, and on an accelerator it stays in device memory.
-                key = (id(leaf), unit.device)
-                if key not in shard_copies:
-                    shard_copies[key] = None
-                    whole.append((n, shard, unit.device))
-                self.copies[n] = key
-            else:  # part of a replicated shard in host memory: copy exactly that part
-                self.copies[n] = np.array(np.asarray(shard)[_slices(unit.local)])
-        if whole:
-            copied = jax.device_put([w[1] for w in whole], [w[2] for w in whole], may_alias=False)
-            for (n, _, device), copy in zip(whole, copied, strict=True):
-                shard_copies[(id(batch[n][0]), device)] = copy
-        for n, value in self.copies.items():
-            if isinstance(value, tuple):
-                self.copies[n] = shard_copies[value]
-        self.batch = batch
+            covered = sum(math.prod(batch[n][1].shape) for n in members) == math.prod(shard.shape)
+            if covered and leaf.private:
+                self.copies.update((n, shard) for n in members)
+            elif covered or not host:
+                to_copy.append((members, shard))
+            else:
+                for n in members:
+                    self.copies[n] = np.array(np.asarray(shard)[_slices(batch[n][1].local)])
+        if to_copy:
+            copied = jax.device_put(
+                [shard for _, shard in to_copy], [shard.sharding for _, shard in to_copy], may_alias=False
+            )
+            for (members, _), copy in zip(to_copy, copied, strict=True):
+                self.copies.update((n, copy) for n in members)
+
+    def _stage(self, staging: np.ndarray) -> None:
+        """Copies every unit into one reused host buffer (no allocator churn between batches)."""
+        offset = 0
+        for n, (leaf, unit) in enumerate(self.batch):
+            if leaf.record.source == "numpy":
+                source = leaf.source[_slices(unit.local)]
+            else:
+                shard = next(s.data for s in leaf.source.addressable_shards if s.device == unit.device)
+                source = np.asarray(shard)[_slices(unit.local)]
+            size = source.nbytes
+            view = staging[offset : offset + size].view(source.dtype).reshape(source.shape)
+            np.copyto(view, source)
+            self.copies[n] = view
+            offset += -(-size // 64) * 64  # keep every unit 64-byte aligned
 
     def host_array(self, n: int) -> np.ndarray:
         """Unit ``n`` as a C-contiguous host array (device-to-host copy if needed)."""
-        leaf, unit = self.batch[n]
-        value = self.copies.pop(n)
-        host = np.asarray(value)
+        _, unit = self.batch[n]
+        host = np.asarray(self.copies.pop(n))
         if tuple(host.shape) != unit.shape:
             host = host[_slices(unit.local)]
         return host if host.flags.c_contiguous else host.copy(order="C")
-
-
-def _bytes_view(array: np.ndarray) -> memoryview:
-    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 class _Writer:
@@ -282,6 +331,10 @@ class _Writer:
         self.arrays: dict[int, ts.TensorStore] = {}
         self.crcs: dict[str, dict[int, dict[str, int]]] = collections.defaultdict(dict)
         self.nbytes = 0
+        # TensorStore may reference written data without copying it. Storage drivers drop the
+        # reference once the write commits, and a reused staging buffer is only refilled after
+        # every commit of its batch; the memory:// store keeps it for good, so it gets copies.
+        self.in_memory = any(spec["driver"] == "memory" for spec in item_kvstores.values())
 
     def _array(self, item: str, leaf: _Leaf) -> ts.TensorStore:
         key = id(leaf)
@@ -299,9 +352,9 @@ class _Writer:
             host = snapshot.host_array(n)
             if leaf.record.zarr_dtype != host.dtype.name:
                 host = host.view(fmt.dtype_from_name(leaf.record.zarr_dtype))
-            self.crcs[item].setdefault(leaf_index, {})[fmt.chunk_key(unit.chunk)] = crc32c.crc32c(_bytes_view(host))
+            self.crcs[item].setdefault(leaf_index, {})[fmt.chunk_key(unit.chunk)] = fmt.crc32c_of(host)
             array = self._array(item, leaf)[_slices(unit.region)]
-            future = array.write(host, can_reference_source_data_indefinitely=True)
+            future = array.write(host, can_reference_source_data_indefinitely=snapshot.owned or not self.in_memory)
             inflight.append((future, host.nbytes))
             pending += host.nbytes
             self.nbytes += host.nbytes
@@ -327,20 +380,26 @@ def _choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: 
     decision = None
     if distributed.is_primary():
         committed = read_commit(loc) is not None
-        decision = {"committed": committed, "occupied": committed or paths.has_any(loc),
-                    "nonce": uuid.uuid4().hex[:8]}
+        decision = {"committed": committed, "occupied": committed or paths.has_any(loc), "nonce": uuid.uuid4().hex[:8]}
     decision = distributed.broadcast_json(f"{tag}/layout", decision)
     if decision["committed"] and not overwrite:
-        raise CheckpointExistsError(f"{loc.url} already holds a committed checkpoint; pass overwrite=True "
-                                    "to replace it (the old one stays valid until the new one commits)")
+        raise CheckpointExistsError(
+            f"{loc.url} already holds a committed checkpoint; pass overwrite=True "
+            "to replace it (the old one stays valid until the new one commits)"
+        )
     if not decision["occupied"]:
         return fmt.Commit(metadata="metadata.json", items={item: item for item in items})
     nonce = decision["nonce"]
     return fmt.Commit(metadata=f"metadata.{nonce}.json", items={item: f"{item}.{nonce}" for item in items})
 
 
-def _commit(loc: paths.Location, commit: fmt.Commit, manifests: dict[str, fmt.Manifest],
-            metadata: fmt.Metadata, leaves_of: dict[str, list[_Leaf]]) -> None:
+def _commit(
+    loc: paths.Location,
+    commit: fmt.Commit,
+    manifests: dict[str, fmt.Manifest],
+    metadata: fmt.Metadata,
+    leaves_of: dict[str, list[_Leaf]],
+) -> None:
     """Process 0: array metadata, manifests, metadata.json, then the marker; then old files go."""
     futures = []
     for item, leaves in leaves_of.items():
@@ -379,9 +438,18 @@ def _batches(pairs: list[tuple[_Leaf, planning.WriteUnit]], budget: int | None) 
     return out
 
 
-def _start_save(path: Any, items: Mapping[str, Any], *, step: int | None, extras: dict[str, Any] | None,
-                dtype: Any, overwrite: bool, max_host_bytes: int | None, is_temporary: bool,
-                timeout_s: float) -> SaveHandle:
+def _start_save(
+    path: Any,
+    items: Mapping[str, Any],
+    *,
+    step: int | None,
+    extras: dict[str, Any] | None,
+    dtype: Any,
+    overwrite: bool,
+    max_host_bytes: int | None,
+    is_temporary: bool,
+    timeout_s: float,
+) -> SaveHandle:
     start = time.perf_counter()
     loc = paths.parse(path)
     for item in items:
@@ -392,9 +460,9 @@ def _start_save(path: Any, items: Mapping[str, Any], *, step: int | None, extras
     tag = f"save{next(_SAVE_COUNTER)}"
     cast = None if dtype is None else np.dtype(dtype)
     commit = _choose_layout(loc, list(items), overwrite, tag)
-    max_chunk = planning.DEFAULT_MAX_CHUNK_BYTES if max_host_bytes is None else max(1, max_host_bytes // 2)
+    max_chunk = planning.DEFAULT_MAX_CHUNK_BYTES if max_host_bytes is None else max(1, max_host_bytes // 8)
     structures, leaves_of, item_of = {}, {}, {}
-    pairs = []
+    pairs: list[tuple[_Leaf, planning.WriteUnit]] = []
     for item, tree in items.items():
         structure, flat = fmt.flatten(tree)
         leaves = [_describe(p, v, cast) for p, v in flat]
@@ -406,16 +474,23 @@ def _start_save(path: Any, items: Mapping[str, Any], *, step: int | None, extras
         for index, leaf in enumerate(leaves):
             item_of[id(leaf)] = (item, index)
             pairs.extend((leaf, unit) for unit in leaf.units)
-    metadata = fmt.Metadata(step=step, timestamp=time.time(), is_temporary=is_temporary,
-                            extras=dict(extras or {}), items=tuple(items))
-    window = DEFAULT_WINDOW_BYTES if max_host_bytes is None else max(1, max_host_bytes // 2)
+    metadata = fmt.Metadata(
+        step=step, timestamp=time.time(), is_temporary=is_temporary, extras=dict(extras or {}), items=tuple(items)
+    )
+    # Writes in flight hold an encoded copy of their chunk: keep them to a fraction of the save
+    # (or of the budget, which the snapshot batches share) so the total stays near 1x.
+    total = sum(_unit_bytes(leaf, unit) for leaf, unit in pairs)
+    window = min(DEFAULT_WINDOW_BYTES, max(total // 5, 1)) if max_host_bytes is None else max(1, max_host_bytes // 8)
     writer = _Writer({item: paths.kvstore_spec(loc.join(commit.items[item])) for item in items}, window)
-    batches = _batches(pairs, max_host_bytes)
+    batches = _batches(pairs, None if max_host_bytes is None else max_host_bytes // 2)
     # With a host-memory budget smaller than the save, all but the last batch are written
     # before returning: the snapshot cannot hold more than the budget at once.
+    staging = None
+    if len(batches) > 1:  # one buffer, reused by every batch, instead of fresh copies per batch
+        staging = np.empty(max(sum(-(-_unit_bytes(*p) // 64) * 64 for p in b) for b in batches), np.uint8)
     for batch in batches[:-1]:
-        writer.write(item_of, _Snapshot(batch))
-    last = _Snapshot(batches[-1])
+        writer.write(item_of, _Snapshot(batch, staging))
+    last = _Snapshot(batches[-1], staging)
     # The tree is not needed past this point; drop references so donated buffers can go.
     for leaves in leaves_of.values():
         for leaf in leaves:
@@ -423,8 +498,9 @@ def _start_save(path: Any, items: Mapping[str, Any], *, step: int | None, extras
 
     def finish() -> int:
         writer.write(item_of, last)
-        gathered = distributed.gather_json(f"{tag}/crc", {i: {str(k): v for k, v in c.items()}
-                                                          for i, c in writer.crcs.items()}, timeout_s)
+        gathered = distributed.gather_json(
+            f"{tag}/crc", {i: {str(k): v for k, v in c.items()} for i, c in writer.crcs.items()}, timeout_s
+        )
         distributed.barrier(f"{tag}/written", timeout_s)
         if gathered is not None:
             manifests = {}
@@ -433,8 +509,10 @@ def _start_save(path: Any, items: Mapping[str, Any], *, step: int | None, extras
                 for per_process in gathered:
                     for index, chunk_crcs in per_process.get(item, {}).items():
                         crcs[int(index)].update(chunk_crcs)
-                records = tuple(dataclasses.replace(leaf.record, crc32c=dict(sorted(crcs[i].items())))
-                                for i, leaf in enumerate(leaves))
+                records = tuple(
+                    dataclasses.replace(leaf.record, crc32c=dict(sorted(crcs[i].items())))
+                    for i, leaf in enumerate(leaves)
+                )
                 manifests[item] = fmt.Manifest(tree=structures[item], leaves=records)
             _commit(loc, commit, manifests, metadata, leaves_of)
         distributed.barrier(f"{tag}/committed", timeout_s)
@@ -445,10 +523,19 @@ def _start_save(path: Any, items: Mapping[str, Any], *, step: int | None, extras
     return handle
 
 
-def save_async(path: Any, tree: Any, *, step: int | None = None, extras: dict[str, Any] | None = None,
-               dtype: Any = None, item: str = "state", overwrite: bool = False,
-               max_host_bytes: int | None = None, is_temporary: bool = False,
-               timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> SaveHandle:
+def save_async(
+    path: Any,
+    tree: Any,
+    *,
+    step: int | None = None,
+    extras: dict[str, Any] | None = None,
+    dtype: Any = None,
+    item: str = "state",
+    overwrite: bool = False,
+    max_host_bytes: int | None = None,
+    is_temporary: bool = False,
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+) -> SaveHandle:
     """Starts saving ``tree`` to the checkpoint directory ``path``; returns after the snapshot.
 
     Args:
@@ -470,13 +557,42 @@ def save_async(path: Any, tree: Any, *, step: int | None = None, extras: dict[st
     Returns:
       A ``SaveHandle``; ``wait()`` returns ``SaveStats`` once committed or raises the failure.
     """
-    return _start_save(path, {item: tree}, step=step, extras=extras, dtype=dtype, overwrite=overwrite,
-                       max_host_bytes=max_host_bytes, is_temporary=is_temporary, timeout_s=timeout_s)
+    return _start_save(
+        path,
+        {item: tree},
+        step=step,
+        extras=extras,
+        dtype=dtype,
+        overwrite=overwrite,
+        max_host_bytes=max_host_bytes,
+        is_temporary=is_temporary,
+        timeout_s=timeout_s,
+    )
 
 
-def save(path: Any, tree: Any, *, step: int | None = None, extras: dict[str, Any] | None = None,
-         dtype: Any = None, item: str = "state", overwrite: bool = False, max_host_bytes: int | None = None,
-         is_temporary: bool = False, timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> None:
+def save(
+    path: Any,
+    tree: Any,
+    *,
+    step: int | None = None,
+    extras: dict[str, Any] | None = None,
+    dtype: Any = None,
+    item: str = "state",
+    overwrite: bool = False,
+    max_host_bytes: int | None = None,
+    is_temporary: bool = False,
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+) -> None:
     """Saves ``tree`` to ``path`` and returns once it is committed (see ``save_async``)."""
-    save_async(path, tree, step=step, extras=extras, dtype=dtype, item=item, overwrite=overwrite,
-               max_host_bytes=max_host_bytes, is_temporary=is_temporary, timeout_s=timeout_s).wait()
+    save_async(
+        path,
+        tree,
+        step=step,
+        extras=extras,
+        dtype=dtype,
+        item=item,
+        overwrite=overwrite,
+        max_host_bytes=max_host_bytes,
+        is_temporary=is_temporary,
+        timeout_s=timeout_s,
+    ).wait()

@@ -28,15 +28,16 @@ def assert_tree_equal(a, b) -> None:
     la, ta = jax.tree_util.tree_flatten(a, is_leaf=lambda x: x is None)
     lb, tb = jax.tree_util.tree_flatten(b, is_leaf=lambda x: x is None)
     assert ta == tb, f"structure differs:\n{ta}\n{tb}"
-    for x, y in zip(la, lb, strict=True):
+    for left, right in zip(la, lb, strict=True):
+        x, y = left, right
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             assert jax.random.key_impl(x) == jax.random.key_impl(y)
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         if hasattr(x, "shape") or hasattr(y, "shape"):
-            x, y = np.asarray(x), np.asarray(y)
-            assert x.dtype == y.dtype, (x.dtype, y.dtype)
-            assert x.shape == y.shape
-            assert x.tobytes() == y.tobytes()
+            hx, hy = np.asarray(x), np.asarray(y)
+            assert hx.dtype == hy.dtype, (hx.dtype, hy.dtype)
+            assert hx.shape == hy.shape
+            assert hx.tobytes() == hy.tobytes()
         else:
             assert type(x) is type(y) and (x == y or (x != x and y != y)), (x, y)
 

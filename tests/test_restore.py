@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_tree_equal, make_mesh, put
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -19,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import paths
-from ckpt_callbacks.restore import open_checkpoint, read_manifest
+from conftest import assert_tree_equal, make_mesh, put
 
 
 def _state(mesh):
@@ -49,7 +48,9 @@ def test_reshard_with_mesh_and_saved_specs(url, mesh42, target):
     shape, names = TARGETS[target]
     mesh = make_mesh(shape, names)
     if "y" not in names:
-        with pytest.raises(cc.ShardingRuleError, match=r"leaf 'b': dim 0 uses mesh axis 'y', but the mesh has axes \('x',\)"):
+        with pytest.raises(
+            cc.ShardingRuleError, match=r"leaf 'b': dim 0 uses mesh axis 'y', but the mesh has axes \('x',\)"
+        ):
             cc.restore(url, mesh=mesh)
         rules = [("w|part", P("x")), ("b", P()), ("rep", P(None, "x")), ("key", P("x"))]
         restored = cc.restore(url, mesh=mesh, rules=rules)
@@ -70,8 +71,9 @@ def test_reshard_with_rules_and_templates(url, mesh42):
     assert restored["w"].sharding.spec == P()
     assert_tree_equal(restored, state)
     shardings = cc.shardings_from_rules(mesh, rules, state)
-    template = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape")
-                            else x, state, shardings)
+    template = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape") else x, state, shardings
+    )
     from_template = cc.restore(url, template=template)
     assert from_template["rep"].sharding == NamedSharding(mesh, P("y", "x"))
     assert_tree_equal(from_template, state)
@@ -109,8 +111,9 @@ def test_linen_train_state_template(url, mesh42):
     grads = jax.tree.map(jnp.ones_like, state.params)
     state = state.apply_gradients(grads=grads)
     cc.save(url, state, step=1)
-    fresh = train_state.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.zeros_like, params),
-                                          tx=optax.adamw(1e-3))
+    fresh = train_state.TrainState.create(
+        apply_fn=model.apply, params=jax.tree.map(jnp.zeros_like, params), tx=optax.adamw(1e-3)
+    )
     restored = cc.restore(url, template=fresh)
     assert type(restored) is train_state.TrainState and restored.apply_fn == fresh.apply_fn
     assert restored.step == 1
@@ -190,8 +193,10 @@ def _chunk_files(root):
 def test_flipped_byte_in_any_chunk_is_detected(tmp_path, mesh42):
     path = str(tmp_path / "ckpt")
     rng = np.random.default_rng(0)
-    cc.save(path, {"w": put(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32), mesh42, P("x", "y")),
-                   "n": rng.normal(size=(5,))})
+    cc.save(
+        path,
+        {"w": put(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32), mesh42, P("x", "y")), "n": rng.normal(size=(5,))},
+    )
     files = sorted(_chunk_files(path))
     assert len(files) == 9
     for victim in files:
@@ -227,11 +232,17 @@ def test_unknown_version_is_refused(url):
 
 def test_sharding_rule_errors_name_leaf_dim_axis_and_sizes(mesh42):
     tree = {"w": np.zeros((6, 4)), "s": np.zeros(()), "v": np.zeros(3)}
-    with pytest.raises(cc.ShardingRuleError, match=r"leaf 'w': dim 0 of size 6 is not divisible by mesh axes "
-                       r"\('x',\) of total size 4"):
+    with pytest.raises(
+        cc.ShardingRuleError,
+        match=r"leaf 'w': dim 0 of size 6 is not divisible by mesh axes "
+        r"\('x',\) of total size 4",
+    ):
         cc.shardings_from_rules(mesh42, [("w", P("x")), (".*", P())], tree)
-    with pytest.raises(cc.ShardingRuleError, match=r"leaf 'v': rule 'v' gives .* for 2 dims, but the leaf has "
-                       r"rank 1 \(shape \(3,\)\)"):
+    with pytest.raises(
+        cc.ShardingRuleError,
+        match=r"leaf 'v': rule 'v' gives .* for 2 dims, but the leaf has "
+        r"rank 1 \(shape \(3,\)\)",
+    ):
         cc.shardings_from_rules(mesh42, [("v", P("x", "y")), (".*", P())], tree)
     with pytest.raises(cc.ShardingRuleError, match=r"leaf 'w': dim 1 uses mesh axis 'z', but the mesh has axes"):
         cc.shardings_from_rules(mesh42, [("w", P(None, "z")), (".*", P())], tree)
@@ -262,3 +273,12 @@ def test_list_and_latest_order_by_step_not_timestamp(url):
     assert infos[0].timestamp > infos[1].timestamp or True  # timestamps are informational only
     assert cc.find_latest_checkpoint(base).endswith("/run-10")
     assert cc.find_latest_checkpoint(base + "/nothing-here") is None
+
+
+def test_64_bit_leaves_are_not_silently_narrowed(url):
+    cc.save(url, {"i": np.array([2**40], np.int64)})
+    with pytest.raises(cc.RestoreMismatchError, match=r"leaf 'i' is int64 but jax_enable_x64 is off"):
+        cc.restore(
+            url, template={"i": jax.ShapeDtypeStruct((1,), np.int64, sharding=SingleDeviceSharding(jax.devices()[0]))}
+        )
+    assert cc.restore(url)["i"].tolist() == [2**40]  # as numpy, exact

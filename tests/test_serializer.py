@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_tree_equal, make_mesh, put
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import paths
 from ckpt_callbacks.restore import open_checkpoint, read_manifest
+from conftest import assert_tree_equal, put
 
 
 def _manifest(url, item="state"):
@@ -178,8 +178,14 @@ else:
 
 def _run_failing_save(path, overwrite):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_FAILING_WRITE), path, "1" if overwrite else "0"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FAILING_WRITE), path, "1" if overwrite else "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     return out.stdout + out.stderr
 
 
