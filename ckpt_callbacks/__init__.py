@@ -7,6 +7,8 @@
 'memory://doc/init/run-1'
 """
 
+from ckpt_callbacks.callbacks import CheckpointCallback as CheckpointCallback
+from ckpt_callbacks.checkpointer import Checkpointer as Checkpointer
 from ckpt_callbacks.discovery import CheckpointInfo as CheckpointInfo
 from ckpt_callbacks.discovery import VerifyReport as VerifyReport
 from ckpt_callbacks.discovery import find_latest_checkpoint as find_latest_checkpoint
@@ -19,6 +21,10 @@ from ckpt_callbacks.errors import CheckpointNotFoundError as CheckpointNotFoundE
 from ckpt_callbacks.errors import CorruptCheckpointError as CorruptCheckpointError
 from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
+from ckpt_callbacks.policy import CheckpointInterval as CheckpointInterval
+from ckpt_callbacks.policy import Decision as Decision
+from ckpt_callbacks.policy import KeepPolicy as KeepPolicy
+from ckpt_callbacks.policy import SavePolicy as SavePolicy
 from ckpt_callbacks.restore import restore as restore
 from ckpt_callbacks.rules import match_partition_rules as match_partition_rules
 from ckpt_callbacks.rules import shardings_from_rules as shardings_from_rules

@@ -1,6 +1,6 @@
 """``make demo``: save a sharded state, restore it onto another mesh, verify it.
 
-    python -m ckpt_callbacks.demo [--path URL]
+python -m ckpt_callbacks.demo [--path URL]
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import ckpt_callbacks as cc  # noqa: E402
+import ckpt_callbacks as cc
 
 
 def main(argv: list[str] | None = None) -> None:

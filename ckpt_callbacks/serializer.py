@@ -267,7 +267,6 @@ class _Snapshot:
     def __init__(self, batch: list[tuple[_Leaf, planning.WriteUnit]], staging: np.ndarray | None = None) -> None:
         self.batch = batch
         self.copies: dict[int, Any] = {}
-        self.owned = staging is None
         if staging is not None:
             self._stage(staging)
             return
@@ -333,7 +332,9 @@ class _Writer:
         self.nbytes = 0
         # TensorStore may reference written data without copying it. Storage drivers drop the
         # reference once the write commits, and a reused staging buffer is only refilled after
-        # every commit of its batch; the memory:// store keeps it for good, so it gets copies.
+        # every commit of its batch. The memory:// store keeps references for good and drops
+        # them (taking the GIL) under its own lock, which deadlocks against a thread holding
+        # the GIL in a memory-store call; so memory:// always gets copies.
         self.in_memory = any(spec["driver"] == "memory" for spec in item_kvstores.values())
 
     def _array(self, item: str, leaf: _Leaf) -> ts.TensorStore:
@@ -354,7 +355,7 @@ class _Writer:
                 host = host.view(fmt.dtype_from_name(leaf.record.zarr_dtype))
             self.crcs[item].setdefault(leaf_index, {})[fmt.chunk_key(unit.chunk)] = fmt.crc32c_of(host)
             array = self._array(item, leaf)[_slices(unit.region)]
-            future = array.write(host, can_reference_source_data_indefinitely=snapshot.owned or not self.in_memory)
+            future = array.write(host, can_reference_source_data_indefinitely=not self.in_memory)
             inflight.append((future, host.nbytes))
             pending += host.nbytes
             self.nbytes += host.nbytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -217,5 +218,5 @@ def test_save_handle_reports_telemetry(url):
 def test_no_pickle_or_eval_in_package():
     for source in pathlib.Path(cc.__file__).parent.glob("*.py"):
         text = source.read_text()
-        for banned in ("import pickle", "cloudpickle", "import dill", "eval(", "exec("):
-            assert banned not in text, (source.name, banned)
+        for banned in (r"import pickle", r"cloudpickle", r"import dill", r"(?<![\w.])eval\(", r"(?<![\w.])exec\("):
+            assert not re.search(banned, text), (source.name, banned)
