@@ -41,7 +41,8 @@ def _nnx() -> Any:
 
 
 def _is_nnx_object(value: Any) -> bool:
-    return type(value).__module__.startswith("flax") and isinstance(value, _nnx().Module | _nnx().Optimizer)
+    # No NNX object can exist before flax.nnx is imported; checking first keeps other loops free of it.
+    return "flax.nnx" in sys.modules and isinstance(value, _nnx().Module | _nnx().Optimizer)
 
 
 def to_state(value: Any) -> Any:
