@@ -1,0 +1,179 @@
+"""Functions each test process runs (after jax.distributed.initialize); results are JSON."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt_callbacks as cc
+
+SPECS = {"w": P("x", "y"), "rep": P(), "part": P("x"), "keys": P("x")}
+
+
+def _mesh(shape):
+    return Mesh(np.array(jax.devices()).reshape(shape), ("x", "y"))
+
+
+def expected():
+    """The global values every process agrees on (no process holds them all as jax arrays)."""
+    return {
+        "w": np.arange(8 * 16, dtype=np.float32).reshape(8, 16),
+        "rep": (np.arange(512 * 1024, dtype=np.float32) % 251).reshape(512, 1024),  # 2 MiB, replicated
+        "part": np.arange(8 * 4, dtype=np.int32).reshape(8, 4),
+        "keys": np.asarray(jax.random.key_data(jax.random.split(jax.random.key(3), 8))),
+        "host": np.arange(10, dtype=np.float64),
+    }
+
+
+def _global(value, mesh, spec):
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda idx: value[idx])
+
+
+def build_state(mesh):
+    data = expected()
+    state = {k: _global(data[k], mesh, SPECS[k]) for k in ("w", "rep", "part")}
+    state["keys"] = jax.random.wrap_key_data(_global(data["keys"], mesh, P("x", None)), impl="threefry2x32")
+    state["host"] = data["host"]
+    state["step"] = 7
+    return state
+
+
+def save(path, mesh_shape, step=1, timeout_s=60.0):
+    mesh = _mesh(mesh_shape)
+    state = build_state(mesh)
+    assert not state["w"].is_fully_addressable or jax.process_count() == 1
+    stats = cc.save_async(path, state, step=step, timeout_s=timeout_s).wait()
+    return {"pid": jax.process_index(), "bytes": stats.bytes_written}
+
+
+def _check_local(restored):
+    """Each process compares its own addressable shards with the expected global values."""
+    data = expected()
+    problems = []
+    for name in ("w", "rep", "part", "keys"):
+        value = restored[name]
+        if name == "keys":
+            value = jax.random.key_data(value)
+        for shard in value.addressable_shards:
+            if not np.array_equal(np.asarray(shard.data), data[name][shard.index]):
+                problems.append(f"{name} {shard.index}")
+    if not np.array_equal(restored["host"], data["host"]) or restored["step"] != 7:
+        problems.append("host/step")
+    return problems
+
+
+def restore(path, mesh_shape, rules=None):
+    mesh = _mesh(mesh_shape)
+    rule_list = None if rules is None else [(pattern, P(*spec)) for pattern, spec in rules]
+    try:
+        restored = cc.restore(path, mesh=mesh, rules=rule_list)
+    except cc.CorruptCheckpointError as e:
+        return {"pid": jax.process_index(), "corrupt": str(e)}
+    return {
+        "pid": jax.process_index(),
+        "problems": _check_local(restored),
+        "spec_w": str(restored["w"].sharding.spec),
+        "addressable": restored["w"].is_fully_addressable,
+    }
+
+
+def agreement(path, skew, steps, request_at=None, sync_every=10):
+    """Skewed clocks and a preemption request on one process: do all save at the same steps?"""
+    pid = jax.process_index()
+    clock_now = [1000.0 + pid * skew]
+    ck = cc.Checkpointer(
+        path, save_interval=25.0, clock=lambda: clock_now[0], sync_every_steps=sync_every, handle_sigterm=False
+    )
+    saved = []
+    for step in range(1, steps + 1):
+        clock_now[0] += 1.0 + 0.1 * pid  # the clocks also run at different rates
+        if request_at is not None and step == request_at and pid == jax.process_count() - 1:
+            ck.request_save()
+        if ck.on_step({"v": np.full(3, step, np.float32)}, step=step):
+            saved.append(step)
+    ck.close()
+    return {"pid": pid, "saved": saved, "kinds": [(c.step, c.is_temporary) for c in cc.list_checkpoints(path)]}
+
+
+def die_mid_save(path, timeout_s):
+    """Process 1 dies right after its snapshot; the others must fail within ``timeout_s``."""
+    mesh = _mesh((2, 2))
+    state = build_state(mesh)
+    cc.save(f"{path}/run-1", state, step=1)
+    handle = cc.save_async(f"{path}/run-2", state, step=2, timeout_s=timeout_s)
+    if jax.process_index() == 1:
+        os._exit(17)
+    start = time.monotonic()
+    try:
+        handle.wait()
+    except Exception as e:
+        return {
+            "pid": jax.process_index(),
+            "error": f"{type(e).__name__}: {e}",
+            "after_s": time.monotonic() - start,
+            "peer_died": True,
+        }
+    return {"pid": jax.process_index(), "error": None, "peer_died": True}
+
+
+def train(path, steps, kill_after=None):
+    """The demo's kind of loop in several processes: data-parallel MLP, callback, resume."""
+    import flax.linen as nn
+    import optax
+    from flax.training import train_state
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.relu(nn.Dense(32)(x)))
+
+    model = MLP()
+
+    def init():
+        params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+        state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+        return jax.device_put(state, NamedSharding(mesh, P()))
+
+    def batch(step):
+        x = np.asarray(jax.random.normal(jax.random.key(step), (32, 8)))
+        y = np.sin(x.sum(axis=1, keepdims=True))
+        sharding = NamedSharding(mesh, P("data"))
+        return (
+            jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]),
+            jax.make_array_from_callback(y.shape, sharding, lambda i: y[i]),
+        )
+
+    @jax.jit
+    def train_step(state, x, y):
+        def loss_fn(p):
+            return jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    holder = {}
+    cb = cc.CheckpointCallback(
+        path, state_fn=lambda: holder["state"], step_policies=[cc.CheckpointInterval(every=5)], handle_sigterm=False
+    )
+    state, meta = cb.checkpointer.restore_or_init(init, template=init())
+    start = 0 if meta is None else meta["step"]
+    losses = {}
+    for step in range(start + 1, steps + 1):
+        state, loss = train_step(state, *batch(step))
+        holder["state"] = state
+        losses[step] = float(loss)
+        cb(step)
+        if kill_after is not None and step == kill_after:
+            break
+    else:
+        cb.on_train_end(steps)
+    cb.close()
+    return {"pid": jax.process_index(), "start": start, "losses": losses, "steps": cb.checkpointer.all_steps()}
