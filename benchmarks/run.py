@@ -1,0 +1,514 @@
+"""`make bench`: ckpt_callbacks against orbax-checkpoint and the raw-write limit, in one run.
+
+    python benchmarks/run.py [--gib 1.0] [--repeats 3] [--scaling] [--smoke] [--out benchmarks/results]
+
+Every case runs on the same pytree and the same target directory tree, `--repeats` times
+(median reported), each time into a fresh directory. Before each timed operation the page
+cache is dropped where the OS allows it (`/proc/sys/vm/drop_caches`; the result says whether
+it was) and host memory is warmed (about 2x the checkpoint touched and freed, untimed), so
+neither a writer reusing memory nor one allocating fresh pages is favoured. Output: a
+markdown table, JSON and a PNG chart under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt_callbacks as cc
+
+GB = 1e9
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm_memory(nbytes: int) -> None:
+    block = np.ones(max(nbytes, 1) // 8, np.float64)
+    block += 1
+    del block
+
+
+def measure(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Seconds and peak extra RSS of one call (RSS sampled every 2 ms)."""
+    base = rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        seconds = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+    return {"seconds": seconds, "peak_rss": peak[0] - base, "out": out}
+
+
+def files_in(path: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def model_tree(gib: float, mesh: Mesh) -> dict[str, jax.Array]:
+    """About `gib` GiB in 40 leaves of mixed shapes, sharded over a (4, 2) mesh, some replicated."""
+    unit = max(1, int(gib * 2**30 / 4 / 40 / 1024 / 64)) * 64  # rows per leaf of width 1024 (float32)
+    tree = {}
+    for i in range(40):
+        kind = i % 5
+        if kind == 0:
+            shape, spec = (unit, 1024), P("x", "y")
+        elif kind == 1:
+            shape, spec = (1024, unit), P("y", "x")
+        elif kind == 2:
+            shape, spec = (unit * 2, 512), P("x")
+        elif kind == 3:
+            shape, spec = (unit // 2, 2048), P(None, "x")
+        else:
+            shape, spec = (unit, 1024), P()  # replicated
+        key = jax.random.key(i)
+        tree[f"layer_{i:02d}"] = jax.jit(
+            lambda k, s=shape: jax.random.normal(k, s, jnp.float32), out_shardings=NamedSharding(mesh, spec)
+        )(key)
+    jax.block_until_ready(tree)
+    return tree
+
+
+def small_tree(n: int, total_bytes: int) -> dict[str, jax.Array]:
+    per = max(1, total_bytes // n // 4)
+    device = jax.devices()[0]
+    return {f"p{i:04d}": jax.device_put(jnp.full((per,), i, jnp.float32), device) for i in range(n)}
+
+
+def nbytes_unique(tree: Any) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+class Bench:
+    def __init__(self, root: str, repeats: int, warm_bytes: int) -> None:
+        self.root = root
+        self.repeats = repeats
+        self.warm_bytes = warm_bytes
+        self.dropped = False
+        self.counter = 0
+
+    def fresh(self, name: str) -> str:
+        self.counter += 1
+        path = os.path.join(self.root, f"{name}-{self.counter}")
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def prepare(self) -> None:
+        self.dropped = drop_caches() or self.dropped
+        warm_memory(self.warm_bytes)
+
+    def run(
+        self,
+        name: str,
+        setup: Callable[[], Any],
+        op: Callable[[Any], Any],
+        nbytes: int,
+        extra: Callable[[Any, Any], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        rows = []
+        for _ in range(self.repeats):
+            ctx = setup()
+            self.prepare()
+            m = measure(lambda c=ctx: op(c))
+            row = {"seconds": m["seconds"], "peak_rss": m["peak_rss"]}
+            if extra is not None:
+                row.update(extra(ctx, m["out"]))
+            rows.append(row)
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        med["gb_per_s"] = nbytes / GB / med["seconds"] if med["seconds"] > 0 else float("inf")
+        med["name"] = name
+        med["all_seconds"] = [r["seconds"] for r in rows]
+        print(
+            f"  {name:42s} {med['seconds']:8.3f}s {med['gb_per_s']:6.2f} GB/s "
+            f"rss {med['peak_rss'] / 2**20:7.0f} MiB"
+            + (f" blocking {med['blocking_s']:.3f}s" if "blocking_s" in med else ""),
+            flush=True,
+        )
+        return med
+
+
+def raw_cases(b: Bench, tree: dict[str, jax.Array], nbytes: int) -> list[dict[str, Any]]:
+    """The limit: numpy tofile + fsync of each unique shard (8 threads), and reading it back."""
+    shards = []
+    for name, leaf in tree.items():
+        seen = set()
+        for shard in leaf.addressable_shards:
+            key = str(shard.index)
+            if key not in seen:
+                seen.add(key)
+                shards.append((f"{name}-{len(seen)}", np.asarray(shard.data)))
+
+    def write(path: str) -> None:
+        os.makedirs(path)
+
+        def one(item: tuple[str, np.ndarray]) -> None:
+            with open(os.path.join(path, item[0]), "wb") as f:
+                item[1].tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, shards))
+
+    def read(path: str) -> None:
+        def one(item: tuple[str, np.ndarray]) -> np.ndarray:
+            return np.fromfile(os.path.join(path, item[0]), dtype=item[1].dtype)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, shards))
+
+    written = b.fresh("raw-read")
+    write(written)
+    return [
+        b.run("raw: tofile+fsync (limit)", lambda: b.fresh("raw"), write, nbytes),
+        b.run("raw: fromfile (limit)", lambda: written, read, nbytes),
+    ]
+
+
+def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str) -> list[dict[str, Any]]:
+    import orbax.checkpoint as ocp
+
+    sync_ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    async_ckptr = ocp.StandardCheckpointer()
+
+    def sync_save(path: str) -> None:
+        sync_ckptr.save(path, args=ocp.args.StandardSave(tree))
+
+    def async_save(path: str) -> dict[str, float]:
+        start = time.perf_counter()
+        async_ckptr.save(path, tree)
+        blocking = time.perf_counter() - start
+        async_ckptr.wait_until_finished()
+        return {"blocking_s": blocking}
+
+    saved = b.fresh(f"orbax-{tag}-restore")
+    sync_save(saved)
+
+    def restore(_: Any) -> None:
+        jax.block_until_ready(async_ckptr.restore(saved, targets))
+
+    rows = [
+        b.run(
+            f"orbax {tag}: sync save",
+            lambda: b.fresh(f"orbax-{tag}"),
+            sync_save,
+            nbytes,
+            lambda path, _: {"files": files_in(path)},
+        ),
+        b.run(
+            f"orbax {tag}: async save (total)",
+            lambda: b.fresh(f"orbax-{tag}-a"),
+            async_save,
+            nbytes,
+            lambda _, out: out,
+        ),
+        b.run(f"orbax {tag}: restore (target shardings)", lambda: None, restore, nbytes),
+    ]
+    async_ckptr.close()
+    return rows
+
+
+def ours_cases(b: Bench, tree: Any, mesh: Mesh, other: Mesh | None, nbytes: int, tag: str) -> list[dict[str, Any]]:
+    def save(path: str) -> None:
+        cc.save(path, tree)
+
+    def save_async(path: str) -> dict[str, float]:
+        handle = cc.save_async(path, tree)
+        blocking = handle.blocking_s
+        handle.wait()
+        return {"blocking_s": blocking}
+
+    saved = b.fresh(f"ours-{tag}-restore")
+    save(saved)
+    same = jax.tree.map(lambda x: x.sharding, tree)
+
+    def restore_same(_: Any) -> None:
+        jax.block_until_ready(cc.restore(saved, shardings=same))
+
+    rows = [
+        b.run(
+            f"ckpt_callbacks {tag}: save",
+            lambda: b.fresh(f"ours-{tag}"),
+            save,
+            nbytes,
+            lambda path, _: {"files": files_in(path)},
+        ),
+        b.run(
+            f"ckpt_callbacks {tag}: save_async (total)",
+            lambda: b.fresh(f"ours-{tag}-a"),
+            save_async,
+            nbytes,
+            lambda _, out: out,
+        ),
+        b.run(f"ckpt_callbacks {tag}: restore, same mesh", lambda: None, restore_same, nbytes),
+    ]
+    if other is not None:
+
+        def restore_other(_: Any) -> None:
+            jax.block_until_ready(cc.restore(saved, mesh=other))
+
+        rows.append(b.run(f"ckpt_callbacks {tag}: restore, other mesh", lambda: None, restore_other, nbytes))
+    return rows
+
+
+def loop_overhead(steps: int) -> dict[str, float]:
+    """Microseconds per call on non-saving steps: bare loop, Checkpointer.on_step, the callback."""
+    state = {"w": jnp.ones(4)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = cc.Checkpointer(
+            tmp, save_interval=3600.0, step_policies=[cc.CheckpointInterval(every=10**9)], handle_sigterm=False
+        )
+        cb = cc.CheckpointCallback(ck, state_fn=lambda: state)
+
+        def timed(fn: Callable[[int], Any]) -> float:
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for step in range(1, steps + 1):
+                    fn(step)
+                best = min(best, (time.perf_counter() - start) / steps * 1e6)
+            return best
+
+        bare = timed(lambda step: None)
+        on_step = timed(lambda step: ck.on_step(state, step=step))
+        callback = timed(cb)
+        ck.close()
+    return {"bare_us": bare, "on_step_us": on_step - bare, "callback_us": callback - bare}
+
+
+def ratios(rows: dict[str, dict[str, Any]], small: dict[str, dict[str, Any]] | None) -> list[tuple[str, float, str]]:
+    def t(name: str) -> float:
+        return rows[name]["seconds"]
+
+    out = [
+        ("save throughput vs orbax sync save", t("orbax model: sync save") / t("ckpt_callbacks model: save"), ">= 2.0"),
+        ("save throughput vs raw limit", t("raw: tofile+fsync (limit)") / t("ckpt_callbacks model: save"), ">= 0.8"),
+        (
+            "save_async blocking vs orbax async blocking",
+            rows["ckpt_callbacks model: save_async (total)"]["blocking_s"]
+            / rows["orbax model: async save (total)"]["blocking_s"],
+            "<= 0.5",
+        ),
+        (
+            "restore (same mesh) vs orbax",
+            t("orbax model: restore (target shardings)") / t("ckpt_callbacks model: restore, same mesh"),
+            ">= 1.5",
+        ),
+        (
+            "restore (other mesh) vs orbax",
+            t("orbax model: restore (target shardings)") / t("ckpt_callbacks model: restore, other mesh"),
+            ">= 1.5",
+        ),
+    ]
+    if small:
+        ours = (
+            small["ckpt_callbacks small: save"]["seconds"]
+            + small["ckpt_callbacks small: restore, same mesh"]["seconds"]
+        )
+        theirs = (
+            small["orbax small: sync save"]["seconds"] + small["orbax small: restore (target shardings)"]["seconds"]
+        )
+        out.append(("2,000 small leaves: save+restore vs orbax", theirs / ours, ">= 2.0"))
+    return out
+
+
+def holds(value: float, target: str) -> bool:
+    op, number = target.split()
+    return value >= float(number) if op == ">=" else value <= float(number)
+
+
+def scaling(b: Bench, mesh: Mesh, sizes: list[float]) -> list[dict[str, Any]]:
+    out = []
+    for gib in sizes:
+        tree = model_tree(gib, mesh)
+        nbytes = nbytes_unique(tree)
+        saved = b.fresh(f"scale-{gib}")
+        b.prepare()
+        save = measure(lambda s=saved, t=tree: cc.save(s, t))
+        b.prepare()
+        restore = measure(lambda s=saved: jax.block_until_ready(cc.restore(s, mesh=mesh)))
+        out.append(
+            {
+                "gib": gib,
+                "bytes": nbytes,
+                "save_s": save["seconds"],
+                "restore_s": restore["seconds"],
+                "save_rss": save["peak_rss"],
+                "restore_rss": restore["peak_rss"],
+            }
+        )
+        print(f"  scaling {gib:5.2f} GiB: save {save['seconds']:.2f}s restore {restore['seconds']:.2f}s", flush=True)
+        shutil.rmtree(saved, ignore_errors=True)
+        del tree
+    return out
+
+
+def write_outputs(out_dir: pathlib.Path, report: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = report["date"]
+    (out_dir / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
+    lines = [
+        f"# Benchmark {stamp} ({report['machine']})",
+        "",
+        f"Workload (a): {report['model_bytes'] / GB:.2f} GB in 40 leaves on a (4, 2) mesh of 8 CPU devices; "
+        f"median of {report['repeats']}; page cache dropped: {report['caches_dropped']}; memory warmed "
+        "before each timed operation.",
+        "",
+        "| case | seconds | GB/s | blocking s | peak extra RSS MiB | files |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["model"] + report.get("small", []):
+        blocking = f"{row['blocking_s']:.3f}" if "blocking_s" in row else ""
+        files = str(int(row["files"])) if "files" in row else ""
+        lines.append(
+            f"| {row['name']} | {row['seconds']:.3f} | {row['gb_per_s']:.2f} | {blocking} | "
+            f"{row['peak_rss'] / 2**20:.0f} | {files} |"
+        )
+    lines += ["", "| target (ratio, same run) | measured | target | holds |", "|---|---|---|---|"]
+    for name, value, target in report["ratios"]:
+        lines.append(f"| {name} | {value:.2f} | {target} | {'yes' if holds(value, target) else 'NO'} |")
+    loop = report["loop"]
+    lines += [
+        "",
+        f"Loop overhead on non-saving steps: on_step {loop['on_step_us']:.2f} us, callback "
+        f"{loop['callback_us']:.2f} us per call (bare loop {loop['bare_us']:.3f} us; target < 20 us).",
+    ]
+    if report.get("scaling"):
+        lines += ["", "| GiB | save s | restore s | save GB/s | restore GB/s |", "|---|---|---|---|---|"]
+        for row in report["scaling"]:
+            lines.append(
+                f"| {row['gib']} | {row['save_s']:.2f} | {row['restore_s']:.2f} | "
+                f"{row['bytes'] / GB / row['save_s']:.2f} | {row['bytes'] / GB / row['restore_s']:.2f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    (out_dir / f"bench-{stamp}.md").write_text(text)
+    (out_dir / "latest.md").write_text(text)
+    print("\n" + text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = report["model"]
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        ax.barh(
+            [r["name"] for r in rows],
+            [r["gb_per_s"] for r in rows],
+            color=["#888" if r["name"].startswith("raw") else "#d62" if "orbax" in r["name"] else "#26a" for r in rows],
+        )
+        ax.set_xlabel("GB/s (higher is better)")
+        ax.set_title(
+            f"{report['model_bytes'] / GB:.2f} GB model-like tree, 8 CPU devices, median of {report['repeats']}"
+        )
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(out_dir / "latest.png", dpi=110)
+        fig.savefig(out_dir / f"bench-{stamp}.png", dpi=110)
+    except ImportError:
+        print("matplotlib not installed: no chart")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=1.0, help="size of workload (a)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--small-leaves", type=int, default=2000)
+    parser.add_argument("--small-mib", type=float, default=32)
+    parser.add_argument("--scaling", action="store_true", help="also time saves/restores from 0.25 to 4 GiB")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.gib, args.repeats, args.small_leaves, args.small_mib = 0.01, 1, 50, 1
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+    other = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
+    root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
+    try:
+        tree = model_tree(args.gib, mesh)
+        nbytes = nbytes_unique(tree)
+        b = Bench(root, args.repeats, 2 * nbytes)
+        print(f"workload (a): {nbytes / GB:.3f} GB, {len(tree)} leaves", flush=True)
+        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        model_rows = (
+            raw_cases(b, tree, nbytes)
+            + orbax_cases(b, tree, targets, nbytes, "model")
+            + ours_cases(b, tree, mesh, other, nbytes, "model")
+        )
+        del tree
+        small = small_tree(args.small_leaves, int(args.small_mib * 2**20))
+        small_bytes = nbytes_unique(small)
+        print(f"workload (b): {small_bytes / GB:.3f} GB in {len(small)} leaves", flush=True)
+        small_targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), small)
+        small_rows = orbax_cases(b, small, small_targets, small_bytes, "small") + ours_cases(
+            b, small, mesh, None, small_bytes, "small"
+        )
+        loop = loop_overhead(2000 if args.smoke else 100_000)
+        print(f"workload (c): on_step {loop['on_step_us']:.2f} us, callback {loop['callback_us']:.2f} us", flush=True)
+        report = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
+            "repeats": args.repeats,
+            "model_bytes": nbytes,
+            "caches_dropped": b.dropped,
+            "model": model_rows,
+            "small": small_rows,
+            "loop": loop,
+        }
+        by_name = {r["name"]: r for r in model_rows}
+        report["ratios"] = ratios(by_name, {r["name"]: r for r in small_rows})
+        if args.scaling and not args.smoke:
+            report["scaling"] = scaling(b, mesh, [0.25, 0.5, 1.0, 2.0, 4.0])
+        write_outputs(pathlib.Path(args.out), report)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
