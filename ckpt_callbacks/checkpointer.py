@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import queue
 import signal
 import threading
@@ -68,7 +69,9 @@ class Checkpointer:
       dtype: floating leaves are stored in this dtype.
       max_host_bytes: host-memory budget of one save (see ``save_async``).
       handle_sigterm: on the first ``on_step``, chain a SIGTERM handler that makes the next
-        ``on_step`` save a permanent checkpoint (main thread only).
+        ``on_step`` save a permanent checkpoint (main thread only). A previous Python handler
+        is called at once; if there was none (default action: terminate), the process
+        terminates by SIGTERM once that checkpoint has committed.
       sync_every_steps: with several processes, how often (in steps) process 0's view of
         the clock and of preemption requests is shared; only those steps communicate.
       timeout_s: how long a save waits for other processes before failing.
@@ -112,6 +115,8 @@ class Checkpointer:
         self._metrics: dict[int, dict[str, float]] = {}
         self._preempt = threading.Event()
         self._previous_handler: Any = None
+        self._terminate_after_save = False
+        self._terminate_now = False
         self._signal_checked = False
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -124,10 +129,16 @@ class Checkpointer:
         self._preempt.set()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._terminate_now:  # the preemption checkpoint is committed: now do what SIGTERM did before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         log.warning("SIGTERM: saving a checkpoint at the next step")
         self._preempt.set()
         if callable(self._previous_handler):
             self._previous_handler(signum, frame)
+        else:  # the default action (terminate) is deferred until the checkpoint has committed
+            self._terminate_after_save = True
 
     def _install_signal_handler(self) -> None:
         self._signal_checked = True
@@ -210,7 +221,7 @@ class Checkpointer:
         self._last_save_step = step
         self._last_save_time = self._clock()
         self._preempt.clear()
-        self._submit(handle, step)
+        self._submit(handle, step, terminate=self._terminate_after_save)
         return True
 
     def save_checkpoint(
@@ -265,11 +276,11 @@ class Checkpointer:
             paths.write_bytes(self.base.join("metrics"), f"run-{step}.json", json.dumps(self._metrics[step]).encode())
 
     # ------------------------------------------------------------------ background work
-    def _submit(self, handle: SaveHandle, step: int) -> None:
+    def _submit(self, handle: SaveHandle, step: int, terminate: bool = False) -> None:
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="ckpt-retention", daemon=True)
             self._worker.start()
-        self._jobs.put((handle, step))
+        self._jobs.put((handle, step, terminate))
 
     def _work(self) -> None:
         while True:
@@ -277,7 +288,7 @@ class Checkpointer:
             try:
                 if job is None:
                     return
-                handle, step = job
+                handle, step, terminate = job
                 try:
                     stats = handle.wait()
                 except BaseException:
@@ -286,6 +297,10 @@ class Checkpointer:
                 self._report(step, stats)
                 if distributed.is_primary():
                     self._apply_retention()
+                if terminate:
+                    log.warning("SIGTERM: checkpoint at step %d committed; terminating", step)
+                    self._terminate_now = True
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, see _on_sigterm
             finally:
                 self._jobs.task_done()
 

@@ -263,3 +263,34 @@ def test_restore_or_init(url):
     assert meta["step"] == 5 and state["w"].tolist() == [1.0, 1.0, 1.0]
     assert not ck.on_step({"w": jnp.ones(3)}, step=5, force=True)
     ck.close()
+
+
+SIGTERM_LOOP = """
+import os, sys, time
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import numpy as np, ckpt_callbacks as cc
+ck = cc.Checkpointer(sys.argv[1], step_policies=[cc.CheckpointInterval(every=10**6)])
+for step in range(1, 100000):
+    ck.on_step({"w": np.full(3, step)}, step=step)
+    if step == 5:
+        print("READY", flush=True)
+    time.sleep(0.01)
+print("NOT TERMINATED", flush=True)
+"""
+
+
+def test_sigterm_with_default_action_saves_then_terminates(tmp_path):
+    base = str(tmp_path / "pre")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_LOOP, base],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM and "NOT TERMINATED" not in out
+    (info,) = cc.list_checkpoints(base)
+    assert not info.is_temporary and info.step >= 5
+    assert cc.restore(info.path)["w"].tolist() == [info.step] * 3

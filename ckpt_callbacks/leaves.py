@@ -1,0 +1,146 @@
+"""What is saved of each leaf: its manifest record, the array to write from, and its units.
+
+``describe`` turns a leaf into a record (shape, dtypes, partition spec, mesh) and ``plan``
+assigns the chunks this process writes, the same way on every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from ckpt_callbacks import distributed, planning
+from ckpt_callbacks import format as fmt
+
+__all__ = ["Leaf", "check_dirs", "describe", "plan"]
+
+
+@dataclasses.dataclass
+class Leaf:
+    record: fmt.LeafRecord
+    source: Any = None  # jax.Array (key data or cast copy included) or np.ndarray
+    private: bool = False  # the source is our own copy (a cast), no snapshot copy needed
+    units: list[planning.WriteUnit] = dataclasses.field(default_factory=list)
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    try:
+        ts.dtype(dtype.name)
+        return dtype.name
+    except (TypeError, ValueError):  # an ml_dtype TensorStore lacks: store its bits
+        return f"uint{dtype.itemsize * 8}"
+
+
+def _storable(dtype: np.dtype) -> bool:
+    if dtype.kind == "V":  # ml_dtypes (bfloat16, float8_*, int4) are 'V'; plain void/structured are not
+        return dtype.fields is None and dtype.type.__module__.startswith("ml_dtypes")
+    return dtype.kind in "biufc"
+
+
+def _spec_json(sharding: Any, ndim: int) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None, None
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    mesh = sharding.mesh
+    return spec[:ndim], {"axis_names": list(mesh.axis_names), "axis_sizes": list(mesh.devices.shape)}
+
+
+def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
+    """The record of one leaf and the array to write from (chunks filled in by the planner)."""
+    where = fmt.key_string(path) or "<root>"
+    if value is None or isinstance(value, bool | int | float | str):
+        encoded, value_type = fmt.encode_scalar(value)
+        return Leaf(fmt.LeafRecord(path=path, kind="scalar", value=encoded, value_type=value_type))
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
+    if isinstance(value, jax.Array):
+        kind, key_impl = "array", ""
+        key_tail: tuple[int, ...] = ()
+        spec, mesh = _spec_json(value.sharding, value.ndim)
+        dtype = value.dtype
+        source, private = value, False
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            kind, key_impl = "prng_key", str(jax.random.key_impl(value))
+            source = jax.random.key_data(value)
+            key_tail = source.shape[value.ndim :]
+        elif cast is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype != cast:
+            source, private = value.astype(cast), True
+        stored = np.dtype(source.dtype)
+        record = fmt.LeafRecord(
+            path=path,
+            kind=kind,
+            source="jax",
+            shape=tuple(value.shape),
+            dtype=fmt.dtype_name(dtype) if kind == "array" else str(dtype),
+            stored_dtype=stored.name,
+            zarr_dtype=_zarr_dtype(stored),
+            key_impl=key_impl,
+            key_tail=tuple(key_tail),
+            partition_spec=spec,
+            mesh=mesh,
+        )
+        return Leaf(record, source, private)
+    if isinstance(value, np.ndarray):
+        if not _storable(value.dtype):
+            raise TypeError(
+                f"leaf {where!r}: numpy dtype {value.dtype} cannot be saved; "
+                "expected a numeric, bool or ml_dtypes array"
+            )
+        host_source = value
+        if cast is not None and np.issubdtype(value.dtype, np.floating) and value.dtype != cast:
+            host_source = value.astype(cast)
+        stored = np.dtype(host_source.dtype)
+        record = fmt.LeafRecord(
+            path=path,
+            kind="array",
+            source="numpy",
+            shape=value.shape,
+            dtype=fmt.dtype_name(value.dtype),
+            stored_dtype=stored.name,
+            zarr_dtype=_zarr_dtype(stored),
+        )
+        return Leaf(record, host_source, private=host_source is not value)
+    raise TypeError(
+        f"leaf {where!r}: cannot save {type(value).__name__}; expected jax.Array, numpy "
+        "array, typed PRNG key, int, float, bool, str or None"
+    )
+
+
+def plan(leaves: list[Leaf], max_chunk_bytes: int) -> None:
+    """Fills each leaf's chunk grid and this process's write units (same plan on every process)."""
+    me, nproc = distributed.process_index(), distributed.process_count()
+    for index, leaf in enumerate(leaves):
+        record = leaf.record
+        if record.kind == "scalar":
+            continue
+        shape = record.data_shape
+        itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
+        if record.source == "jax":
+            raw = leaf.source.sharding.devices_indices_map(shape)
+            index_map = {d: planning.normalize_index(raw[d], shape) for d in sorted(raw, key=lambda d: d.id)}
+            plan = planning.plan_array(shape, itemsize, index_map, leaf_index=index, max_chunk_bytes=max_chunk_bytes)
+            units = [u for u in plan.units if typing.cast(jax.Device, u.device).process_index == me]
+        else:  # numpy leaves are host values, identical on every process: one process writes each
+            full = tuple((0, n) for n in shape)
+            plan = planning.plan_array(shape, itemsize, {"host": full}, leaf_index=0, max_chunk_bytes=max_chunk_bytes)
+            units = list(plan.units) if index % nproc == me else []
+        leaf.record = dataclasses.replace(record, chunks=plan.chunks)
+        leaf.units = units
+
+
+def check_dirs(leaves: list[Leaf]) -> None:
+    seen: dict[str, str] = {}
+    for leaf in leaves:
+        if leaf.record.kind == "scalar":
+            continue
+        other = seen.setdefault(leaf.record.array, leaf.record.key)
+        if other != leaf.record.key:
+            raise ValueError(
+                f"leaves {other!r} and {leaf.record.key!r} map to one directory "
+                f"{leaf.record.array!r}; rename one of the keys"
+            )

@@ -1,0 +1,160 @@
+"""Snapshot one batch of write units and stream it to TensorStore with bounded memory."""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks import paths, planning
+from ckpt_callbacks.leaves import Leaf
+
+__all__ = ["DEFAULT_WINDOW_BYTES", "Snapshot", "Writer", "batches", "host_resident", "slices", "unit_bytes"]
+
+# Bytes of writes in flight at once (bounds host staging when shards live on an accelerator).
+DEFAULT_WINDOW_BYTES = 512 << 20
+
+
+def slices(region: planning.Region) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in region)
+
+
+def unit_bytes(leaf: Leaf, unit: planning.WriteUnit) -> int:
+    return math.prod(unit.shape) * fmt.dtype_from_name(leaf.record.zarr_dtype).itemsize
+
+
+def host_resident() -> bool:
+    return all(d.platform == "cpu" for d in jax.local_devices())
+
+
+class Snapshot:
+    """Private copies of one batch of units, independent of the caller's buffers.
+
+    A shard is copied once on its device (``device_put`` with ``may_alias=False``: asynchronous,
+    and on an accelerator it stays in device memory) and its units are cut from that copy on
+    the host later. Only where this process writes part of a replicated shard held in host
+    memory is exactly that part copied on the host instead, so the copy never exceeds what
+    the process writes.
+    """
+
+    def __init__(self, batch: list[tuple[Leaf, planning.WriteUnit]], staging: np.ndarray | None = None) -> None:
+        self.batch = batch
+        self.copies: dict[int, Any] = {}
+        if staging is not None:
+            self._stage(staging)
+            return
+        groups: dict[tuple[int, tuple[int, ...]], list[int]] = collections.defaultdict(list)
+        for n, (leaf, unit) in enumerate(batch):
+            if leaf.record.source == "numpy":
+                self.copies[n] = np.array(leaf.source[slices(unit.local)])
+            else:
+                origin = tuple(a - la for (a, _), (la, _) in zip(unit.region, unit.local, strict=True))
+                groups[(id(leaf), origin)].append(n)
+        host = host_resident()
+        to_copy: list[tuple[list[int], Any]] = []
+        for members in groups.values():
+            leaf, unit = batch[members[0]]
+            shard = next(s.data for s in leaf.source.addressable_shards if s.device == unit.device)
+            covered = sum(math.prod(batch[n][1].shape) for n in members) == math.prod(shard.shape)
+            if covered and leaf.private:
+                self.copies.update((n, shard) for n in members)
+            elif covered or not host:
+                to_copy.append((members, shard))
+            else:
+                for n in members:
+                    self.copies[n] = np.array(np.asarray(shard)[slices(batch[n][1].local)])
+        if to_copy:
+            copied = jax.device_put(
+                [shard for _, shard in to_copy], [shard.sharding for _, shard in to_copy], may_alias=False
+            )
+            for (members, _), copy in zip(to_copy, copied, strict=True):
+                self.copies.update((n, copy) for n in members)
+
+    def _stage(self, staging: np.ndarray) -> None:
+        """Copies every unit into one reused host buffer (no allocator churn between batches)."""
+        offset = 0
+        for n, (leaf, unit) in enumerate(self.batch):
+            if leaf.record.source == "numpy":
+                source = leaf.source[slices(unit.local)]
+            else:
+                shard = next(s.data for s in leaf.source.addressable_shards if s.device == unit.device)
+                source = np.asarray(shard)[slices(unit.local)]
+            size = source.nbytes
+            view = staging[offset : offset + size].view(source.dtype).reshape(source.shape)
+            np.copyto(view, source)
+            self.copies[n] = view
+            offset += -(-size // 64) * 64  # keep every unit 64-byte aligned
+
+    def host_array(self, n: int) -> np.ndarray:
+        """Unit ``n`` as a C-contiguous host array (device-to-host copy if needed)."""
+        _, unit = self.batch[n]
+        host = np.asarray(self.copies.pop(n))
+        if tuple(host.shape) != unit.shape:
+            host = host[slices(unit.local)]
+        return host if host.flags.c_contiguous else host.copy(order="C")
+
+
+class Writer:
+    """Streams snapshots to TensorStore with a bounded number of bytes in flight."""
+
+    def __init__(self, item_kvstores: dict[str, dict[str, Any]], window: int) -> None:
+        self.item_kvstores = item_kvstores
+        self.window = window
+        self.arrays: dict[int, ts.TensorStore] = {}
+        self.crcs: dict[str, dict[int, dict[str, int]]] = collections.defaultdict(dict)
+        self.nbytes = 0
+        # TensorStore may reference written data without copying it. Storage drivers drop the
+        # reference once the write commits, and a reused staging buffer is only refilled after
+        # every commit of its batch. The memory:// store keeps references for good and drops
+        # them (taking the GIL) under its own lock, which deadlocks against a thread holding
+        # the GIL in a memory-store call; so memory:// always gets copies.
+        self.in_memory = any(spec["driver"] == "memory" for spec in item_kvstores.values())
+
+    def _array(self, item: str, leaf: Leaf) -> ts.TensorStore:
+        key = id(leaf)
+        if key not in self.arrays:
+            spec = fmt.zarr_spec(self.item_kvstores[item], leaf.record)
+            # Metadata (zarr.json) is written once by process 0 at commit, so writers never race.
+            self.arrays[key] = ts.open(spec, open=True, assume_metadata=True, context=paths.context()).result()
+        return self.arrays[key]
+
+    def write(self, item_of: dict[int, tuple[str, int]], snapshot: Snapshot) -> None:
+        inflight: collections.deque[tuple[Any, int]] = collections.deque()
+        pending = 0
+        for n, (leaf, unit) in enumerate(snapshot.batch):
+            item, leaf_index = item_of[id(leaf)]
+            host = snapshot.host_array(n)
+            if leaf.record.zarr_dtype != host.dtype.name:
+                host = host.view(fmt.dtype_from_name(leaf.record.zarr_dtype))
+            self.crcs[item].setdefault(leaf_index, {})[fmt.chunk_key(unit.chunk)] = fmt.crc32c_of(host)
+            array = self._array(item, leaf)[slices(unit.region)]
+            future = array.write(host, can_reference_source_data_indefinitely=not self.in_memory)
+            inflight.append((future, host.nbytes))
+            pending += host.nbytes
+            self.nbytes += host.nbytes
+            while pending > self.window and inflight:
+                done, size = inflight.popleft()
+                done.commit.result()
+                pending -= size
+        for future, _ in inflight:
+            future.commit.result()
+
+
+def batches(pairs: list[tuple[Leaf, planning.WriteUnit]], budget: int | None) -> list[list[Any]]:
+    if budget is None or not host_resident():
+        return [pairs]
+    out: list[list[Any]] = [[]]
+    size = 0
+    for leaf, unit in pairs:
+        nbytes = unit_bytes(leaf, unit)
+        if out[-1] and size + nbytes > budget:
+            out.append([])
+            size = 0
+        out[-1].append((leaf, unit))
+        size += nbytes
+    return out
