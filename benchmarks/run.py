@@ -5,7 +5,7 @@
 Every case runs on the same pytree and the same target directory tree, `--repeats` times
 (median reported), each time into a fresh directory. Before each timed operation the page
 cache is dropped where the OS allows it (`/proc/sys/vm/drop_caches`; the result says whether
-it was) and host memory is warmed (about 2x the checkpoint touched and freed, untimed), so
+it was) and host memory is warmed (about 4x the checkpoint touched and freed, untimed), so
 neither a writer reusing memory nor one allocating fresh pages is favoured. Output: a
 markdown table, JSON and a PNG chart under --out.
 """
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tree = model_tree(args.gib, mesh)
         nbytes = nbytes_unique(tree)
-        b = Bench(root, args.repeats, 2 * nbytes)
+        b = Bench(root, args.repeats, 4 * nbytes)
         print(f"workload (a): {nbytes / GB:.3f} GB, {len(tree)} leaves", flush=True)
         targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
         model_rows = (

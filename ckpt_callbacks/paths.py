@@ -124,7 +124,7 @@ def kvstore_spec(loc: Location, env: Mapping[str, str] | None = None) -> dict[st
 @functools.cache
 def context() -> ts.Context:
     """The process-wide TensorStore context (one ``memory://`` namespace per process)."""
-    return ts.Context()
+    return ts.Context({"file_io_concurrency": {"limit": 16}})
 
 
 def _kvstore(loc: Location) -> ts.KvStore:

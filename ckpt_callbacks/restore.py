@@ -91,38 +91,56 @@ def _slices(region: planning.Region) -> tuple[slice, ...]:
 
 
 class _LeafRead:
-    """Chunk reads of one leaf's regions, checked against the manifest's crc32c on arrival."""
+    """Reads of one leaf's regions; every chunk checked against the manifest's crc32c on arrival.
+
+    A region made of whole chunks is read at once (TensorStore assembles it in its own
+    threads); other regions are assembled here from chunk reads, each chunk read once.
+    """
 
     def __init__(
         self, array: ts.TensorStore, record: fmt.LeafRecord, regions: list[planning.Region], where: str
     ) -> None:
         self.record, self.regions, self.where = record, regions, where
-        self.chunks: dict[tuple[int, ...], tuple[planning.Region, Any]] = {}
+        self.reads: dict[planning.Region, Any] = {}  # read region -> future, then array
+        self.source: dict[tuple[int, ...], tuple[planning.Region, planning.Region]] = {}  # chunk -> (its region, read)
+        self.checked: set[tuple[int, ...]] = set()
         for region in regions:
-            for idx, creg in _chunk_regions(region, record.chunks, record.data_shape):
-                if idx not in self.chunks:
-                    self.chunks[idx] = (creg, array[_slices(creg)].read())
+            parts = _chunk_regions(region, record.chunks, record.data_shape)
+            whole = len(parts) > 1 and _covers(parts, region) and not any(idx in self.source for idx, _ in parts)
+            for idx, creg in parts:
+                if idx not in self.source:
+                    self.source[idx] = (creg, region if whole else creg)
+            for read in {self.source[idx][1] for idx, _ in parts}:
+                if read not in self.reads:
+                    self.reads[read] = array[_slices(read)].read()
         itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
-        self.nbytes = sum(math.prod(b - a for a, b in creg) * itemsize for creg, _ in self.chunks.values())
+        self.nbytes = sum(math.prod(b - a for a, b in read) * itemsize for read in self.reads)
+
+    def _read(self, read: planning.Region, idx: tuple[int, ...]) -> np.ndarray:
+        data = self.reads[read]
+        if not isinstance(data, np.ndarray):
+            try:
+                data = self.reads[read] = data.result()
+            except Exception as e:
+                raise CorruptCheckpointError(
+                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
+                ) from e
+        return data
 
     def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
-        creg, future = self.chunks[idx]
-        if isinstance(future, np.ndarray):  # already read and checked
-            return future
-        try:
-            data = future.result()
-        except Exception as e:
-            raise CorruptCheckpointError(
-                f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
-            ) from e
-        expected = self.record.crc32c.get(fmt.chunk_key(idx))
-        found = fmt.crc32c_of(data)
-        if expected is None or found != expected:
-            raise CorruptCheckpointError(
-                f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} (region "
-                f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest"
-            )
-        self.chunks[idx] = (creg, data)
+        creg, read = self.source[idx]
+        data = self._read(read, idx)
+        if read != creg:
+            data = data[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(creg, read, strict=True))]
+        if idx not in self.checked:
+            expected = self.record.crc32c.get(fmt.chunk_key(idx))
+            found = fmt.crc32c_of(data)
+            if expected is None or found != expected:
+                raise CorruptCheckpointError(
+                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} (region "
+                    f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest"
+                )
+            self.checked.add(idx)
         return data
 
     def result(self) -> dict[planning.Region, np.ndarray]:
@@ -131,8 +149,10 @@ class _LeafRead:
         stored = fmt.dtype_from_name(self.record.stored_dtype)
         for region in self.regions:
             parts = _chunk_regions(region, self.record.chunks, self.record.data_shape)
-            if len(parts) == 1 and parts[0][1] == region:
-                host = self._chunk(parts[0][0])
+            if region in self.reads:  # read whole (one chunk, or whole chunks): check each, no copy
+                for idx, _ in parts:
+                    self._chunk(idx)
+                host = self._read(region, parts[0][0])
             else:
                 host = np.empty(tuple(b - a for a, b in region), fmt.dtype_from_name(self.record.zarr_dtype))
                 for idx, creg in parts:
@@ -142,6 +162,11 @@ class _LeafRead:
                     host[dst] = self._chunk(idx)[src]
             out[region] = host.view(stored) if host.dtype != stored else host
         return out
+
+
+def _covers(parts: list[tuple[tuple[int, ...], planning.Region]], region: planning.Region) -> bool:
+    """Whether the chunks ``parts`` tile ``region`` exactly (no chunk sticks out of it)."""
+    return all(all(r0 <= a and b <= r1 for (a, b), (r0, r1) in zip(creg, region, strict=True)) for _, creg in parts)
 
 
 def _data_sharding(record: fmt.LeafRecord, sharding: Sharding) -> Sharding:

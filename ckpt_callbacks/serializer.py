@@ -181,6 +181,7 @@ def _start_save(
     max_host_bytes: int | None,
     is_temporary: bool,
     timeout_s: float,
+    copy: bool = True,
 ) -> SaveHandle:
     start = time.perf_counter()
     loc = paths.parse(path)
@@ -214,7 +215,7 @@ def _start_save(
     total = sum(unit_bytes(leaf, unit) for leaf, unit in pairs)
     window = min(DEFAULT_WINDOW_BYTES, max(total // 5, 1)) if max_host_bytes is None else max(1, max_host_bytes // 8)
     writer = Writer({item: paths.kvstore_spec(loc.join(commit.items[item])) for item in items}, window)
-    pieces = batches(pairs, None if max_host_bytes is None else max_host_bytes // 2)
+    pieces = batches(pairs, None if max_host_bytes is None or not copy else max_host_bytes // 2)
     # With a host-memory budget smaller than the save, all but the last batch are written
     # before returning: the snapshot cannot hold more than the budget at once.
     staging = None
@@ -222,7 +223,7 @@ def _start_save(
         staging = np.empty(max(sum(-(-unit_bytes(*p) // 64) * 64 for p in b) for b in pieces), np.uint8)
     for batch in pieces[:-1]:
         writer.write(item_of, Snapshot(batch, staging))
-    last = Snapshot(pieces[-1], staging)
+    last = Snapshot(pieces[-1], staging, copy=copy)
     # The tree is not needed past this point; drop references so donated buffers can go.
     for leaves in leaves_of.values():
         for leaf in leaves:
@@ -302,6 +303,20 @@ def save_async(
     )
 
 
-def save(path: Any, tree: Any, **kwargs: Any) -> None:
-    """Saves ``tree`` to ``path`` and returns once it is committed; arguments as ``save_async``."""
-    save_async(path, tree, **kwargs).wait()
+def save(path: Any, tree: Any, *, item: str = "state", **kwargs: Any) -> None:
+    """Saves ``tree`` to ``path`` and returns once it is committed; arguments as ``save_async``.
+
+    The caller waits anyway, so the shards are written straight from its buffers: no
+    snapshot copy, and no host memory beyond the writes in flight.
+    """
+    kwargs = {
+        "step": None,
+        "extras": None,
+        "dtype": None,
+        "overwrite": False,
+        "max_host_bytes": None,
+        "is_temporary": False,
+        "timeout_s": distributed.DEFAULT_TIMEOUT_S,
+        **kwargs,
+    }
+    _start_save(path, {item: tree}, copy=False, **kwargs).wait()

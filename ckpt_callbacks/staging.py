@@ -42,9 +42,19 @@ class Snapshot:
     the process writes.
     """
 
-    def __init__(self, batch: list[tuple[Leaf, planning.WriteUnit]], staging: np.ndarray | None = None) -> None:
+    def __init__(
+        self, batch: list[tuple[Leaf, planning.WriteUnit]], staging: np.ndarray | None = None, copy: bool = True
+    ) -> None:
         self.batch = batch
         self.copies: dict[int, Any] = {}
+        if not copy:  # a blocking save: the caller's buffers stay live until it returns
+            for n, (leaf, unit) in enumerate(batch):
+                self.copies[n] = (
+                    leaf.source
+                    if leaf.record.source == "numpy"
+                    else next(s.data for s in leaf.source.addressable_shards if s.device == unit.device)
+                )
+            return
         if staging is not None:
             self._stage(staging)
             return
@@ -72,8 +82,8 @@ class Snapshot:
             copied = jax.device_put(
                 [shard for _, shard in to_copy], [shard.sharding for _, shard in to_copy], may_alias=False
             )
-            for (members, _), copy in zip(to_copy, copied, strict=True):
-                self.copies.update((n, copy) for n in members)
+            for (members, _), private_copy in zip(to_copy, copied, strict=True):
+                self.copies.update((n, private_copy) for n in members)
 
     def _stage(self, staging: np.ndarray) -> None:
         """Copies every unit into one reused host buffer (no allocator churn between batches)."""
@@ -92,9 +102,11 @@ class Snapshot:
 
     def host_array(self, n: int) -> np.ndarray:
         """Unit ``n`` as a C-contiguous host array (device-to-host copy if needed)."""
-        _, unit = self.batch[n]
+        leaf, unit = self.batch[n]
         host = np.asarray(self.copies.pop(n))
-        if tuple(host.shape) != unit.shape:
+        if leaf.record.source == "numpy" and tuple(host.shape) != unit.shape:
+            host = host[slices(unit.region)]
+        elif tuple(host.shape) != unit.shape:
             host = host[slices(unit.local)]
         return host if host.flags.c_contiguous else host.copy(order="C")
 
