@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -59,3 +62,11 @@ def url(request, tmp_path) -> str:
     if request.param == "file":
         return str(tmp_path / "ckpt")
     return f"memory://tests/{next(_COUNTER)}"
+
+
+def run_python(*args: str, timeout: float = 600):
+    """Runs ``python ARGS`` from the repository root with this checkout importable."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, check=False, timeout=timeout
+    )

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+
+from conftest import run_python
 
 
 def test_benchmark_smoke_run_writes_its_outputs(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    out = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+    out = run_python("benchmarks/run.py", "--smoke", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     (report_path,) = tmp_path.glob("bench-*.json")
     report = json.loads(report_path.read_text())

@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from conftest import run_python
 
 
 def test_demo_kills_resumes_and_reports(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ckpt_callbacks.demo",
-            "--path",
-            str(tmp_path),
-            "--steps",
-            "100",
-            "--kill-at",
-            "70",
-            "--save-interval",
-            "0.25",
-            "--eval-every",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+    args = [
+        "--path",
+        str(tmp_path),
+        "--steps",
+        "100",
+        "--kill-at",
+        "70",
+        "--save-interval",
+        "0.25",
+        "--eval-every",
+        "20",
+    ]
+    out = run_python("-m", "ckpt_callbacks.demo", *args)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     report = out.stdout
     assert "killed (SIGKILL) at step 70; resuming" in report
@@ -41,11 +29,5 @@ def test_demo_kills_resumes_and_reports(tmp_path):
 
 
 def test_demo_refuses_memory_urls():
-    out = subprocess.run(
-        [sys.executable, "-m", "ckpt_callbacks.demo", "--path", "memory://x"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    out = run_python("-m", "ckpt_callbacks.demo", "--path", "memory://x", timeout=120)
     assert out.returncode == 2 and "memory:// lives inside one process" in out.stderr
