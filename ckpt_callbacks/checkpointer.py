@@ -19,9 +19,7 @@ waits for it (and raises its failure, if it failed).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import json
 import logging
 import os
 import queue
@@ -37,6 +35,7 @@ from ckpt_callbacks import restore as restore_lib
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.errors import CheckpointNotFoundError
 from ckpt_callbacks.policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
+from ckpt_callbacks.retention import Retention
 from ckpt_callbacks.serializer import SaveHandle, read_commit, save_async
 
 __all__ = ["CheckpointInterval", "Checkpointer", "ScalarWriter"]
@@ -111,8 +110,7 @@ class Checkpointer:
         self._previous_step: int | None = None
         self._inflight: SaveHandle | None = None
         self._committed: list[str] = []
-        self._undeleted: dict[str, CheckpointInfo] = {}  # failed deletes, retried by the next pass
-        self._metrics: dict[int, dict[str, float]] = {}
+        self.retention = Retention(self.base, self.keep)
         self._preempt = threading.Event()
         self._previous_handler: Any = None
         self._terminate_after_save = False
@@ -211,8 +209,9 @@ class Checkpointer:
             self._last_save_step = step
             return False
         merged = dict(extras or {})
-        if step in self._metrics:
-            merged["metrics"] = {**self._metrics[step], **merged.get("metrics", {})}
+        recorded = self.retention.metrics.get(step)
+        if recorded:
+            merged["metrics"] = {**recorded, **merged.get("metrics", {})}
         log.info("checkpoint at step %d (%s%s)", step, reason, ", temporary" if temporary else "")
         handle = save_async(
             path, state, item=self.item, step=step, extras=merged, is_temporary=temporary, **self._save_kwargs
@@ -270,10 +269,7 @@ class Checkpointer:
 
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Eval metrics of ``step`` for best-k retention; kept beside checkpoints as JSON."""
-        clean = {str(k): float(v) for k, v in metrics.items()}
-        self._metrics[step] = {**self._metrics.get(step, {}), **clean}
-        if distributed.is_primary():
-            paths.write_bytes(self.base.join("metrics"), f"run-{step}.json", json.dumps(self._metrics[step]).encode())
+        self.retention.record_metrics(step, metrics)
 
     # ------------------------------------------------------------------ background work
     def _submit(self, handle: SaveHandle, step: int, terminate: bool = False) -> None:
@@ -320,40 +316,10 @@ class Checkpointer:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints under the base, by step, with recorded eval metrics merged in."""
-        return [self._with_metrics(info) for info in list_checkpoints(self.base)]
-
-    def _with_metrics(self, info: CheckpointInfo) -> CheckpointInfo:
-        if info.step is None or "metrics" in info.extras:
-            return info
-        metrics = self._metrics.get(info.step) or self._read_metrics(info.step)
-        return dataclasses.replace(info, extras={**info.extras, "metrics": metrics}) if metrics else info
-
-    def _read_metrics(self, step: int) -> dict[str, float] | None:
-        raw = paths.read_bytes(self.base.join("metrics"), f"run-{step}.json")
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
-            return None
+        return self.retention.checkpoints()
 
     def _apply_retention(self) -> None:
-        try:
-            doomed = self.keep.to_delete(self.checkpoints(), committed_this_run=self._committed)
-        except Exception as e:
-            log.warning("retention: could not list %s: %s", self.base.url, e)
-            return
-        retry, self._undeleted = list(self._undeleted.values()), {}
-        for info in retry + doomed:
-            try:
-                loc = paths.parse(info.path)
-                # The marker goes first: a checkpoint half-deleted is no longer a checkpoint.
-                paths.delete_entry(loc, fmt.COMMIT_MARKER)
-                paths.delete_tree(loc)
-                if info.step is not None:
-                    paths.delete_entry(self.base.join("metrics"), f"run-{info.step}.json")
-                log.info("retention: deleted %s", info.path)
-            except Exception as e:  # never raised into the loop; retried by the next pass
-                self._undeleted[info.path] = info
-                log.warning("retention: could not delete %s (will retry): %s", info.path, e)
+        self.retention.apply(committed_this_run=self._committed)
 
     def _wait_inflight(self) -> None:
         handle, self._inflight = self._inflight, None

@@ -1,0 +1,83 @@
+"""Retention under one base directory: eval metrics beside the checkpoints, and deletions.
+
+>>> import numpy as np
+>>> from ckpt_callbacks.policy import KeepPolicy
+>>> from ckpt_callbacks.serializer import save
+>>> for step in (1, 2, 3):
+...     save(f"memory://doc/retention/run-{step}", {"a": np.zeros(1)}, step=step)
+>>> r = Retention(paths.parse("memory://doc/retention"), KeepPolicy(keep_last=1))
+>>> r.apply(committed_this_run=None)
+>>> [c.step for c in r.checkpoints()]
+[3]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Collection
+
+from ckpt_callbacks import distributed, paths
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
+from ckpt_callbacks.policy import KeepPolicy
+
+__all__ = ["Retention"]
+
+log = logging.getLogger("ckpt_callbacks")
+
+
+class Retention:
+    """Applies a ``KeepPolicy`` to the committed checkpoints under ``base`` (process 0 deletes)."""
+
+    def __init__(self, base: paths.Location, keep: KeepPolicy) -> None:
+        self.base = base
+        self.keep = keep
+        self.metrics: dict[int, dict[str, float]] = {}
+        self._undeleted: dict[str, CheckpointInfo] = {}  # failed deletes, retried by the next pass
+
+    def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Eval metrics of ``step``; process 0 keeps them as ``<base>/metrics/run-<step>.json``."""
+        clean = {str(k): float(v) for k, v in metrics.items()}
+        self.metrics[step] = {**self.metrics.get(step, {}), **clean}
+        if distributed.is_primary():
+            paths.write_bytes(self.base.join("metrics"), f"run-{step}.json", json.dumps(self.metrics[step]).encode())
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, by step, with recorded eval metrics merged into ``extras``."""
+        return [self._with_metrics(info) for info in list_checkpoints(self.base)]
+
+    def _with_metrics(self, info: CheckpointInfo) -> CheckpointInfo:
+        if info.step is None or "metrics" in info.extras:
+            return info
+        metrics = self.metrics.get(info.step) or self._read_metrics(info.step)
+        return dataclasses.replace(info, extras={**info.extras, "metrics": metrics}) if metrics else info
+
+    def _read_metrics(self, step: int) -> dict[str, float] | None:
+        raw = paths.read_bytes(self.base.join("metrics"), f"run-{step}.json")
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def apply(self, *, committed_this_run: Collection[str] | None) -> None:
+        """Deletes what the policy says; failures are logged and retried next time, never raised."""
+        try:
+            doomed = self.keep.to_delete(self.checkpoints(), committed_this_run=committed_this_run)
+        except Exception as e:
+            log.warning("retention: could not list %s: %s", self.base.url, e)
+            return
+        retry, self._undeleted = list(self._undeleted.values()), {}
+        for info in retry + doomed:
+            try:
+                loc = paths.parse(info.path)
+                # The marker goes first: a checkpoint half-deleted is no longer a checkpoint.
+                paths.delete_entry(loc, fmt.COMMIT_MARKER)
+                paths.delete_tree(loc)
+                if info.step is not None:
+                    paths.delete_entry(self.base.join("metrics"), f"run-{info.step}.json")
+                log.info("retention: deleted %s", info.path)
+            except Exception as e:  # never raised into the loop; retried by the next pass
+                self._undeleted[info.path] = info
+                log.warning("retention: could not delete %s (will retry): %s", info.path, e)
