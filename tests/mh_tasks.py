@@ -6,7 +6,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -124,23 +123,12 @@ def die_mid_save(path, timeout_s):
 
 def train(path, steps, kill_after=None):
     """The demo's kind of loop in several processes: data-parallel MLP, callback, resume."""
-    import flax.linen as nn
-    import optax
-    from flax.training import train_state
+    import linen_model
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(1)(nn.relu(nn.Dense(32)(x)))
-
-    model = MLP()
-
     def init():
-        params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-        state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
-        return jax.device_put(state, NamedSharding(mesh, P()))
+        return jax.device_put(linen_model.init_state(8, 32), NamedSharding(mesh, P()))
 
     def batch(step):
         x = np.asarray(jax.random.normal(jax.random.key(step), (32, 8)))
@@ -151,14 +139,7 @@ def train(path, steps, kill_after=None):
             jax.make_array_from_callback(y.shape, sharding, lambda i: y[i]),
         )
 
-    @jax.jit
-    def train_step(state, x, y):
-        def loss_fn(p):
-            return jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), loss
-
+    train_step = linen_model.train_step
     holder = {}
     cb = cc.CheckpointCallback(
         path, state_fn=lambda: holder["state"], step_policies=[cc.CheckpointInterval(every=5)], handle_sigterm=False

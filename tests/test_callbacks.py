@@ -5,37 +5,18 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import linen_model
 import optax
 import pytest
 from flax import nnx
-from flax.training import train_state
 
 import ckpt_callbacks as cc
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(1)(nn.relu(nn.Dense(16)(x)))
-
-
 def _linen_setup():
-    model = MLP()
-    params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
-
-    @jax.jit
-    def train_step(state, x, y):
-        def loss_fn(p):
-            return jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), loss
-
-    return state, train_step
+    return linen_model.init_state(3, 16), linen_model.train_step
 
 
 def _batch(step):
