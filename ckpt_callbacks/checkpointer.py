@@ -33,10 +33,10 @@ from ckpt_callbacks import distributed, paths
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import restore as restore_lib
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
-from ckpt_callbacks.errors import CheckpointNotFoundError
+from ckpt_callbacks.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckpt_callbacks.policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
 from ckpt_callbacks.retention import Retention
-from ckpt_callbacks.serializer import SaveHandle, read_commit, save_async
+from ckpt_callbacks.serializer import SaveHandle, save_async
 
 __all__ = ["CheckpointInterval", "Checkpointer", "ScalarWriter"]
 
@@ -204,18 +204,24 @@ class Checkpointer:
 
     def _save(self, state: Any, step: int, temporary: bool, extras: dict[str, Any] | None, reason: str) -> bool:
         self._wait_inflight()
-        path = self.base.join(f"run-{step}")
-        if read_commit(path) is not None:  # saved before (resumed run): never twice
-            self._last_save_step = step
-            return False
         merged = dict(extras or {})
         recorded = self.retention.metrics.get(step)
         if recorded:
             merged["metrics"] = {**recorded, **merged.get("metrics", {})}
+        try:
+            handle = save_async(
+                self.base.join(f"run-{step}"),
+                state,
+                item=self.item,
+                step=step,
+                extras=merged,
+                is_temporary=temporary,
+                **self._save_kwargs,
+            )
+        except CheckpointExistsError:  # saved before (a resumed run): never twice, never overwritten
+            self._last_save_step = step
+            return False
         log.info("checkpoint at step %d (%s%s)", step, reason, ", temporary" if temporary else "")
-        handle = save_async(
-            path, state, item=self.item, step=step, extras=merged, is_temporary=temporary, **self._save_kwargs
-        )
         self._inflight = handle
         self._last_save_step = step
         self._last_save_time = self._clock()

@@ -161,6 +161,8 @@ def _commit(
         paths.write_bytes(loc.join(commit.items[item]), "manifest.json", fmt.dumps(manifest.to_json()))
     paths.write_bytes(loc, commit.metadata, fmt.dumps(metadata.to_json()))
     paths.write_bytes(loc, fmt.COMMIT_MARKER, fmt.dumps(commit.to_json()))
+    if commit.metadata == "metadata.json":  # plain names: the directory was empty, nothing is stale
+        return
     keep = {fmt.COMMIT_MARKER, commit.metadata, *commit.items.values()}
     for name in paths.list_entries(loc):
         if name not in keep:
