@@ -209,7 +209,8 @@ def raw_cases(b: Bench, tree: dict[str, jax.Array], nbytes: int) -> list[dict[st
     ]
 
 
-def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str) -> list[dict[str, Any]]:
+def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str, *, sync: bool = True) -> list[dict[str, Any]]:
+    """orbax: sync save (if ``sync``), async save (blocking and total), restore with target shardings."""
     import orbax.checkpoint as ocp
 
     sync_ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
@@ -231,14 +232,18 @@ def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str) -> lis
     def restore(_: Any) -> None:
         jax.block_until_ready(async_ckptr.restore(saved, targets))
 
-    rows = [
-        b.run(
-            f"orbax {tag}: sync save",
-            lambda: b.fresh(f"orbax-{tag}"),
-            sync_save,
-            nbytes,
-            lambda path, _: {"files": files_in(path)},
-        ),
+    rows = []
+    if sync:
+        rows.append(
+            b.run(
+                f"orbax {tag}: sync save",
+                lambda: b.fresh(f"orbax-{tag}"),
+                sync_save,
+                nbytes,
+                lambda path, _: {"files": files_in(path)},
+            )
+        )
+    rows += [
         b.run(
             f"orbax {tag}: async save (total)",
             lambda: b.fresh(f"orbax-{tag}-a"),
@@ -252,7 +257,11 @@ def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str) -> lis
     return rows
 
 
-def ours_cases(b: Bench, tree: Any, mesh: Mesh, other: Mesh | None, nbytes: int, tag: str) -> list[dict[str, Any]]:
+def ours_cases(
+    b: Bench, tree: Any, mesh: Mesh, other: Mesh | None, nbytes: int, tag: str, *, sync: bool = True
+) -> list[dict[str, Any]]:
+    """ckpt_callbacks: save (if ``sync``), save_async (blocking and total), restore on ``mesh`` and ``other``."""
+
     def save(path: str) -> None:
         cc.save(path, tree)
 
@@ -269,14 +278,18 @@ def ours_cases(b: Bench, tree: Any, mesh: Mesh, other: Mesh | None, nbytes: int,
     def restore_same(_: Any) -> None:
         jax.block_until_ready(cc.restore(saved, shardings=same))
 
-    rows = [
-        b.run(
-            f"ckpt_callbacks {tag}: save",
-            lambda: b.fresh(f"ours-{tag}"),
-            save,
-            nbytes,
-            lambda path, _: {"files": files_in(path)},
-        ),
+    rows = []
+    if sync:
+        rows.append(
+            b.run(
+                f"ckpt_callbacks {tag}: save",
+                lambda: b.fresh(f"ours-{tag}"),
+                save,
+                nbytes,
+                lambda path, _: {"files": files_in(path)},
+            )
+        )
+    rows += [
         b.run(
             f"ckpt_callbacks {tag}: save_async (total)",
             lambda: b.fresh(f"ours-{tag}-a"),

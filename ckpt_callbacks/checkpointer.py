@@ -109,7 +109,7 @@ class Checkpointer:
         self._last_save_time: float | None = None
         self._previous_step: int | None = None
         self._inflight: SaveHandle | None = None
-        self._committed: list[str] = []
+        self._started: list[str] = []  # paths this run began saving to, recorded before each save starts
         self.retention = Retention(self.base, self.keep)
         self._preempt = threading.Event()
         self._previous_handler: Any = None
@@ -209,25 +209,28 @@ class Checkpointer:
         if recorded:
             merged["metrics"] = {**recorded, **merged.get("metrics", {})}
         try:
-            handle = save_async(
-                self.base.join(f"run-{step}"),
-                state,
-                item=self.item,
-                step=step,
-                extras=merged,
-                is_temporary=temporary,
-                **self._save_kwargs,
-            )
+            handle = self._start(f"run-{step}", state, step=step, item=self.item, extras=merged, is_temporary=temporary)
         except CheckpointExistsError:  # saved before (a resumed run): never twice, never overwritten
             self._last_save_step = step
             return False
         log.info("checkpoint at step %d (%s%s)", step, reason, ", temporary" if temporary else "")
-        self._inflight = handle
         self._last_save_step = step
         self._last_save_time = self._clock()
         self._preempt.clear()
         self._submit(handle, step, terminate=self._terminate_after_save)
         return True
+
+    def _start(self, destination: str, tree: Any, *, step: int, item: str, **kwargs: Any) -> SaveHandle:
+        """Starts ``save_async`` to ``<base>/<destination>``; the caller submits the handle.
+
+        The path is recorded as this run's before the save can commit, so a retention pass
+        running behind never takes this run's newest checkpoint for one left by an earlier run.
+        """
+        loc = self.base.join(destination)
+        if loc.url not in self._started:
+            self._started.append(loc.url)
+        self._inflight = save_async(loc, tree, item=item, step=step, **kwargs, **self._save_kwargs)
+        return self._inflight
 
     def save_checkpoint(
         self,
@@ -241,16 +244,7 @@ class Checkpointer:
         """Saves ``state`` now to ``<base>/<destination>`` (no policy); returns the handle."""
         self._check_open()
         self._wait_inflight()
-        handle = save_async(
-            self.base.join(destination),
-            state,
-            item=self.item,
-            step=step,
-            extras=extras,
-            is_temporary=is_temporary,
-            **self._save_kwargs,
-        )
-        self._inflight = handle
+        handle = self._start(destination, state, step=step, item=self.item, extras=extras, is_temporary=is_temporary)
         self._last_save_step, self._last_save_time = step, self._clock()
         self._submit(handle, step)
         return handle
@@ -261,15 +255,7 @@ class Checkpointer:
         """Saves ``tree`` as item ``prefix`` of ``<base>/<destination or run-step>``."""
         self._check_open()
         self._wait_inflight()
-        handle = save_async(
-            self.base.join(destination or f"run-{step}"),
-            tree,
-            item=prefix,
-            step=step,
-            extras=extras,
-            **self._save_kwargs,
-        )
-        self._inflight = handle
+        handle = self._start(destination or f"run-{step}", tree, step=step, item=prefix, extras=extras)
         self._submit(handle, step)
         return handle
 
@@ -295,7 +281,6 @@ class Checkpointer:
                     stats = handle.wait()
                 except BaseException:
                     continue  # raised to the caller by the next save or wait_until_finished
-                self._committed.append(handle.path)
                 self._report(step, stats)
                 if distributed.is_primary():
                     self._apply_retention()
@@ -325,7 +310,9 @@ class Checkpointer:
         return self.retention.checkpoints()
 
     def _apply_retention(self) -> None:
-        self.retention.apply(committed_this_run=self._committed)
+        # Runs after this run's first commit. The live list is read after the listing, so every
+        # checkpoint that listing shows as this run's (saves started before it) is in it.
+        self.retention.apply(committed_this_run=self._started)
 
     def _wait_inflight(self) -> None:
         handle, self._inflight = self._inflight, None

@@ -143,18 +143,20 @@ def write_bytes(loc: Location, name: str, data: bytes) -> None:
 
 
 def _fs(loc: Location) -> Any:
+    """The fsspec filesystem of ``loc``; object stores without listing caches (TensorStore writes behind their back)."""
     import fsspec
 
     if loc.scheme == "gs":
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
-        return fsspec.filesystem("gs", **({"endpoint_url": endpoint, "token": "anon"} if endpoint else {}))
+        emulator = {"endpoint_url": endpoint, "token": "anon"} if endpoint else {}
+        return fsspec.filesystem("gs", use_listings_cache=False, **emulator)
     if loc.scheme == "s3":
         spec = kvstore_spec(loc)
         client_kwargs = {
             k: v for k, v in (("endpoint_url", spec.get("endpoint")), ("region_name", spec.get("aws_region"))) if v
         }
-        return fsspec.filesystem("s3", client_kwargs=client_kwargs)
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False)
     return fsspec.filesystem("file")
 
 
@@ -175,7 +177,7 @@ def list_dirs(loc: Location) -> list[str]:
     if not fs.exists(root):
         return []
     names = []
-    for entry in fs.ls(root, detail=True, refresh=True) if loc.scheme != "file" else fs.ls(root, detail=True):
+    for entry in fs.ls(root, detail=True):
         if entry["type"] == "directory":
             names.append(posixpath.basename(entry["name"].rstrip("/")))
     return sorted(names)

@@ -145,7 +145,8 @@ class KeepPolicy:
     """Which committed checkpoints retention deletes.
 
     Temporaries: one is deleted once a newer checkpoint (by step) has committed, and one left
-    by an earlier run is deleted once this run has committed anything.
+    by an earlier run is deleted once this run has committed anything (it belongs to a trajectory
+    this run left, so a resume must not pick it up).
 
     Permanent checkpoints: with no ``keep_*`` rule set, all are kept. Otherwise one is kept if
     it is among the ``keep_last`` newest, or its step is a multiple of ``keep_every``, or it is
@@ -177,7 +178,9 @@ class KeepPolicy:
 
         Args:
           checkpoints: committed checkpoints, any order.
-          committed_this_run: paths this run committed; None means "all of them" (no earlier run).
+          committed_this_run: paths this run saved, or empty while it has committed nothing yet;
+            None means "all of them" (no earlier run). A checkpoint still being written may be
+            in it: it is not listed until committed.
         """
         ordered = sorted(checkpoints, key=lambda c: (-1 if c.step is None else c.step, c.path))
         if not ordered:

@@ -62,9 +62,15 @@ class Retention:
             return None
 
     def apply(self, *, committed_this_run: Collection[str] | None) -> None:
-        """Deletes what the policy says; failures are logged and retried next time, never raised."""
+        """Deletes what the policy says; failures are logged and retried next time, never raised.
+
+        ``committed_this_run`` may be a list that other threads append to as saves start: it is
+        read after listing, so checkpoints that committed during the listing count as this run's.
+        """
         try:
-            doomed = self.keep.to_delete(self.checkpoints(), committed_this_run=committed_this_run)
+            listed = self.checkpoints()
+            this_run = None if committed_this_run is None else list(committed_this_run)
+            doomed = self.keep.to_delete(listed, committed_this_run=this_run)
         except Exception as e:
             log.warning("retention: could not list %s: %s", self.base.url, e)
             return

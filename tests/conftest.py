@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import object_stores
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -56,12 +57,39 @@ def mem_url() -> str:
     return f"memory://tests/{next(_COUNTER)}"
 
 
-@pytest.fixture(params=["file", "memory"])
-def url(request, tmp_path) -> str:
-    """A fresh checkpoint directory on local disk and in memory://."""
-    if request.param == "file":
-        return str(tmp_path / "ckpt")
-    return f"memory://tests/{next(_COUNTER)}"
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 for the whole session."""
+    with object_stores.s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+    """A fake-gcs-server on 127.0.0.1 for the whole session."""
+    with object_stores.gcs_server() as endpoint:
+        yield endpoint
+
+
+def _fresh_url(request, scheme: str) -> str:
+    if scheme == "file":
+        return str(request.getfixturevalue("tmp_path") / "ckpt")
+    if scheme == "memory":
+        return f"memory://tests/{next(_COUNTER)}"
+    request.getfixturevalue("s3_endpoint" if scheme == "s3" else "gcs_endpoint")
+    return f"{scheme}://{object_stores.BUCKET}/t{os.getpid()}-{next(_COUNTER)}/ckpt"
+
+
+@pytest.fixture(params=["file", "memory", "s3", "gs"])
+def url(request) -> str:
+    """A fresh checkpoint directory on local disk, in memory://, and on real S3 and GCS servers."""
+    return _fresh_url(request, request.param)
+
+
+@pytest.fixture(params=["file", "s3", "gs"])
+def shared_url(request) -> str:
+    """Like ``url``, on the backends other processes can see (not memory://)."""
+    return _fresh_url(request, request.param)
 
 
 def run_python(*args: str, timeout: float = 600):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from conftest import run_python
 
@@ -23,3 +26,22 @@ def test_benchmark_smoke_run_writes_its_outputs(tmp_path):
     assert len(report["ratios"]) == 6 and report["loop"]["callback_us"] > 0
     assert (tmp_path / "latest.md").read_text().startswith("# Benchmark")
     assert (tmp_path / "latest.png").stat().st_size > 1000
+
+
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
+    """`benchmarks/gpu.sh` is only timed on a GPU machine; here it runs tiny on CPU so it cannot rot."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_BENCH_ARGS="--smoke")
+    out = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "0.01", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (report_path,) = tmp_path.glob("gpu-*-cpu.json")
+    report = json.loads(report_path.read_text())
+    assert [row["name"] for row in report["rows"]] == [
+        "orbax gpu: async save (total)",
+        "orbax gpu: restore (target shardings)",
+        "ckpt_callbacks gpu: save_async (total)",
+        "ckpt_callbacks gpu: restore, same mesh",
+    ]
+    assert report["disk"]["gb_per_s"] > 0 and len(report["ratios"]) == 3
+    assert all(row["blocking_s"] > 0 for row in report["rows"] if "save" in row["name"])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,23 @@ def test_schedule_temporaries_and_retention(url):
     infos = ck.checkpoints()
     # temporaries 25 and 65 were superseded and deleted; 125 is the newest and stays
     assert [(c.step, c.is_temporary) for c in infos] == [(40, False), (80, False), (100, False), (125, True)]
+    ck.close()
+
+
+def test_retention_running_behind_never_deletes_this_runs_checkpoints(tmp_path):
+    """A retention pass that lists after newer saves committed must not take them for an earlier run's."""
+    clock = Clock()
+    ck = cc.Checkpointer(str(tmp_path / "ckpt"), save_interval=datetime.timedelta(seconds=1), clock=clock)
+    listing = ck.retention.checkpoints
+
+    def slow_listing():  # object stores list slowly; the loop saves again meanwhile
+        time.sleep(0.3)
+        return listing()
+
+    ck.retention.checkpoints = slow_listing
+    saved = _run(ck, range(1, 8), clock)
+    assert saved == [2, 3, 4, 5, 6, 7]
+    assert [(c.step, c.is_temporary) for c in ck.checkpoints()] == [(7, True)]
     ck.close()
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 
 import ckpt_callbacks as cc
+from ckpt_callbacks import paths
 
 
 def _cli(*args):
@@ -24,21 +24,21 @@ def _cli(*args):
     )
 
 
-def test_list_latest_inspect_verify(tmp_path):
+def test_list_latest_inspect_verify(shared_url):
     for step in (2, 10):
-        cc.save(str(tmp_path / f"run-{step}"), {"w": np.arange(6.0).reshape(2, 3), "n": 1}, step=step)
-    out = _cli("list", str(tmp_path))
+        cc.save(f"{shared_url}/run-{step}", {"w": np.arange(6.0).reshape(2, 3), "n": 1}, step=step)
+    out = _cli("list", shared_url)
     assert out.returncode == 0 and out.stdout.splitlines()[0].startswith("step 2 ")
-    assert _cli("latest", str(tmp_path)).stdout.strip().endswith("run-10")
-    inspect = _cli("inspect", str(tmp_path / "run-10")).stdout
+    assert _cli("latest", shared_url).stdout.strip().endswith("run-10")
+    inspect = _cli("inspect", f"{shared_url}/run-10").stdout
     assert "w: array [2, 3] float64 chunks=[2, 3]" in inspect and "n: int = 1" in inspect
-    ok = _cli("verify", str(tmp_path / "run-10"))
+    ok = _cli("verify", f"{shared_url}/run-10")
     assert ok.returncode == 0 and ok.stdout.strip().endswith("OK")
-    chunk = tmp_path / "run-10" / "state" / "w" / "c" / "0" / "0"
-    raw = bytearray(chunk.read_bytes())
+    chunks = paths.parse(f"{shared_url}/run-10/state/w/c/0")
+    raw = bytearray(paths.read_bytes(chunks, "0"))
     raw[3] ^= 1
-    pathlib.Path(chunk).write_bytes(raw)
-    bad = _cli("verify", str(tmp_path / "run-10"))
+    paths.write_bytes(chunks, "0", bytes(raw))
+    bad = _cli("verify", f"{shared_url}/run-10")
     assert bad.returncode == 1 and "CORRUPT" in bad.stdout and "leaf 'w'" in bad.stdout
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import uuid
 
 import mh_tasks
 import multihost
 import numpy as np
+import object_stores
 import pytest
 
 import ckpt_callbacks as cc
@@ -64,6 +66,18 @@ def test_restore_on_other_topologies_bit_exact(saved, n, local, mesh, rules):
         assert outcome.result["problems"] == [], outcome.result
         if n > 1:
             assert not outcome.result["addressable"]
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_two_processes_save_to_an_object_store_and_restore_on_another_mesh(request, scheme):
+    """The same protocol against real S3 and GCS servers (moto, fake-gcs-server) on 127.0.0.1."""
+    request.getfixturevalue("s3_endpoint" if scheme == "s3" else "gcs_endpoint")
+    path = f"{scheme}://{object_stores.BUCKET}/mh-{request.node.name[-3:-1]}-{uuid.uuid4().hex[:8]}/run-1"
+    results = [o.result for o in multihost.run("save", 2, 2, path=path, mesh_shape=[2, 2])]
+    assert all(r["bytes"] > 0 for r in results), results  # both processes wrote to the bucket
+    assert cc.verify(path).ok
+    for outcome in multihost.run("restore", 2, 2, path=path, mesh_shape=[1, 4]):
+        assert outcome.result["problems"] == [], outcome.result
 
 
 def test_each_process_reads_only_the_chunks_it_needs(tmp_path):

@@ -1,0 +1,156 @@
+"""GPU benchmark: ckpt_callbacks against orbax on one accelerator, and the disk's direct-I/O write rate.
+
+    python benchmarks/gpu.py [--gib 8] [--repeats 3] [--out benchmarks/results] [--dir /tmp] [--smoke]
+
+Run by `benchmarks/gpu.sh` on a GPU machine. In one run, on the same state (the model-like tree of
+`make bench`, on one device) and the same directory: the disk's write rate with O_DIRECT (16 MiB
+aligned blocks, then fsync), orbax's async save (blocking and total) and restore with target
+shardings, and ckpt_callbacks' `save_async` (blocking and total) and restore. Median of
+`--repeats`; page cache dropped before each timed operation where the OS allows it. Targets
+(issue 5): blocking <= 0.1x orbax's, save throughput >= 0.9x the direct-I/O rate, restore >=
+orbax's. Runs on CPU too (`--smoke`, as CI does), where the figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import mmap
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from run import GB, Bench, drop_caches, holds, model_tree, nbytes_unique, orbax_cases, ours_cases  # noqa: E402
+
+BLOCK = 16 << 20
+
+
+def direct_write_rate(directory: str, nbytes: int) -> dict[str, Any]:
+    """GB/s of writing ``nbytes`` with O_DIRECT in 16 MiB blocks plus fsync (buffered if O_DIRECT is refused)."""
+    path = os.path.join(directory, "direct-io.bin")
+    buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT needs
+    buf.write(np.random.default_rng(0).integers(0, 255, BLOCK, dtype=np.uint8).tobytes())
+    blocks = max(1, nbytes // BLOCK)
+    mode = "O_DIRECT"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
+        try:
+            os.write(fd, buf)
+        except OSError:  # EINVAL: this filesystem (tmpfs, some sandboxes) has no direct I/O
+            os.close(fd)
+            raise
+    except OSError:
+        mode = "buffered + fsync (O_DIRECT refused)"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, buf)
+    try:
+        drop_caches()
+        start = time.perf_counter()
+        for _ in range(blocks):
+            os.write(fd, buf)
+        os.fsync(fd)
+        seconds = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"mode": mode, "bytes": blocks * BLOCK, "seconds": seconds, "gb_per_s": blocks * BLOCK / GB / seconds}
+
+
+def gpu_ratios(rows: dict[str, dict[str, Any]], disk_gb_s: float, nbytes: int) -> list[tuple[str, float, str]]:
+    ours_async = rows["ckpt_callbacks gpu: save_async (total)"]
+    orbax_async = rows["orbax gpu: async save (total)"]
+    return [
+        ("save_async blocking vs orbax async blocking", ours_async["blocking_s"] / orbax_async["blocking_s"], "<= 0.1"),
+        ("save_async throughput vs disk direct-I/O write", nbytes / GB / ours_async["seconds"] / disk_gb_s, ">= 0.9"),
+        (
+            "restore vs orbax",
+            rows["orbax gpu: restore (target shardings)"]["seconds"]
+            / rows["ckpt_callbacks gpu: restore, same mesh"]["seconds"],
+            ">= 1.0",
+        ),
+    ]
+
+
+def write_report(out_dir: pathlib.Path, report: dict[str, Any]) -> str:
+    disk = report["disk"]
+    lines = [
+        f"# GPU benchmark {report['date']} on {report['device']}",
+        "",
+        f"{report['bytes'] / GB:.2f} GB model-like state (40 float32 leaves) on one device; {report['machine']}; "
+        f"median of {report['repeats']}; page cache dropped: {report['caches_dropped']}.",
+        f"Disk write, {disk['mode']}: {disk['gb_per_s']:.2f} GB/s ({disk['bytes'] / GB:.2f} GB in "
+        f"{disk['seconds']:.2f} s).",
+        "",
+        "| case | seconds | GB/s | blocking s | peak extra host RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        blocking = f"{row['blocking_s']:.4f}" if "blocking_s" in row else ""
+        lines.append(
+            f"| {row['name']} | {row['seconds']:.3f} | {row['gb_per_s']:.2f} | {blocking} | "
+            f"{row['peak_rss'] / 2**20:.0f} |"
+        )
+    lines += ["", "| target (ratio, same run) | measured | target | holds |", "|---|---|---|---|"]
+    for name, value, target in report["ratios"]:
+        lines.append(f"| {name} | {value:.3f} | {target} | {'yes' if holds(value, target) else 'NO'} |")
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu-{report['date']}-{report['device_kind']}"
+    (out_dir / f"{stem}.md").write_text(text)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--smoke", action="store_true", help="tiny size, one repeat (CI, on CPU)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.gib, args.repeats = 0.01, 1
+    device = jax.devices()[0]
+    mesh = Mesh(np.array([device]).reshape(1, 1), ("x", "y"))
+    root = tempfile.mkdtemp(prefix="ckpt-gpu-", dir=args.dir)
+    try:
+        tree = model_tree(args.gib, mesh)
+        nbytes = nbytes_unique(tree)
+        print(f"{device.device_kind}: {nbytes / GB:.2f} GB in {len(tree)} leaves", flush=True)
+        disk = direct_write_rate(root, nbytes)
+        print(f"disk write ({disk['mode']}): {disk['gb_per_s']:.2f} GB/s", flush=True)
+        b = Bench(root, args.repeats, nbytes)
+        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        rows = orbax_cases(b, tree, targets, nbytes, "gpu", sync=False)
+        rows += ours_cases(b, tree, mesh, None, nbytes, "gpu", sync=False)
+        report = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ"),
+            "device": f"{device.platform}:{device.device_kind}",
+            "device_kind": "".join(c if c.isalnum() else "-" for c in device.device_kind).strip("-"),
+            "machine": f"{os.cpu_count()} CPU cores, jax {jax.__version__}",
+            "repeats": args.repeats,
+            "bytes": nbytes,
+            "caches_dropped": b.dropped,
+            "disk": disk,
+            "rows": rows,
+        }
+        report["ratios"] = gpu_ratios({r["name"]: r for r in rows}, disk["gb_per_s"], nbytes)
+        print("\n" + write_report(pathlib.Path(args.out), report))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
