@@ -27,10 +27,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-from run import GB, Bench, drop_caches, holds, model_tree, nbytes_unique, orbax_cases, ours_cases  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from run import GB, Bench, drop_caches, holds, model_tree, nbytes_unique, orbax_cases, ours_cases
 
 BLOCK = 16 << 20
 
