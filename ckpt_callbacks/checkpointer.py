@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ckpt_callbacks import distributed, paths
+from ckpt_callbacks import distributed, paths, planning
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import restore as restore_lib
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
@@ -67,6 +67,7 @@ class Checkpointer:
       writer: gets per-save telemetry through ``write_scalars(step, dict)``.
       dtype: floating leaves are stored in this dtype.
       max_host_bytes: host-memory budget of one save (see ``save_async``).
+      pack_bytes: leaves up to this size are packed into shared files (see ``save_async``).
       handle_sigterm: on the first ``on_step``, chain a SIGTERM handler that makes the next
         ``on_step`` save a permanent checkpoint (main thread only). A previous Python handler
         is called at once; if there was none (default action: terminate), the process
@@ -88,6 +89,7 @@ class Checkpointer:
         writer: ScalarWriter | None = None,
         dtype: Any = None,
         max_host_bytes: int | None = None,
+        pack_bytes: int = planning.PACK_MAX_LEAF_BYTES,
         handle_sigterm: bool = True,
         sync_every_steps: int = 10,
         timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
@@ -102,7 +104,12 @@ class Checkpointer:
         self.item = item
         self._clock = clock or time.time
         self._writer = writer
-        self._save_kwargs = {"dtype": dtype, "max_host_bytes": max_host_bytes, "timeout_s": timeout_s}
+        self._save_kwargs = {
+            "dtype": dtype,
+            "max_host_bytes": max_host_bytes,
+            "timeout_s": timeout_s,
+            "pack_bytes": pack_bytes,
+        }
         self._handle_sigterm = handle_sigterm
         self._sync_every = sync_every_steps
         self._last_save_step: int | None = None

@@ -22,6 +22,7 @@ from typing import Any
 
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths
+from ckpt_callbacks.chunk_reads import PackFiles
 from ckpt_callbacks.errors import CheckpointError, CorruptCheckpointError
 from ckpt_callbacks.restore import Target, open_checkpoint, read_leaves, read_manifest
 
@@ -99,12 +100,13 @@ def verify(path: Any) -> VerifyReport:
     for item in commit.items:
         manifest = read_manifest(loc, commit, item)
         item_loc = loc.join(commit.items[item])
+        packs = PackFiles(item_loc)  # each pack file read once, however many leaves it holds
         for record in manifest.leaves:
             if record.kind == "scalar":
                 continue
             leaves += 1
             try:
-                read_leaves(item_loc, [record], [Target(None, None)])
+                read_leaves(item_loc, [record], [Target(None, None)], packs=packs)
             except CorruptCheckpointError as e:
                 problems.append(str(e))
                 continue

@@ -1,8 +1,9 @@
 """Format v1: tree structure, leaf records, manifests and metadata as plain JSON.
 
 A checkpoint directory holds ``metadata.json``, one ``<item>/manifest.json`` per item, the
-items' zarr3 arrays, and ``COMMITTED``, written last, which names the metadata file and item
-directories of the committed version. Nothing here runs code on load: JSON only.
+items' zarr3 arrays, small leaves packed into ``<item>/pack.<process>-<n>`` files (raw bytes at
+offsets the manifest gives), and ``COMMITTED``, written last, which names the metadata file
+and item directories of the committed version. Nothing here runs code on load: JSON only.
 
 >>> escape_component("../x")
 '%2E%2E%2Fx'
@@ -16,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +33,7 @@ __all__ = [
     "COMMIT_MARKER",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "PACK_NAME",
     "Commit",
     "KeyPath",
     "LeafRecord",
@@ -54,6 +57,8 @@ __all__ = [
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
 COMMIT_MARKER = "COMMITTED"
+# Pack file names hold a '.', which no escaped key component (a leaf's directory) can.
+PACK_NAME = re.compile(r"pack\.[0-9]+-[0-9]+")
 
 KeyPath = tuple[str | int, ...]
 
@@ -191,10 +196,19 @@ class LeafRecord:
     crc32c: dict[str, int] = dataclasses.field(default_factory=dict)
     value: Any = None
     value_type: str = ""
+    # A small leaf's chunks live in pack files in the item directory, not in a zarr3 array:
+    # chunk key -> (pack file, byte offset of the chunk's C-order little-endian bytes).
+    pack: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ("array", "prng_key", "scalar"):
             raise CheckpointFormatError(f"leaf {key_string(self.path)!r}: unknown kind {self.kind!r}")
+        for chunk, (name, offset) in self.pack.items():
+            if not PACK_NAME.fullmatch(name) or offset < 0:
+                raise CheckpointFormatError(
+                    f"leaf {key_string(self.path)!r} chunk {chunk}: pack {name!r} at offset {offset}; expected "
+                    "a name like 'pack.0-0' (a file in the item directory) and an offset >= 0"
+                )
 
     @property
     def key(self) -> str:
@@ -215,6 +229,10 @@ class LeafRecord:
             return {k: out[k] for k in ("path", "kind", "value", "value_type")}
         out.pop("value")
         out.pop("value_type")
+        if self.pack:
+            out["pack"] = {k: list(v) for k, v in self.pack.items()}
+        else:
+            out.pop("pack")
         return out
 
     @classmethod
@@ -230,9 +248,10 @@ class LeafRecord:
                     tuple(p) if isinstance(p, list) else p for p in fields["partition_spec"]
                 )
             fields["crc32c"] = {str(k): int(v) for k, v in fields.get("crc32c", {}).items()}
+            fields["pack"] = {str(k): (str(v[0]), int(v[1])) for k, v in fields.get("pack", {}).items()}
             known = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in fields.items() if k in known})
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointFormatError(f"malformed leaf record {str(data)[:200]}: {e}") from e
 
 
@@ -288,6 +307,8 @@ class Manifest:
             return cls(tree=data["tree"], leaves=tuple(LeafRecord.from_json(x) for x in data["leaves"]))
         except KeyError as e:
             raise CheckpointFormatError(f"{where}: manifest lacks {e}") from e
+        except CheckpointFormatError as e:
+            raise CheckpointFormatError(f"{where}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ assigns the chunks this process writes, the same way on every process.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -111,9 +112,15 @@ def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
     )
 
 
-def plan(leaves: list[Leaf], max_chunk_bytes: int) -> None:
-    """Fills each leaf's chunk grid and this process's write units (same plan on every process)."""
+def plan(leaves: list[Leaf], max_chunk_bytes: int, pack_bytes: int = planning.PACK_MAX_LEAF_BYTES) -> None:
+    """Fills each leaf's chunk grid, pack layout and this process's write units.
+
+    The plan is computed from shardings alone, so it is the same on every process. Leaves of
+    at most ``pack_bytes`` are packed (see ``planning.pack_layout``).
+    """
     me, nproc = distributed.process_index(), distributed.process_count()
+    max_file = min(planning.PACK_MAX_FILE_BYTES, max_chunk_bytes)
+    packed: list[tuple[Leaf, planning.WriteUnit, tuple[int, int]]] = []  # (leaf, unit, (process, bytes))
     for index, leaf in enumerate(leaves):
         record = leaf.record
         if record.kind == "scalar":
@@ -124,13 +131,20 @@ def plan(leaves: list[Leaf], max_chunk_bytes: int) -> None:
             raw = leaf.source.sharding.devices_indices_map(shape)
             index_map = {d: planning.normalize_index(raw[d], shape) for d in sorted(raw, key=lambda d: d.id)}
             plan = planning.plan_array(shape, itemsize, index_map, leaf_index=index, max_chunk_bytes=max_chunk_bytes)
-            units = [u for u in plan.units if typing.cast(jax.Device, u.device).process_index == me]
+            owners = [typing.cast(jax.Device, u.device).process_index for u in plan.units]
         else:  # numpy leaves are host values, identical on every process: one process writes each
             full = tuple((0, n) for n in shape)
             plan = planning.plan_array(shape, itemsize, {"host": full}, leaf_index=0, max_chunk_bytes=max_chunk_bytes)
-            units = list(plan.units) if index % nproc == me else []
+            owners = [index % nproc] * len(plan.units)
         leaf.record = dataclasses.replace(record, chunks=plan.chunks)
-        leaf.units = units
+        leaf.units = [u for u, owner in zip(plan.units, owners, strict=True) if owner == me]
+        if plan.units and record.nbytes <= min(pack_bytes, max_file):
+            packed.extend(
+                (leaf, u, (owner, math.prod(u.shape) * itemsize)) for u, owner in zip(plan.units, owners, strict=True)
+            )
+    layout = planning.pack_layout([size for _, _, size in packed], max_file)
+    for (leaf, unit, _), where in zip(packed, layout, strict=True):
+        leaf.record.pack[fmt.chunk_key(unit.chunk)] = where
 
 
 def check_dirs(leaves: list[Leaf]) -> None:

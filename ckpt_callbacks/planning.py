@@ -21,14 +21,24 @@ from collections.abc import Hashable, Mapping, Sequence
 __all__ = [
     "DEFAULT_MAX_CHUNK_BYTES",
     "MIN_SPLIT_BYTES",
+    "PACK_MAX_FILE_BYTES",
+    "PACK_MAX_LEAF_BYTES",
     "ArrayPlan",
     "Region",
     "WriteUnit",
     "normalize_index",
+    "pack_layout",
     "plan_array",
+    "slices",
 ]
 
 Region = tuple[tuple[int, int], ...]
+
+# Leaves up to this size are packed: their chunks go into a few pack files per process instead
+# of one zarr3 array each (two objects per leaf, and a request or more per object, on S3/GCS).
+PACK_MAX_LEAF_BYTES = 1 << 20
+PACK_MAX_FILE_BYTES = 64 << 20
+PACK_ALIGN = 64
 
 # Replicated slices smaller than this are written whole by one replica (chosen per leaf, so
 # many small replicated leaves still spread over replicas): tiny chunks cost more than they save.
@@ -54,6 +64,11 @@ class WriteUnit:
 class ArrayPlan:
     chunks: tuple[int, ...]
     units: tuple[WriteUnit, ...]
+
+
+def slices(region: Region) -> tuple[slice, ...]:
+    """A region as a tuple of slices (to index an array with)."""
+    return tuple(slice(a, b) for a, b in region)
 
 
 def normalize_index(index: Sequence[slice], shape: Sequence[int]) -> Region:
@@ -135,3 +150,26 @@ def plan_array(
                 chunk = tuple(a // c for (a, _), c in zip(sub, chunks, strict=True))
                 units.append(WriteUnit(chunk=chunk, region=sub, device=device, local=local))
     return ArrayPlan(chunks=chunks, units=tuple(units))
+
+
+def pack_layout(chunks: Sequence[tuple[int, int]], max_file_bytes: int = PACK_MAX_FILE_BYTES) -> list[tuple[str, int]]:
+    """Pack file and offset of each chunk, given (writing process, bytes) per chunk (pure).
+
+    Each process fills its own files, ``pack.<process>-<n>``, in the order given, every chunk
+    aligned to 64 bytes; a file is closed when the next chunk would take it past
+    ``max_file_bytes``. Every process computes the same layout from the same global plan.
+
+    >>> pack_layout([(0, 100), (1, 10), (0, 8)], max_file_bytes=160)
+    [('pack.0-0', 0), ('pack.1-0', 0), ('pack.0-0', 128)]
+    >>> pack_layout([(0, 100), (0, 100)], max_file_bytes=160)
+    [('pack.0-0', 0), ('pack.0-1', 0)]
+    """
+    state: dict[int, tuple[int, int]] = {}  # process -> (file number, next offset)
+    out = []
+    for process, nbytes in chunks:
+        number, offset = state.get(process, (0, 0))
+        if offset and offset + nbytes > max_file_bytes:
+            number, offset = number + 1, 0
+        out.append((f"pack.{process}-{number}", offset))
+        state[process] = (number, offset + -(-nbytes // PACK_ALIGN) * PACK_ALIGN)
+    return out

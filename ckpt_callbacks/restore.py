@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths, planning
+from ckpt_callbacks.chunk_reads import LeafRead, PackFiles
 from ckpt_callbacks.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -76,99 +76,6 @@ class Target:
     dtype: np.dtype | None = None
 
 
-def _chunk_regions(
-    region: planning.Region, chunks: Sequence[int], shape: Sequence[int]
-) -> list[tuple[tuple[int, ...], planning.Region]]:
-    grids = [range(a // c, -(-b // c)) for (a, b), c in zip(region, chunks, strict=True)]
-    out: list[tuple[tuple[int, ...], planning.Region]] = [((), ())]
-    for grid, c, n in zip(grids, chunks, shape, strict=True):
-        out = [((*idx, g), (*reg, (g * c, min((g + 1) * c, n)))) for idx, reg in out for g in grid]
-    return out
-
-
-def _slices(region: planning.Region) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in region)
-
-
-class _LeafRead:
-    """Reads of one leaf's regions; every chunk checked against the manifest's crc32c on arrival.
-
-    A region made of whole chunks is read at once (TensorStore assembles it in its own
-    threads); other regions are assembled here from chunk reads, each chunk read once.
-    """
-
-    def __init__(
-        self, array: ts.TensorStore, record: fmt.LeafRecord, regions: list[planning.Region], where: str
-    ) -> None:
-        self.record, self.regions, self.where = record, regions, where
-        self.reads: dict[planning.Region, Any] = {}  # read region -> future, then array
-        self.source: dict[tuple[int, ...], tuple[planning.Region, planning.Region]] = {}  # chunk -> (its region, read)
-        self.checked: set[tuple[int, ...]] = set()
-        for region in regions:
-            parts = _chunk_regions(region, record.chunks, record.data_shape)
-            whole = len(parts) > 1 and _covers(parts, region) and not any(idx in self.source for idx, _ in parts)
-            for idx, creg in parts:
-                if idx not in self.source:
-                    self.source[idx] = (creg, region if whole else creg)
-            for read in {self.source[idx][1] for idx, _ in parts}:
-                if read not in self.reads:
-                    self.reads[read] = array[_slices(read)].read()
-        itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
-        self.nbytes = sum(math.prod(b - a for a, b in read) * itemsize for read in self.reads)
-
-    def _read(self, read: planning.Region, idx: tuple[int, ...]) -> np.ndarray:
-        data = self.reads[read]
-        if not isinstance(data, np.ndarray):
-            try:
-                data = self.reads[read] = data.result()
-            except Exception as e:
-                raise CorruptCheckpointError(
-                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
-                ) from e
-        return data
-
-    def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
-        creg, read = self.source[idx]
-        data = self._read(read, idx)
-        if read != creg:
-            data = data[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(creg, read, strict=True))]
-        if idx not in self.checked:
-            expected = self.record.crc32c.get(fmt.chunk_key(idx))
-            found = fmt.crc32c_of(data)
-            if expected is None or found != expected:
-                raise CorruptCheckpointError(
-                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} (region "
-                    f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest"
-                )
-            self.checked.add(idx)
-        return data
-
-    def result(self) -> dict[planning.Region, np.ndarray]:
-        """Each requested region as one host array of the stored dtype."""
-        out = {}
-        stored = fmt.dtype_from_name(self.record.stored_dtype)
-        for region in self.regions:
-            parts = _chunk_regions(region, self.record.chunks, self.record.data_shape)
-            if region in self.reads:  # read whole (one chunk, or whole chunks): check each, no copy
-                for idx, _ in parts:
-                    self._chunk(idx)
-                host = self._read(region, parts[0][0])
-            else:
-                host = np.empty(tuple(b - a for a, b in region), fmt.dtype_from_name(self.record.zarr_dtype))
-                for idx, creg in parts:
-                    inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg, strict=True))
-                    dst = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))
-                    src = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))
-                    host[dst] = self._chunk(idx)[src]
-            out[region] = host.view(stored) if host.dtype != stored else host
-        return out
-
-
-def _covers(parts: list[tuple[tuple[int, ...], planning.Region]], region: planning.Region) -> bool:
-    """Whether the chunks ``parts`` tile ``region`` exactly (no chunk sticks out of it)."""
-    return all(all(r0 <= a and b <= r1 for (a, b), (r0, r1) in zip(creg, region, strict=True)) for _, creg in parts)
-
-
 def _data_sharding(record: fmt.LeafRecord, sharding: Sharding) -> Sharding:
     """The sharding of a PRNG key leaf's stored key data (trailing key dims unsharded)."""
     if record.kind != "prng_key":
@@ -202,15 +109,24 @@ def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.
 
 
 def read_leaves(
-    loc: paths.Location, records: Sequence[fmt.LeafRecord], targets: Sequence[Target], window: int = READ_WINDOW_BYTES
+    loc: paths.Location,
+    records: Sequence[fmt.LeafRecord],
+    targets: Sequence[Target],
+    window: int = READ_WINDOW_BYTES,
+    packs: PackFiles | None = None,
 ) -> list[Any]:
-    """Reads array leaves onto their targets, a bounded number of bytes in flight."""
+    """Reads array leaves onto their targets, a bounded number of bytes in flight.
+
+    ``packs`` shares pack files already read between calls on the same item directory.
+    """
     kvstore = paths.kvstore_spec(loc)
+    packs = PackFiles(loc) if packs is None else packs
     opened = [
-        ts.open(fmt.zarr_spec(kvstore, r), open=True, assume_metadata=True, context=paths.context()) for r in records
+        None if r.pack else ts.open(fmt.zarr_spec(kvstore, r), open=True, assume_metadata=True, context=paths.context())
+        for r in records
     ]
     out: list[Any] = [None] * len(records)
-    inflight: collections.deque[tuple[int, _LeafRead]] = collections.deque()
+    inflight: collections.deque[tuple[int, LeafRead]] = collections.deque()
     pending = 0
 
     def drain_one() -> None:
@@ -226,11 +142,14 @@ def read_leaves(
         else:
             index_map = _data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
             regions = sorted({planning.normalize_index(idx, shape) for idx in index_map.values() if idx is not None})
-        try:
-            array = opened[i].result()
-        except Exception as e:
-            raise CorruptCheckpointError(f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}") from e
-        read = _LeafRead(array, record, regions, loc.url)
+        source: ts.TensorStore | PackFiles = packs
+        future = opened[i]
+        if future is not None:
+            try:
+                source = future.result()
+            except Exception as e:
+                raise CorruptCheckpointError(f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}") from e
+        read = LeafRead(source, record, regions, loc.url)
         inflight.append((i, read))
         pending += read.nbytes
         while pending > window and len(inflight) > 1:

@@ -13,15 +13,12 @@ import tensorstore as ts
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths, planning
 from ckpt_callbacks.leaves import Leaf
+from ckpt_callbacks.planning import slices
 
-__all__ = ["DEFAULT_WINDOW_BYTES", "Snapshot", "Writer", "batches", "host_resident", "slices", "unit_bytes"]
+__all__ = ["DEFAULT_WINDOW_BYTES", "Snapshot", "Writer", "batches", "host_resident", "unit_bytes"]
 
 # Bytes of writes in flight at once (bounds host staging when shards live on an accelerator).
 DEFAULT_WINDOW_BYTES = 512 << 20
-
-
-def slices(region: planning.Region) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in region)
 
 
 def unit_bytes(leaf: Leaf, unit: planning.WriteUnit) -> int:
@@ -114,10 +111,19 @@ class Snapshot:
 class Writer:
     """Streams snapshots to TensorStore with a bounded number of bytes in flight."""
 
-    def __init__(self, item_kvstores: dict[str, dict[str, Any]], window: int) -> None:
+    def __init__(
+        self,
+        item_kvstores: dict[str, dict[str, Any]],
+        window: int,
+        packs: dict[tuple[str, str], tuple[int, int]] | None = None,
+    ) -> None:
+        """``packs``: (item, pack file) -> (size, chunks this process puts in it)."""
         self.item_kvstores = item_kvstores
         self.window = window
         self.arrays: dict[int, ts.TensorStore] = {}
+        self.packs = dict(packs or {})
+        self.pack_buffers: dict[tuple[str, str], np.ndarray] = {}
+        self.kvstores: dict[str, ts.KvStore] = {}
         self.crcs: dict[str, dict[int, dict[str, int]]] = collections.defaultdict(dict)
         self.nbytes = 0
         # TensorStore may reference written data without copying it. Storage drivers drop the
@@ -143,18 +149,39 @@ class Writer:
             host = snapshot.host_array(n)
             if leaf.record.zarr_dtype != host.dtype.name:
                 host = host.view(fmt.dtype_from_name(leaf.record.zarr_dtype))
-            self.crcs[item].setdefault(leaf_index, {})[fmt.chunk_key(unit.chunk)] = fmt.crc32c_of(host)
-            array = self._array(item, leaf)[slices(unit.region)]
-            future = array.write(host, can_reference_source_data_indefinitely=not self.in_memory)
+            key = fmt.chunk_key(unit.chunk)
+            self.crcs[item].setdefault(leaf_index, {})[key] = fmt.crc32c_of(host)
+            self.nbytes += host.nbytes
+            if leaf.record.pack:
+                future = self._pack(item, *leaf.record.pack[key], host)
+                if future is None:  # its pack file is not complete yet
+                    continue
+            else:
+                array = self._array(item, leaf)[slices(unit.region)]
+                future = array.write(host, can_reference_source_data_indefinitely=not self.in_memory).commit
             inflight.append((future, host.nbytes))
             pending += host.nbytes
-            self.nbytes += host.nbytes
             while pending > self.window and inflight:
                 done, size = inflight.popleft()
-                done.commit.result()
+                done.result()
                 pending -= size
         for future, _ in inflight:
-            future.commit.result()
+            future.result()
+
+    def _pack(self, item: str, name: str, offset: int, host: np.ndarray) -> Any:
+        """Copies a chunk into its pack file's buffer; writes the file (one object) once complete."""
+        size, left = self.packs[(item, name)]
+        buffer = self.pack_buffers.get((item, name))
+        if buffer is None:
+            buffer = self.pack_buffers[(item, name)] = np.zeros(size, np.uint8)
+        buffer[offset : offset + host.nbytes] = host.reshape(-1).view(np.uint8)
+        self.packs[(item, name)] = (size, left - 1)
+        if left > 1:
+            return None
+        del self.pack_buffers[(item, name)]
+        if item not in self.kvstores:
+            self.kvstores[item] = ts.KvStore.open(self.item_kvstores[item], context=paths.context()).result()
+        return self.kvstores[item].write(name, buffer.tobytes())
 
 
 def batches(pairs: list[tuple[Leaf, planning.WriteUnit]], budget: int | None) -> list[list[Any]]:

@@ -43,11 +43,11 @@ def build_state(mesh):
     return state
 
 
-def save(path, mesh_shape, step=1, timeout_s=60.0):
+def save(path, mesh_shape, step=1, timeout_s=60.0, pack_bytes=1 << 20):
     mesh = _mesh(mesh_shape)
     state = build_state(mesh)
     assert not state["w"].is_fully_addressable or jax.process_count() == 1
-    stats = cc.save_async(path, state, step=step, timeout_s=timeout_s).wait()
+    stats = cc.save_async(path, state, step=step, timeout_s=timeout_s, pack_bytes=pack_bytes).wait()
     return {"pid": jax.process_index(), "bytes": stats.bytes_written}
 
 

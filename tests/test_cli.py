@@ -34,10 +34,10 @@ def test_list_latest_inspect_verify(shared_url):
     assert "w: array [2, 3] float64 chunks=[2, 3]" in inspect and "n: int = 1" in inspect
     ok = _cli("verify", f"{shared_url}/run-10")
     assert ok.returncode == 0 and ok.stdout.strip().endswith("OK")
-    chunks = paths.parse(f"{shared_url}/run-10/state/w/c/0")
-    raw = bytearray(paths.read_bytes(chunks, "0"))
+    item = paths.parse(f"{shared_url}/run-10/state")
+    raw = bytearray(paths.read_bytes(item, "pack.0-0"))  # small leaves are packed: "w" is first
     raw[3] ^= 1
-    paths.write_bytes(chunks, "0", bytes(raw))
+    paths.write_bytes(item, "pack.0-0", bytes(raw))
     bad = _cli("verify", f"{shared_url}/run-10")
     assert bad.returncode == 1 and "CORRUPT" in bad.stdout and "leaf 'w'" in bad.stdout
 

@@ -89,6 +89,19 @@ def test_marker_cannot_point_outside_the_checkpoint(url):
         cc.restore(url)
 
 
+@pytest.mark.parametrize("pack", [["../../COMMITTED", 0], ["/etc/passwd", 0], ["pack.0-0", -8], ["pack.0-0"]])
+def test_pack_entries_cannot_point_outside_the_item(url, pack):
+    cc.save(url, {"a": np.arange(4.0)})
+    loc, commit, _ = cc.restore.__globals__["open_checkpoint"](url)
+    item = loc.join(commit.items["state"])
+    manifest = json.loads(paths.read_bytes(item, "manifest.json"))
+    assert manifest["leaves"][0]["pack"] == {"0": ["pack.0-0", 0]}
+    manifest["leaves"][0]["pack"] = {"0": pack}
+    paths.write_bytes(item, "manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(cc.CheckpointFormatError, match=r"manifest\.json"):
+        cc.restore(url)
+
+
 def test_unknown_dtype_name_is_refused():
     with pytest.raises(cc.CheckpointFormatError, match=r"unknown dtype 'os\.system'"):
         fmt.dtype_from_name("os.system")

@@ -42,6 +42,9 @@ def test_commit_once_after_all_writes_with_every_process_checksums(saved):
     assert marker.exists() and chunk_files
     assert marker.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in chunk_files)
     assert sorted(p.name for p in root.iterdir()) == ["COMMITTED", "metadata.json", "state"]
+    # small leaves are packed, each process its own chunks; the 2 MiB "rep" is a zarr3 array
+    assert sorted(p.name for p in (root / "state").glob("pack.*")) == ["pack.0-0", "pack.1-0"]
+    assert (root / "state" / "rep" / "zarr.json").exists()
     manifest = json.loads((root / "state" / "manifest.json").read_text())
     leaves = {tuple(leaf["path"]): leaf for leaf in manifest["leaves"]}
     for key in (("w",), ("rep",), ("part",), ("keys",), ("host",)):
@@ -82,7 +85,7 @@ def test_two_processes_save_to_an_object_store_and_restore_on_another_mesh(reque
 
 def test_each_process_reads_only_the_chunks_it_needs(tmp_path):
     path = str(tmp_path / "ckpt")
-    multihost.run("save", 2, 2, path=path, mesh_shape=[2, 2])
+    multihost.run("save", 2, 2, path=path, mesh_shape=[2, 2], pack_bytes=0)  # every chunk its own file
     # w's rows 0:4 are only needed by process 0 on a (2, 2) mesh: corrupt that chunk
     chunk = pathlib.Path(path) / "state" / "w" / "c" / "0" / "0"
     raw = bytearray(chunk.read_bytes())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -190,13 +191,14 @@ def _chunk_files(root):
                 yield os.path.join(dirpath, name)
 
 
+def _corruption_tree(mesh):
+    rng = np.random.default_rng(0)
+    return {"w": put(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32), mesh, P("x", "y")), "n": rng.normal(size=(5,))}
+
+
 def test_flipped_byte_in_any_chunk_is_detected(tmp_path, mesh42):
     path = str(tmp_path / "ckpt")
-    rng = np.random.default_rng(0)
-    cc.save(
-        path,
-        {"w": put(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32), mesh42, P("x", "y")), "n": rng.normal(size=(5,))},
-    )
+    cc.save(path, _corruption_tree(mesh42), pack_bytes=0)  # every leaf its own zarr3 array
     files = sorted(_chunk_files(path))
     assert len(files) == 9
     for victim in files:
@@ -213,12 +215,47 @@ def test_flipped_byte_in_any_chunk_is_detected(tmp_path, mesh42):
     assert cc.verify(path).ok and cc.verify(path).chunks == 9
 
 
+def test_flipped_byte_in_any_packed_chunk_is_detected(tmp_path, mesh42):
+    path = tmp_path / "ckpt"
+    cc.save(str(path), _corruption_tree(mesh42))  # small leaves: packed, chunk by chunk
+    assert not list(_chunk_files(str(path)))
+    manifest = json.loads((path / "state" / "manifest.json").read_text())
+    packed = [(leaf["path"][0], chunk, where) for leaf in manifest["leaves"] for chunk, where in leaf["pack"].items()]
+    assert len(packed) == 9 and {where[0] for _, _, where in packed} == {"pack.0-0"}
+    pack = path / "state" / "pack.0-0"
+    for leaf, chunk, (_, offset) in packed:
+        raw = bytearray(pack.read_bytes())
+        raw[offset + 1] ^= 0x40
+        pack.write_bytes(raw)
+        with pytest.raises(cc.CorruptCheckpointError, match=rf"leaf '{leaf}' chunk {chunk} .*crc32c"):
+            cc.restore(str(path))
+        report = cc.verify(str(path))
+        assert not report.ok and len(report.problems) == 1 and f"leaf '{leaf}' chunk {chunk}" in report.problems[0]
+        raw[offset + 1] ^= 0x40
+        pack.write_bytes(raw)
+    assert cc.verify(str(path)).ok and cc.verify(str(path)).chunks == 9
+
+
 def test_deleted_chunk_is_detected(tmp_path):
     path = str(tmp_path / "ckpt")
-    cc.save(path, {"w": np.arange(1, 9, dtype=np.int64)})
+    cc.save(path, {"w": np.arange(1, 9, dtype=np.int64)}, pack_bytes=0)
     os.remove(next(_chunk_files(path)))
     with pytest.raises(cc.CorruptCheckpointError, match="leaf 'w' chunk 0"):
         cc.restore(path)
+
+
+def test_deleted_or_truncated_pack_file_is_detected(tmp_path):
+    path = tmp_path / "ckpt"
+    cc.save(str(path), {"a": np.arange(1, 9, dtype=np.int64), "b": np.ones(3, np.float32)})
+    pack = path / "state" / "pack.0-0"
+    raw = pack.read_bytes()
+    pack.write_bytes(raw[:70])  # "a" (64 bytes at 0) intact, "b" (at 64) cut short
+    with pytest.raises(cc.CorruptCheckpointError, match="leaf 'b' chunk 0 could not be read"):
+        cc.restore(str(path))
+    np.testing.assert_array_equal(cc.restore(str(path), keys=["a"])["a"], np.arange(1, 9))
+    pack.unlink()
+    with pytest.raises(cc.CorruptCheckpointError, match=r"leaf 'a' chunk 0 .*pack file .*pack.0-0 is missing"):
+        cc.restore(str(path))
 
 
 def test_unknown_version_is_refused(url):

@@ -80,15 +80,17 @@ def case(draw):
     for path, value in flat:
         key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         rules.append((f"^{re.escape(key)}$", draw(spec_for(np.shape(value), target))))
-    return tree, target, rules, draw(st.booleans())
+    # packing: none (every leaf a zarr3 array), some leaves (a 64-byte threshold), all (the default)
+    pack_bytes = draw(st.sampled_from([0, 64, 1 << 20]))
+    return tree, target, rules, draw(st.booleans()), pack_bytes
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case())
 def test_save_on_one_mesh_restore_on_another(args):
-    tree, target, rules, use_template = args
+    tree, target, rules, use_template, pack_bytes = args
     url = f"memory://hypothesis/{next(_COUNTER)}"
-    cc.save(url, tree)
+    cc.save(url, tree, pack_bytes=pack_bytes)
     if use_template:
         shardings = cc.shardings_from_rules(target, rules, tree)
         template = jax.tree.map(

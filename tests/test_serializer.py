@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt_callbacks as cc
 from ckpt_callbacks import paths
 from ckpt_callbacks.restore import open_checkpoint, read_manifest
-from conftest import assert_tree_equal, put
+from conftest import assert_tree_equal, make_mesh, put
 
 
 def _manifest(url, item="state"):
@@ -150,6 +150,48 @@ def test_max_host_bytes_streams_in_pieces(url, mesh42):
     for leaf in _manifest(url).leaves:
         assert np.prod(leaf.chunks) * 4 <= 32 << 10
     assert_tree_equal(cc.restore(url), tree)
+
+
+def test_small_leaves_are_packed_into_few_files(url, mesh42):
+    tree = {
+        "small": {f"p{i:03d}": jnp.full((64,), i, jnp.float32) for i in range(300)},  # one device each
+        "sharded": put(jnp.arange(64.0).reshape(8, 8), mesh42, P("x", "y")),  # packed chunk by chunk
+        "big": put(jnp.ones((1024, 512)), mesh42, P("x")),  # 2 MiB: a zarr3 array of its own
+        "host": np.arange(5),
+        "key": jax.random.key(0),
+    }
+    cc.save(url, tree)
+    loc, commit, _ = open_checkpoint(url)
+    assert paths.list_entries(loc.join(commit.items["state"])) == ["big", "manifest.json", "pack.0-0"]
+    records = {r.key: r for r in _manifest(url).leaves}
+    assert records["big"].pack == {} and len(records["sharded"].pack) == 8 and records["key"].pack
+    assert_tree_equal(cc.restore(url), tree)
+    other = cc.restore(url, mesh=make_mesh((2, 4)))
+    assert other["sharded"].sharding.spec == P("x", "y") and other["sharded"].sharding.mesh.shape["y"] == 4
+    np.testing.assert_array_equal(np.asarray(other["sharded"]), np.arange(64.0).reshape(8, 8))
+    assert cc.verify(url).ok
+
+    cc.save(url + "-plain", tree, pack_bytes=0)  # every array leaf a zarr3 array, as before packing
+    loc, commit, _ = open_checkpoint(url + "-plain")
+    entries = paths.list_entries(loc.join(commit.items["state"]))
+    assert not [e for e in entries if e.startswith("pack.")] and {"big", "sharded", "small", "host"} <= set(entries)
+    assert_tree_equal(cc.restore(url + "-plain"), tree)
+
+
+def test_pack_files_stay_within_the_host_budget(url):
+    tree = {f"p{i:03d}": np.full((256,), i, np.float32) for i in range(100)}  # 1 KiB each
+    cc.save(url, tree, max_host_bytes=64 << 10)  # pack files of at most 8 KiB: 8 leaves each
+    records = _manifest(url).leaves
+    names = {name for r in records for name, _ in r.pack.values()}
+    assert len(names) == 13 and all(r.pack for r in records)
+    assert_tree_equal(cc.restore(url), tree)
+
+
+def test_pack_bytes_must_be_a_byte_count(url):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="pack_bytes must be a byte count"):
+            cc.save(url, {"a": np.zeros(2)}, pack_bytes=bad)
+    assert not paths.has_any(paths.parse(url))
 
 
 def test_unsupported_leaf_names_its_path(url):

@@ -1,0 +1,174 @@
+"""Reads of stored chunks, from zarr3 arrays or pack files, each checked against its crc32c.
+
+A leaf's regions (what each target device needs) are read as whole regions where they are
+made of whole chunks, else chunk by chunk, and every chunk is checked against the manifest's
+crc32c when it first arrives. Packed leaves come from pack files, each read once per restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks import paths, planning
+from ckpt_callbacks.errors import CorruptCheckpointError
+
+__all__ = ["LeafRead", "PackFiles"]
+
+
+def _chunk_regions(
+    region: planning.Region, chunks: Sequence[int], shape: Sequence[int]
+) -> list[tuple[tuple[int, ...], planning.Region]]:
+    grids = [range(a // c, -(-b // c)) for (a, b), c in zip(region, chunks, strict=True)]
+    out: list[tuple[tuple[int, ...], planning.Region]] = [((), ())]
+    for grid, c, n in zip(grids, chunks, shape, strict=True):
+        out = [((*idx, g), (*reg, (g * c, min((g + 1) * c, n)))) for idx, reg in out for g in grid]
+    return out
+
+
+class PackFiles:
+    """The pack files of one item directory, each read once (asynchronously) and shared by its leaves."""
+
+    def __init__(self, loc: paths.Location) -> None:
+        self.loc = loc
+        self.kvstore: ts.KvStore | None = None
+        self.files: dict[str, Any] = {}  # name -> read future, then bytes
+
+    def chunk(self, name: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> _PackedChunk:
+        if name not in self.files:
+            if self.kvstore is None:
+                self.kvstore = ts.KvStore.open(paths.kvstore_spec(self.loc), context=paths.context()).result()
+            self.files[name] = self.kvstore.read(name)
+        return _PackedChunk(self, name, offset, shape, dtype)
+
+    def data(self, name: str) -> bytes:
+        data = self.files[name]
+        if not isinstance(data, bytes):
+            result = data.result()
+            if result.state != "value":
+                raise CorruptCheckpointError(f"pack file {self.loc.join(name).url} is missing")
+            data = self.files[name] = bytes(result.value)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class _PackedChunk:
+    """A chunk stored in a pack file, read like a TensorStore read future."""
+
+    packs: PackFiles
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def result(self) -> np.ndarray:
+        count = math.prod(self.shape)
+        flat = np.frombuffer(self.packs.data(self.name), self.dtype, count=count, offset=self.offset)
+        return flat.reshape(self.shape).copy()  # its own memory: the pack file may be large
+
+
+class LeafRead:
+    """Reads of one leaf's regions; every chunk checked against the manifest's crc32c on arrival.
+
+    A region made of whole chunks is read at once (TensorStore assembles it in its own
+    threads); other regions are assembled here from chunk reads, each chunk read once.
+    """
+
+    def __init__(
+        self,
+        source: ts.TensorStore | PackFiles,
+        record: fmt.LeafRecord,
+        regions: list[planning.Region],
+        where: str,
+    ) -> None:
+        self.record, self.regions, self.where = record, regions, where
+        self.reads: dict[planning.Region, Any] = {}  # read region -> future, then array
+        self.source: dict[tuple[int, ...], tuple[planning.Region, planning.Region]] = {}  # chunk -> (its region, read)
+        self.checked: set[tuple[int, ...]] = set()
+        packed = isinstance(source, PackFiles)
+        for region in regions:
+            parts = _chunk_regions(region, record.chunks, record.data_shape)
+            whole = not packed and len(parts) > 1 and _covers(parts, region)
+            whole = whole and not any(idx in self.source for idx, _ in parts)
+            for idx, creg in parts:
+                if idx not in self.source:
+                    self.source[idx] = (creg, region if whole else creg)
+            for idx, _ in parts:
+                read = self.source[idx][1]
+                if read in self.reads:
+                    continue
+                if isinstance(source, PackFiles):  # packed leaves are read chunk by chunk
+                    name, offset = self._packed_at(idx)
+                    shape = tuple(b - a for a, b in read)
+                    self.reads[read] = source.chunk(name, offset, shape, fmt.dtype_from_name(record.zarr_dtype))
+                else:
+                    self.reads[read] = source[planning.slices(read)].read()
+        itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
+        self.nbytes = sum(math.prod(b - a for a, b in read) * itemsize for read in self.reads)
+
+    def _packed_at(self, idx: tuple[int, ...]) -> tuple[str, int]:
+        try:
+            return self.record.pack[fmt.chunk_key(idx)]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} is in no pack file; "
+                f"the manifest lists chunks {sorted(self.record.pack)}"
+            ) from None
+
+    def _read(self, read: planning.Region, idx: tuple[int, ...]) -> np.ndarray:
+        data = self.reads[read]
+        if not isinstance(data, np.ndarray):
+            try:
+                data = self.reads[read] = data.result()
+            except Exception as e:
+                raise CorruptCheckpointError(
+                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
+                ) from e
+        return data
+
+    def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
+        creg, read = self.source[idx]
+        data = self._read(read, idx)
+        if read != creg:
+            data = data[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(creg, read, strict=True))]
+        if idx not in self.checked:
+            expected = self.record.crc32c.get(fmt.chunk_key(idx))
+            found = fmt.crc32c_of(data)
+            if expected is None or found != expected:
+                raise CorruptCheckpointError(
+                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} (region "
+                    f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest"
+                )
+            self.checked.add(idx)
+        return data
+
+    def result(self) -> dict[planning.Region, np.ndarray]:
+        """Each requested region as one host array of the stored dtype."""
+        out = {}
+        stored = fmt.dtype_from_name(self.record.stored_dtype)
+        for region in self.regions:
+            parts = _chunk_regions(region, self.record.chunks, self.record.data_shape)
+            if region in self.reads:  # read whole (one chunk, or whole chunks): check each, no copy
+                for idx, _ in parts:
+                    self._chunk(idx)
+                host = self._read(region, parts[0][0])
+            else:
+                host = np.empty(tuple(b - a for a, b in region), fmt.dtype_from_name(self.record.zarr_dtype))
+                for idx, creg in parts:
+                    inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg, strict=True))
+                    dst = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))
+                    src = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))
+                    host[dst] = self._chunk(idx)[src]
+            out[region] = host.view(stored) if host.dtype != stored else host
+        return out
+
+
+def _covers(parts: list[tuple[tuple[int, ...], planning.Region]], region: planning.Region) -> bool:
+    """Whether the chunks ``parts`` tile ``region`` exactly (no chunk sticks out of it)."""
+    return all(all(r0 <= a and b <= r1 for (a, b), (r0, r1) in zip(creg, region, strict=True)) for _, creg in parts)
