@@ -14,6 +14,7 @@ and item directories of the committed version. Nothing here runs code on load: J
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -164,6 +165,7 @@ def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
 
+@functools.cache
 def dtype_from_name(name: str) -> np.dtype:
     """A numpy dtype from its name; ml_dtypes names (bfloat16, float8_*, int4) included."""
     try:
@@ -210,7 +212,7 @@ class LeafRecord:
                     "a name like 'pack.0-0' (a file in the item directory) and an offset >= 0"
                 )
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return key_string(self.path)
 

@@ -7,6 +7,7 @@ assigns the chunks this process writes, the same way on every process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from typing import Any
@@ -29,6 +30,7 @@ class Leaf:
     units: list[planning.WriteUnit] = dataclasses.field(default_factory=list)
 
 
+@functools.cache
 def _zarr_dtype(dtype: np.dtype) -> str:
     try:
         ts.dtype(dtype.name)
@@ -84,6 +86,7 @@ def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
             key_tail=tuple(key_tail),
             partition_spec=spec,
             mesh=mesh,
+            array=fmt.leaf_dir(path),
         )
         return Leaf(record, source, private)
     if isinstance(value, np.ndarray):
@@ -104,6 +107,7 @@ def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
             dtype=fmt.dtype_name(value.dtype),
             stored_dtype=stored.name,
             zarr_dtype=_zarr_dtype(stored),
+            array=fmt.leaf_dir(path),
         )
         return Leaf(record, host_source, private=host_source is not value)
     raise TypeError(

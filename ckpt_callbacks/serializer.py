@@ -204,8 +204,6 @@ def _start_save(
     for item, tree in items.items():
         structure, flat = fmt.flatten(tree)
         leaves = [describe(p, v, cast) for p, v in flat]
-        for leaf in leaves:
-            leaf.record = dataclasses.replace(leaf.record, array=fmt.leaf_dir(leaf.record.path))
         check_dirs(leaves)
         plan(leaves, max_chunk, pack_bytes)
         structures[item], leaves_of[item] = structure, leaves

@@ -153,14 +153,15 @@ class Writer:
             self.crcs[item].setdefault(leaf_index, {})[key] = fmt.crc32c_of(host)
             self.nbytes += host.nbytes
             if leaf.record.pack:
-                future = self._pack(item, *leaf.record.pack[key], host)
+                future, size = self._pack(item, *leaf.record.pack[key], host)
                 if future is None:  # its pack file is not complete yet
                     continue
             else:
                 array = self._array(item, leaf)[slices(unit.region)]
                 future = array.write(host, can_reference_source_data_indefinitely=not self.in_memory).commit
-            inflight.append((future, host.nbytes))
-            pending += host.nbytes
+                size = host.nbytes
+            inflight.append((future, size))
+            pending += size
             while pending > self.window and inflight:
                 done, size = inflight.popleft()
                 done.result()
@@ -168,8 +169,11 @@ class Writer:
         for future, _ in inflight:
             future.result()
 
-    def _pack(self, item: str, name: str, offset: int, host: np.ndarray) -> Any:
-        """Copies a chunk into its pack file's buffer; writes the file (one object) once complete."""
+    def _pack(self, item: str, name: str, offset: int, host: np.ndarray) -> tuple[Any, int]:
+        """Copies a chunk into its pack file's buffer; writes the file (one object) once complete.
+
+        Returns the write's future (None while the file is incomplete) and the file's size.
+        """
         size, left = self.packs[(item, name)]
         buffer = self.pack_buffers.get((item, name))
         if buffer is None:
@@ -177,11 +181,11 @@ class Writer:
         buffer[offset : offset + host.nbytes] = host.reshape(-1).view(np.uint8)
         self.packs[(item, name)] = (size, left - 1)
         if left > 1:
-            return None
+            return None, size
         del self.pack_buffers[(item, name)]
         if item not in self.kvstores:
             self.kvstores[item] = ts.KvStore.open(self.item_kvstores[item], context=paths.context()).result()
-        return self.kvstores[item].write(name, buffer.tobytes())
+        return self.kvstores[item].write(name, buffer.tobytes()), size
 
 
 def batches(pairs: list[tuple[Leaf, planning.WriteUnit]], budget: int | None) -> list[list[Any]]:
