@@ -119,8 +119,13 @@ def test_killed_process_mid_save_fails_others_within_timeout(tmp_path):
     assert cc.restore(str(base / "run-1"))["step"] == 7
 
 
-def test_training_loop_in_two_processes_resumes_on_one(tmp_path):
-    path = str(tmp_path / "train")
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_training_loop_in_two_processes_resumes_on_one(request, tmp_path, backend):
+    if backend == "s3":
+        request.getfixturevalue("s3_endpoint")
+        path = f"s3://{object_stores.BUCKET}/train-{uuid.uuid4().hex[:8]}"
+    else:
+        path = str(tmp_path / "train")
     first = multihost.run("train", 2, 2, path=path, steps=12, kill_after=12)
     assert first[0].result["steps"] == [5, 10]
     reference = multihost.run("train", 1, 4, path=str(tmp_path / "ref"), steps=16)[0].result["losses"]
