@@ -213,10 +213,11 @@ def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str, *, syn
     """orbax: sync save (if ``sync``), async save (blocking and total), restore with target shardings."""
     import orbax.checkpoint as ocp
 
-    sync_ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     async_ckptr = ocp.StandardCheckpointer()
+    sync_ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler()) if sync else None
 
     def sync_save(path: str) -> None:
+        assert sync_ckptr is not None
         sync_ckptr.save(path, args=ocp.args.StandardSave(tree))
 
     def async_save(path: str) -> dict[str, float]:
@@ -227,7 +228,8 @@ def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str, *, syn
         return {"blocking_s": blocking}
 
     saved = b.fresh(f"orbax-{tag}-restore")
-    sync_save(saved)
+    async_ckptr.save(saved, tree)
+    async_ckptr.wait_until_finished()
 
     def restore(_: Any) -> None:
         jax.block_until_ready(async_ckptr.restore(saved, targets))
