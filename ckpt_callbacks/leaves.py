@@ -6,6 +6,7 @@ assigns the chunks this process writes, the same way on every process.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -19,7 +20,12 @@ import tensorstore as ts
 from ckpt_callbacks import distributed, planning
 from ckpt_callbacks import format as fmt
 
-__all__ = ["Leaf", "check_dirs", "describe", "plan"]
+__all__ = ["Leaf", "check_dirs", "describe", "plan", "plan_tree"]
+
+# Plans of recently saved trees, by tree signature: a training loop saves the same structure,
+# shapes and shardings every time, and planning thousands of leaves costs tens of ms.
+_PLANS: collections.OrderedDict[Any, list[tuple[fmt.LeafRecord, list[planning.WriteUnit]]]] = collections.OrderedDict()
+_PLANS_KEPT = 8
 
 
 @dataclasses.dataclass
@@ -162,3 +168,52 @@ def check_dirs(leaves: list[Leaf]) -> None:
                 f"leaves {other!r} and {leaf.record.key!r} map to one directory "
                 f"{leaf.record.array!r}; rename one of the keys"
             )
+
+
+def _signature(path: fmt.KeyPath, value: Any) -> tuple[Any, ...]:
+    """What a leaf's plan depends on (a scalar's value is described afresh on every save)."""
+    if isinstance(value, jax.Array):
+        return (path, "jax", value.shape, value.dtype, value.sharding)
+    if isinstance(value, np.ndarray | np.generic):
+        return (path, "numpy", value.shape, value.dtype)
+    return (path, "scalar")
+
+
+def _source(record: fmt.LeafRecord, value: Any, cast: Any) -> tuple[Any, bool]:
+    """The array to write a planned leaf from, as ``describe`` derives it: (source, private)."""
+    if record.kind == "prng_key":
+        return jax.random.key_data(value), False
+    if record.source == "numpy":
+        value = np.asarray(value)
+    if record.stored_dtype == record.dtype:
+        return value, False
+    return value.astype(cast), True
+
+
+def plan_tree(flat: list[tuple[fmt.KeyPath, Any]], cast: Any, max_chunk_bytes: int, pack_bytes: int) -> list[Leaf]:
+    """``describe``, ``check_dirs`` and ``plan`` for a flattened tree, reusing the plan of a tree
+    with the same signature (paths, shapes, dtypes, shardings, settings) saved before."""
+    try:
+        key: Any = (cast, max_chunk_bytes, pack_bytes, distributed.process_index(), distributed.process_count())
+        key += tuple(_signature(path, value) for path, value in flat)
+        cached = _PLANS.get(key)
+    except TypeError:  # an unhashable sharding: plan every time
+        key, cached = None, None
+    if cached is None:
+        leaves = [describe(path, value, cast) for path, value in flat]
+        check_dirs(leaves)
+        plan(leaves, max_chunk_bytes, pack_bytes)
+        if key is not None:
+            _PLANS[key] = [(leaf.record, list(leaf.units)) for leaf in leaves]
+            while len(_PLANS) > _PLANS_KEPT:
+                _PLANS.popitem(last=False)
+        return leaves
+    _PLANS.move_to_end(key)
+    out = []
+    for (path, value), (record, units) in zip(flat, cached, strict=True):
+        if record.kind == "scalar":
+            out.append(describe(path, value, cast))
+        else:
+            source, private = _source(record, value, cast)
+            out.append(Leaf(record, source, private, list(units)))
+    return out

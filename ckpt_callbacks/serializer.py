@@ -29,7 +29,7 @@ import tensorstore as ts
 from ckpt_callbacks import distributed, paths, planning
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.errors import CheckpointExistsError
-from ckpt_callbacks.leaves import Leaf, check_dirs, describe, plan
+from ckpt_callbacks.leaves import Leaf, plan_tree
 from ckpt_callbacks.staging import DEFAULT_WINDOW_BYTES, Snapshot, Writer, batches, unit_bytes
 
 __all__ = ["SaveHandle", "SaveStats", "read_commit", "save", "save_async"]
@@ -203,9 +203,7 @@ def _start_save(
     pairs: list[tuple[Leaf, planning.WriteUnit]] = []
     for item, tree in items.items():
         structure, flat = fmt.flatten(tree)
-        leaves = [describe(p, v, cast) for p, v in flat]
-        check_dirs(leaves)
-        plan(leaves, max_chunk, pack_bytes)
+        leaves = plan_tree(flat, cast, max_chunk, pack_bytes)
         structures[item], leaves_of[item] = structure, leaves
         for index, leaf in enumerate(leaves):
             item_of[id(leaf)] = (item, index)

@@ -194,6 +194,30 @@ def test_pack_bytes_must_be_a_byte_count(url):
     assert not paths.has_any(paths.parse(url))
 
 
+def test_repeated_saves_of_one_structure_reuse_the_plan_but_not_the_data(url, mesh42):
+    """The plan is cached by tree signature; values, casts and shardings must still be honoured."""
+
+    def tree(k, spec):
+        return {
+            "w": put(jnp.full((8, 4), k, jnp.float32), mesh42, spec),
+            "n": np.full(3, k, np.float32),
+            "key": jax.random.key(k),
+            "step": k,
+        }
+
+    for k in range(3):
+        cc.save(f"{url}/a{k}", tree(k, P("x")))
+    cc.save(f"{url}/cast", tree(7, P("x")), dtype=jnp.bfloat16)
+    cc.save(f"{url}/other", tree(9, P(None, "y")))
+    for k in range(3):
+        assert_tree_equal(cc.restore(f"{url}/a{k}"), tree(k, P("x")))
+    cast = {r.key: r for r in _manifest(f"{url}/cast").leaves}
+    assert cast["w"].stored_dtype == "bfloat16" and cast["n"].stored_dtype == "bfloat16"
+    assert {r.key: r for r in _manifest(f"{url}/a2").leaves}["w"].stored_dtype == "float32"
+    assert {r.key: r for r in _manifest(f"{url}/other").leaves}["w"].partition_spec == (None, "y")
+    np.testing.assert_array_equal(np.asarray(cc.restore(f"{url}/other")["w"]), np.full((8, 4), 9, np.float32))
+
+
 def test_unsupported_leaf_names_its_path(url):
     with pytest.raises(TypeError, match=r"leaf 'a/0': cannot save object"):
         cc.save(url, {"a": [object()]})
