@@ -286,3 +286,12 @@ def test_no_pickle_or_eval_in_package():
         text = source.read_text()
         for banned in (r"import pickle", r"cloudpickle", r"import dill", r"(?<![\w.])eval\(", r"(?<![\w.])exec\("):
             assert not re.search(banned, text), (source.name, banned)
+
+
+def test_a_pack_file_left_incomplete_stops_the_commit():
+    from ckpt_callbacks.staging import Writer
+
+    writer = Writer({"state": {"driver": "memory", "path": "x/"}}, 1 << 20, {("state", "pack.0-0"): (128, 2)})
+    with pytest.raises(RuntimeError, match=r"pack files left incomplete: \['state/pack.0-0'\]"):
+        writer.check_complete()
+    Writer({"state": {"driver": "memory", "path": "x/"}}, 1 << 20, {}).check_complete()
