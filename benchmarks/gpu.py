@@ -30,7 +30,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from run import GB, Bench, drop_caches, holds, model_tree, nbytes_unique, orbax_cases, ours_cases
+from run import (
+    GB,
+    Bench,
+    case_table,
+    drop_caches,
+    model_tree,
+    nbytes_unique,
+    orbax_cases,
+    ours_cases,
+    target_table,
+)
 
 BLOCK = 16 << 20
 
@@ -91,18 +101,9 @@ def write_report(out_dir: pathlib.Path, report: dict[str, Any]) -> str:
         f"Disk write, {disk['mode']}: {disk['gb_per_s']:.2f} GB/s ({disk['bytes'] / GB:.2f} GB in "
         f"{disk['seconds']:.2f} s).",
         "",
-        "| case | seconds | GB/s | blocking s | peak extra host RSS MiB |",
-        "|---|---|---|---|---|",
     ]
-    for row in report["rows"]:
-        blocking = f"{row['blocking_s']:.4f}" if "blocking_s" in row else ""
-        lines.append(
-            f"| {row['name']} | {row['seconds']:.3f} | {row['gb_per_s']:.2f} | {blocking} | "
-            f"{row['peak_rss'] / 2**20:.0f} |"
-        )
-    lines += ["", "| target (ratio, same run) | measured | target | holds |", "|---|---|---|---|"]
-    for name, value, target in report["ratios"]:
-        lines.append(f"| {name} | {value:.3f} | {target} | {'yes' if holds(value, target) else 'NO'} |")
+    lines += case_table(report["rows"], files=False, digits=4)
+    lines += ["", *target_table(report["ratios"], digits=3)]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-{report['date']}-{report['device_kind']}"

@@ -209,6 +209,25 @@ def raw_cases(b: Bench, tree: dict[str, jax.Array], nbytes: int) -> list[dict[st
     ]
 
 
+def save_rows(
+    b: Bench,
+    label: str,
+    names: tuple[str, str],
+    save: Callable[[str], Any],
+    save_async: Callable[[str], Any],
+    nbytes: int,
+    sync: bool,
+) -> list[dict[str, Any]]:
+    """A library's blocking save (if ``sync``; files counted) and async save, each into fresh directories."""
+    rows = []
+    name = label.replace(" ", "-")
+    if sync:
+        files = lambda path, _: {"files": files_in(path)}  # noqa: E731
+        rows.append(b.run(f"{label}: {names[0]}", lambda: b.fresh(name), save, nbytes, files))
+    rows.append(b.run(f"{label}: {names[1]}", lambda: b.fresh(f"{name}-a"), save_async, nbytes, lambda _, out: out))
+    return rows
+
+
 def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str, *, sync: bool = True) -> list[dict[str, Any]]:
     """orbax: sync save (if ``sync``), async save (blocking and total), restore with target shardings."""
     import orbax.checkpoint as ocp
@@ -234,27 +253,8 @@ def orbax_cases(b: Bench, tree: Any, targets: Any, nbytes: int, tag: str, *, syn
     def restore(_: Any) -> None:
         jax.block_until_ready(async_ckptr.restore(saved, targets))
 
-    rows = []
-    if sync:
-        rows.append(
-            b.run(
-                f"orbax {tag}: sync save",
-                lambda: b.fresh(f"orbax-{tag}"),
-                sync_save,
-                nbytes,
-                lambda path, _: {"files": files_in(path)},
-            )
-        )
-    rows += [
-        b.run(
-            f"orbax {tag}: async save (total)",
-            lambda: b.fresh(f"orbax-{tag}-a"),
-            async_save,
-            nbytes,
-            lambda _, out: out,
-        ),
-        b.run(f"orbax {tag}: restore (target shardings)", lambda: None, restore, nbytes),
-    ]
+    rows = save_rows(b, f"orbax {tag}", ("sync save", "async save (total)"), sync_save, async_save, nbytes, sync)
+    rows.append(b.run(f"orbax {tag}: restore (target shardings)", lambda: None, restore, nbytes))
     async_ckptr.close()
     return rows
 
@@ -280,27 +280,8 @@ def ours_cases(
     def restore_same(_: Any) -> None:
         jax.block_until_ready(cc.restore(saved, shardings=same))
 
-    rows = []
-    if sync:
-        rows.append(
-            b.run(
-                f"ckpt_callbacks {tag}: save",
-                lambda: b.fresh(f"ours-{tag}"),
-                save,
-                nbytes,
-                lambda path, _: {"files": files_in(path)},
-            )
-        )
-    rows += [
-        b.run(
-            f"ckpt_callbacks {tag}: save_async (total)",
-            lambda: b.fresh(f"ours-{tag}-a"),
-            save_async,
-            nbytes,
-            lambda _, out: out,
-        ),
-        b.run(f"ckpt_callbacks {tag}: restore, same mesh", lambda: None, restore_same, nbytes),
-    ]
+    rows = save_rows(b, f"ckpt_callbacks {tag}", ("save", "save_async (total)"), save, save_async, nbytes, sync)
+    rows.append(b.run(f"ckpt_callbacks {tag}: restore, same mesh", lambda: None, restore_same, nbytes))
     if other is not None:
 
         def restore_other(_: Any) -> None:
@@ -404,6 +385,27 @@ def scaling(b: Bench, mesh: Mesh, sizes: list[float]) -> list[dict[str, Any]]:
     return out
 
 
+def case_table(rows: list[dict[str, Any]], *, files: bool, digits: int = 3) -> list[str]:
+    """Markdown rows: seconds, GB/s, blocking seconds (``digits``), peak RSS and files written."""
+    head = "| case | seconds | GB/s | blocking s | peak extra RSS MiB |" + (" files |" if files else "")
+    lines = [head, "|---" * head.count(" |") + "|"]
+    for row in rows:
+        blocking = f"{row['blocking_s']:.{digits}f}" if "blocking_s" in row else ""
+        cells = [row["name"], f"{row['seconds']:.3f}", f"{row['gb_per_s']:.2f}", blocking]
+        cells.append(f"{row['peak_rss'] / 2**20:.0f}")
+        if files:
+            cells.append(str(int(row["files"])) if "files" in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def target_table(ratios: list[tuple[str, float, str]], digits: int = 2) -> list[str]:
+    lines = ["| target (ratio, same run) | measured | target | holds |", "|---|---|---|---|"]
+    for name, value, target in ratios:
+        lines.append(f"| {name} | {value:.{digits}f} | {target} | {'yes' if holds(value, target) else 'NO'} |")
+    return lines
+
+
 def write_outputs(out_dir: pathlib.Path, report: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = report["date"]
@@ -415,19 +417,9 @@ def write_outputs(out_dir: pathlib.Path, report: dict[str, Any]) -> None:
         f"median of {report['repeats']}; page cache dropped: {report['caches_dropped']}; memory warmed "
         "before each timed operation.",
         "",
-        "| case | seconds | GB/s | blocking s | peak extra RSS MiB | files |",
-        "|---|---|---|---|---|---|",
     ]
-    for row in report["model"] + report.get("small", []):
-        blocking = f"{row['blocking_s']:.3f}" if "blocking_s" in row else ""
-        files = str(int(row["files"])) if "files" in row else ""
-        lines.append(
-            f"| {row['name']} | {row['seconds']:.3f} | {row['gb_per_s']:.2f} | {blocking} | "
-            f"{row['peak_rss'] / 2**20:.0f} | {files} |"
-        )
-    lines += ["", "| target (ratio, same run) | measured | target | holds |", "|---|---|---|---|"]
-    for name, value, target in report["ratios"]:
-        lines.append(f"| {name} | {value:.2f} | {target} | {'yes' if holds(value, target) else 'NO'} |")
+    lines += case_table(report["model"] + report.get("small", []), files=True)
+    lines += ["", *target_table(report["ratios"])]
     loop = report["loop"]
     lines += [
         "",
