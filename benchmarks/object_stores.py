@@ -16,6 +16,8 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
@@ -26,11 +28,11 @@ import object_stores
 import ckpt_callbacks as cc
 
 
-def timed(fn: object, repeats: int) -> float:
+def timed(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -239,7 +239,7 @@ def _start_save(
 
     def finish() -> int:
         writer.write(item_of, last)
-        writer.check_complete()
+        writer.check_complete(loc.url)
         gathered = distributed.gather_json(
             f"{tag}/crc", {i: {str(k): v for k, v in c.items()} for i, c in writer.crcs.items()}, timeout_s
         )

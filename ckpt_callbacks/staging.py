@@ -169,11 +169,11 @@ class Writer:
         for future, _ in inflight:
             future.result()
 
-    def check_complete(self) -> None:
+    def check_complete(self, where: str) -> None:
         """Raises unless every pack file this process fills has been written (before any commit)."""
         unwritten = sorted(f"{item}/{name}" for (item, name), (_, left) in self.packs.items() if left)
         if unwritten:
-            raise RuntimeError(f"pack files left incomplete: {unwritten}; not committing")
+            raise RuntimeError(f"{where}: pack files left incomplete: {unwritten}; not committing")
 
     def _pack(self, item: str, name: str, offset: int, host: np.ndarray) -> tuple[Any, int]:
         """Copies a chunk into its pack file's buffer; writes the file (one object) once complete.

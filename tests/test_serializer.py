@@ -293,5 +293,5 @@ def test_a_pack_file_left_incomplete_stops_the_commit():
 
     writer = Writer({"state": {"driver": "memory", "path": "x/"}}, 1 << 20, {("state", "pack.0-0"): (128, 2)})
     with pytest.raises(RuntimeError, match=r"pack files left incomplete: \['state/pack.0-0'\]"):
-        writer.check_complete()
-    Writer({"state": {"driver": "memory", "path": "x/"}}, 1 << 20, {}).check_complete()
+        writer.check_complete("memory://x")
+    Writer({"state": {"driver": "memory", "path": "x/"}}, 1 << 20, {}).check_complete("memory://x")
