@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SRC := ckpt_callbacks tests benchmarks conftest.py
+SRC := ckpt_callbacks tests benchmarks examples conftest.py
 
 .PHONY: install test lint typecheck pytest demo bench clean
 
@@ -28,7 +28,7 @@ pytest: install
 test: lint typecheck pytest
 
 demo: install
-	$(BIN)/python -m ckpt_callbacks.demo $(DEMO_ARGS)
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)

@@ -7,6 +7,7 @@
 'memory://doc/init/run-1'
 """
 
+from ckpt_callbacks.aftercommit import ScalarWriter as ScalarWriter
 from ckpt_callbacks.callbacks import CheckpointCallback as CheckpointCallback
 from ckpt_callbacks.checkpointer import Checkpointer as Checkpointer
 from ckpt_callbacks.discovery import CheckpointInfo as CheckpointInfo
@@ -21,6 +22,8 @@ from ckpt_callbacks.errors import CheckpointNotFoundError as CheckpointNotFoundE
 from ckpt_callbacks.errors import CorruptCheckpointError as CorruptCheckpointError
 from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
+from ckpt_callbacks.layout import Checkpoint as Checkpoint
+from ckpt_callbacks.layout import open_checkpoint as open_checkpoint
 from ckpt_callbacks.policy import CheckpointInterval as CheckpointInterval
 from ckpt_callbacks.policy import Decision as Decision
 from ckpt_callbacks.policy import KeepPolicy as KeepPolicy
@@ -29,6 +32,7 @@ from ckpt_callbacks.restore import restore as restore
 from ckpt_callbacks.rules import match_partition_rules as match_partition_rules
 from ckpt_callbacks.rules import shardings_from_rules as shardings_from_rules
 from ckpt_callbacks.serializer import SaveHandle as SaveHandle
+from ckpt_callbacks.serializer import SaveOptions as SaveOptions
 from ckpt_callbacks.serializer import SaveStats as SaveStats
 from ckpt_callbacks.serializer import save as save
 from ckpt_callbacks.serializer import save_async as save_async

@@ -2,6 +2,7 @@
 
 >>> import jax.numpy as jnp
 >>> params = {"w": jnp.ones(2)}
+>>> from ckpt_callbacks import CheckpointInterval
 >>> cb = CheckpointCallback("memory://doc/cb", state_fn=lambda: params,
 ...                         step_policies=[CheckpointInterval(every=2)])
 >>> hooks = [cb]
@@ -29,9 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ckpt_callbacks.checkpointer import Checkpointer
-from ckpt_callbacks.policy import CheckpointInterval
-
-__all__ = ["CheckpointCallback", "CheckpointInterval", "to_state"]
 
 
 def _nnx() -> Any:

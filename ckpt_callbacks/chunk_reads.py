@@ -19,8 +19,6 @@ from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths, planning
 from ckpt_callbacks.errors import CorruptCheckpointError
 
-__all__ = ["LeafRead", "PackFiles"]
-
 
 def _chunk_regions(
     region: planning.Region, chunks: Sequence[int], shape: Sequence[int]

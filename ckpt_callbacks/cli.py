@@ -20,11 +20,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ckpt_callbacks import discovery
+from ckpt_callbacks import discovery, layout
 from ckpt_callbacks.errors import CheckpointError
-from ckpt_callbacks.restore import open_checkpoint, read_manifest
-
-__all__ = ["main"]
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -44,13 +41,14 @@ def _latest(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    loc, commit, meta = open_checkpoint(args.path)
+    ckpt = layout.open_checkpoint(args.path)
+    meta = ckpt.metadata
     when = datetime.datetime.fromtimestamp(meta.timestamp, datetime.UTC).isoformat(timespec="seconds")
-    print(f"{loc.url}: step {meta.step}, saved {when}, temporary={meta.is_temporary}")
+    print(f"{ckpt.url}: step {meta.step}, saved {when}, temporary={meta.is_temporary}")
     if meta.extras:
         print(f"extras: {json.dumps(meta.extras)}")
-    for item in commit.items:
-        manifest = read_manifest(loc, commit, item)
+    for item in ckpt.items:
+        manifest = ckpt.manifest(item)
         total = sum(r.nbytes for r in manifest.leaves)
         print(f"item {item!r}: {len(manifest.leaves)} leaves, {total / 1e6:.1f} MB")
         for r in manifest.leaves:

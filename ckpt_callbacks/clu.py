@@ -15,8 +15,6 @@ from clu import periodic_actions
 
 from ckpt_callbacks.callbacks import CheckpointCallback
 
-__all__ = ["CheckpointCallback", "register"]
-
 
 def register() -> None:
     """Makes ``CheckpointCallback`` a virtual subclass of ``clu.periodic_actions.PeriodicAction``."""

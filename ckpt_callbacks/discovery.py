@@ -20,13 +20,10 @@ import dataclasses
 import logging
 from typing import Any
 
-from ckpt_callbacks import format as fmt
-from ckpt_callbacks import paths
+from ckpt_callbacks import layout, paths
 from ckpt_callbacks.chunk_reads import PackFiles
 from ckpt_callbacks.errors import CheckpointError, CorruptCheckpointError
-from ckpt_callbacks.restore import Target, open_checkpoint, read_leaves, read_manifest
-
-__all__ = ["CheckpointInfo", "VerifyReport", "find_latest_checkpoint", "list_checkpoints", "verify"]
+from ckpt_callbacks.restore import Target, read_leaves
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -40,6 +37,8 @@ class CheckpointInfo:
     timestamp: float
     is_temporary: bool = False
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The opened checkpoint: ``restore(info.checkpoint)`` reads no marker or metadata again.
+    checkpoint: layout.Checkpoint | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -53,12 +52,13 @@ def list_checkpoints(base: Any) -> list[CheckpointInfo]:
     for name in paths.list_dirs(base_loc):
         loc = base_loc.join(name)
         try:
-            if paths.read_bytes(loc, fmt.COMMIT_MARKER) is None:
-                continue
-            _, _, meta = open_checkpoint(loc)
+            ckpt = layout.try_open(loc)
         except CheckpointError as e:  # committed but unreadable: say so, keep looking
             log.warning("skipping %s: %s", loc.url, e)
             continue
+        if ckpt is None:
+            continue
+        meta = ckpt.metadata
         out.append(
             CheckpointInfo(
                 path=loc.url,
@@ -66,6 +66,7 @@ def list_checkpoints(base: Any) -> list[CheckpointInfo]:
                 timestamp=meta.timestamp,
                 is_temporary=meta.is_temporary,
                 extras=meta.extras,
+                checkpoint=ckpt,
             )
         )
     return sorted(out, key=lambda c: (-1 if c.step is None else c.step, c.name))
@@ -94,12 +95,12 @@ class VerifyReport:
 
 def verify(path: Any) -> VerifyReport:
     """Re-reads every chunk of every item of a committed checkpoint and checks its crc32c."""
-    loc, commit, _ = open_checkpoint(path)
+    ckpt = layout.open_checkpoint(path)
     leaves = chunks = nbytes = 0
     problems = []
-    for item in commit.items:
-        manifest = read_manifest(loc, commit, item)
-        item_loc = loc.join(commit.items[item])
+    for item in ckpt.items:
+        manifest = ckpt.manifest(item)
+        item_loc = ckpt.item_loc(item)
         packs = PackFiles(item_loc)  # each pack file read once, however many leaves it holds
         for record in manifest.leaves:
             if record.kind == "scalar":
@@ -112,4 +113,4 @@ def verify(path: Any) -> VerifyReport:
                 continue
             chunks += len(record.crc32c)
             nbytes += record.nbytes
-    return VerifyReport(path=loc.url, leaves=leaves, chunks=chunks, bytes_read=nbytes, problems=tuple(problems))
+    return VerifyReport(path=ckpt.url, leaves=leaves, chunks=chunks, bytes_read=nbytes, problems=tuple(problems))

@@ -17,16 +17,6 @@ from typing import Any
 
 import jax
 
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "barrier",
-    "broadcast_json",
-    "gather_json",
-    "is_primary",
-    "process_count",
-    "process_index",
-]
-
 DEFAULT_TIMEOUT_S = 600.0
 
 

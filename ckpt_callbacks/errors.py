@@ -10,16 +10,6 @@ True
 
 from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointExistsError",
-    "CheckpointFormatError",
-    "CheckpointNotFoundError",
-    "CorruptCheckpointError",
-    "RestoreMismatchError",
-    "ShardingRuleError",
-]
-
 
 class CheckpointError(Exception):
     """Base class of every error this package raises on purpose."""

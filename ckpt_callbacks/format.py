@@ -30,38 +30,13 @@ import numpy as np
 
 from ckpt_callbacks.errors import CheckpointFormatError
 
-__all__ = [
-    "COMMIT_MARKER",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "PACK_NAME",
-    "Commit",
-    "KeyPath",
-    "LeafRecord",
-    "Manifest",
-    "Metadata",
-    "check_version",
-    "chunk_key",
-    "dtype_from_name",
-    "dtype_name",
-    "dumps",
-    "escape_component",
-    "flatten",
-    "key_string",
-    "leaf_dir",
-    "loads",
-    "path_of",
-    "unflatten",
-    "zarr_spec",
-]
-
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
-COMMIT_MARKER = "COMMITTED"
 # Pack file names hold a '.', which no escaped key component (a leaf's directory) can.
 PACK_NAME = re.compile(r"pack\.[0-9]+-[0-9]+")
 
 KeyPath = tuple[str | int, ...]
+_ITEM_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
 _MAX_COMPONENT = 120
@@ -352,25 +327,62 @@ class Metadata:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Commit:
-    """The commit marker: which metadata file and item directories form the checkpoint."""
+    """The commit marker: which metadata file and item directories form the checkpoint.
+
+    ``checksums``: the crc32c of every JSON file it commits (metadata, manifests), by path
+    relative to the checkpoint directory.
+    """
 
     metadata: str = "metadata.json"
     items: dict[str, str] = dataclasses.field(default_factory=lambda: {"state": "state"})
+    checksums: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metadata": self.metadata, "items": self.items}
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "metadata": self.metadata,
+            "items": self.items,
+            "checksums": self.checksums,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Commit:
         check_version(data, where)
         try:
-            commit = cls(metadata=str(data["metadata"]), items={str(k): str(v) for k, v in data["items"].items()})
+            metadata = _plain_str(data["metadata"])
+            items = {_plain_str(k): _plain_str(v) for k, v in data["items"].items()}
         except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointFormatError(f"{where}: malformed commit marker: {e}") from e
-        for name in (commit.metadata, *commit.items.values()):
+        for name in (metadata, *items.values()):
             if not name or "/" in name or name in (".", ".."):
                 raise CheckpointFormatError(f"{where}: commit marker names {name!r}, not a plain entry")
-        return commit
+        if not items or not all(_ITEM_NAME.fullmatch(item) for item in items):
+            raise CheckpointFormatError(
+                f"{where}: commit marker items {sorted(items)}; expected names of [A-Za-z0-9_-]"
+            )
+        try:
+            checksums = {_plain_str(k): _crc(v) for k, v in data["checksums"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CheckpointFormatError(f"{where}: malformed commit marker checksums: {e}") from e
+        expected = {metadata, *(f"{d}/manifest.json" for d in items.values())}
+        if set(checksums) != expected:
+            raise CheckpointFormatError(
+                f"{where}: commit marker has checksums of {sorted(checksums)}, expected exactly {sorted(expected)}"
+            )
+        return cls(metadata=metadata, items=items, checksums=checksums)
+
+
+def _plain_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, found {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _crc(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise ValueError(f"expected a crc32c (an integer in [0, 2**32)), found {str(value)[:40]!r}")
+    return value
 
 
 def check_version(data: Any, where: str) -> None:
@@ -389,7 +401,7 @@ def check_version(data: Any, where: str) -> None:
         )
 
 
-def dumps(data: dict[str, Any]) -> bytes:
+def dumps(data: Any) -> bytes:
     return json.dumps(data, indent=1, allow_nan=False).encode()
 
 

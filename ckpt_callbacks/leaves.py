@@ -20,8 +20,6 @@ import tensorstore as ts
 from ckpt_callbacks import distributed, planning
 from ckpt_callbacks import format as fmt
 
-__all__ = ["Leaf", "check_dirs", "describe", "plan", "plan_tree"]
-
 # Plans of recently saved trees, by tree signature: a training loop saves the same structure,
 # shapes and shardings every time, and planning thousands of leaves costs tens of ms.
 _PLANS: collections.OrderedDict[Any, list[tuple[fmt.LeafRecord, list[planning.WriteUnit]]]] = collections.OrderedDict()
@@ -34,6 +32,8 @@ class Leaf:
     source: Any = None  # jax.Array (key data or cast copy included) or np.ndarray
     private: bool = False  # the source is our own copy (a cast), no snapshot copy needed
     units: list[planning.WriteUnit] = dataclasses.field(default_factory=list)
+    item: str = ""  # the item it is saved under, and its index in that item's manifest
+    index: int = 0
 
 
 @functools.cache

@@ -24,20 +24,6 @@ from typing import Any
 
 import tensorstore as ts
 
-__all__ = [
-    "Location",
-    "context",
-    "delete_entry",
-    "delete_tree",
-    "has_any",
-    "kvstore_spec",
-    "list_dirs",
-    "list_entries",
-    "parse",
-    "read_bytes",
-    "write_bytes",
-]
-
 SCHEMES = ("file", "memory", "s3", "gs")
 
 

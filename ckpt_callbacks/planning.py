@@ -18,27 +18,19 @@ import dataclasses
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
-__all__ = [
-    "DEFAULT_MAX_CHUNK_BYTES",
-    "MIN_SPLIT_BYTES",
-    "PACK_MAX_FILE_BYTES",
-    "PACK_MAX_LEAF_BYTES",
-    "ArrayPlan",
-    "Region",
-    "WriteUnit",
-    "normalize_index",
-    "pack_layout",
-    "plan_array",
-    "slices",
-]
-
 Region = tuple[tuple[int, int], ...]
 
 # Leaves up to this size are packed: their chunks go into a few pack files per process instead
 # of one zarr3 array each (two objects per leaf, and a request or more per object, on S3/GCS).
 PACK_MAX_LEAF_BYTES = 1 << 20
 PACK_MAX_FILE_BYTES = 64 << 20
-PACK_ALIGN = 64
+PACK_ALIGN = 64  # every chunk in a pack file, and every unit in a staging buffer, starts at a multiple
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the next multiple of ``PACK_ALIGN``."""
+    return -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+
 
 # Replicated slices smaller than this are written whole by one replica (chosen per leaf, so
 # many small replicated leaves still spread over replicas): tiny chunks cost more than they save.
@@ -171,5 +163,5 @@ def pack_layout(chunks: Sequence[tuple[int, int]], max_file_bytes: int = PACK_MA
         if offset and offset + nbytes > max_file_bytes:
             number, offset = number + 1, 0
         out.append((f"pack.{process}-{number}", offset))
-        state[process] = (number, offset + -(-nbytes // PACK_ALIGN) * PACK_ALIGN)
+        state[process] = (number, offset + aligned(nbytes))
     return out

@@ -18,8 +18,6 @@ import datetime
 from collections.abc import Collection, Sequence
 from typing import Any, Literal, Protocol
 
-__all__ = ["CheckpointInterval", "CheckpointLike", "Decision", "KeepPolicy", "SavePolicy", "metric_of"]
-
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointInterval:
@@ -101,13 +99,17 @@ class SavePolicy:
         self,
         step: int,
         *,
-        now: float,
+        now: float | None,
         last_save_step: int | None,
         last_save_time: float,
         force: bool = False,
         previous_step: int | None = None,
     ) -> Decision:
-        """Whether to save at ``step``; ``now`` and ``last_save_time`` are seconds on one clock."""
+        """Whether to save at ``step``; ``now`` and ``last_save_time`` are seconds on one clock.
+
+        ``now=None``: no clock reading at this step (with several processes, steps between
+        sync steps), so the time rule does not apply.
+        """
         if step == last_save_step:
             return NO_SAVE
         if force:
@@ -116,8 +118,9 @@ class SavePolicy:
             return NO_SAVE
         if self.step_due(step, previous_step):
             return Decision(True, False, f"every {self.interval_at(step).every} steps")  # type: ignore[union-attr]
-        if self.save_interval is not None and now - last_save_time >= self.save_interval.total_seconds():
-            return Decision(True, True, f"{self.save_interval.total_seconds():.0f}s since the last save")
+        interval = self.save_interval
+        if interval is not None and now is not None and now - last_save_time >= interval.total_seconds():
+            return Decision(True, True, f"{interval.total_seconds():.0f}s since the last save")
         return NO_SAVE
 
 

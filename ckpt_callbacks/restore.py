@@ -25,47 +25,17 @@ import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import paths, planning
+from ckpt_callbacks import layout, paths, planning
 from ckpt_callbacks.chunk_reads import LeafRead, PackFiles
 from ckpt_callbacks.errors import (
-    CheckpointFormatError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     RestoreMismatchError,
     ShardingRuleError,
 )
 from ckpt_callbacks.rules import Rules, check_spec, spec_for
-from ckpt_callbacks.serializer import read_commit
-
-__all__ = ["Target", "open_checkpoint", "read_leaves", "read_manifest", "restore"]
 
 # Bytes of chunk reads in flight at once: bounds host memory beyond the restored arrays.
 READ_WINDOW_BYTES = 512 << 20
-
-
-def open_checkpoint(path: Any) -> tuple[paths.Location, fmt.Commit, fmt.Metadata]:
-    """The commit marker and metadata of a committed checkpoint; raises if it is not committed."""
-    loc = paths.parse(path)
-    commit = read_commit(loc)
-    if commit is None:
-        hint = " (it holds files but no commit marker: a save that did not finish)" if paths.has_any(loc) else ""
-        raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}{hint}")
-    where = loc.join(commit.metadata).url
-    raw = paths.read_bytes(loc, commit.metadata)
-    if raw is None:
-        raise CheckpointFormatError(f"{where}: named by the commit marker but missing")
-    return loc, commit, fmt.Metadata.from_json(fmt.loads(raw, where), where)
-
-
-def read_manifest(loc: paths.Location, commit: fmt.Commit, item: str) -> fmt.Manifest:
-    if item not in commit.items:
-        raise CheckpointNotFoundError(f"{loc.url} has no item {item!r}; items: {sorted(commit.items)}")
-    item_loc = loc.join(commit.items[item])
-    where = item_loc.join("manifest.json").url
-    raw = paths.read_bytes(item_loc, "manifest.json")
-    if raw is None:
-        raise CheckpointFormatError(f"{where}: missing from a committed checkpoint")
-    return fmt.Manifest.from_json(fmt.loads(raw, where), where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +251,8 @@ def restore(
     """Restores a committed checkpoint.
 
     Args:
-      path: checkpoint directory URL.
+      path: checkpoint directory URL, or a ``Checkpoint`` from ``layout.open_checkpoint`` (or
+        ``CheckpointInfo.checkpoint``): its marker, metadata and manifests are not read again.
       mesh: target mesh; with ``rules`` the specs come from the rules, otherwise from the
         partition specs saved in the manifest.
       rules: ``[(regex, PartitionSpec), ...]`` over '/'-joined key paths; first match wins.
@@ -298,9 +269,10 @@ def restore(
     Returns:
       The template's structure if one is given, else nested dicts, lists and tuples.
     """
-    loc, commit, _ = open_checkpoint(path)
-    manifest = read_manifest(loc, commit, item)
-    item_loc = loc.join(commit.items[item])
+    ckpt = layout.open_checkpoint(path)
+    loc = ckpt.loc
+    manifest = ckpt.manifest(item)
+    item_loc = ckpt.item_loc(item)
     records = manifest.leaves
     chosen = _select(records, keys, loc.url)
     given = _sharding_map(shardings)

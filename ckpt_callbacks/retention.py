@@ -17,13 +17,11 @@ import dataclasses
 import json
 import logging
 from collections.abc import Collection
+from typing import Any
 
-from ckpt_callbacks import distributed, paths
-from ckpt_callbacks import format as fmt
+from ckpt_callbacks import distributed, layout, paths
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.policy import KeepPolicy
-
-__all__ = ["Retention"]
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -37,12 +35,24 @@ class Retention:
         self.metrics: dict[int, dict[str, float]] = {}
         self._undeleted: dict[str, CheckpointInfo] = {}  # failed deletes, retried by the next pass
 
+    @property
+    def metrics_dir(self) -> paths.Location:
+        return self.base.join(layout.METRICS_DIR)
+
+    def with_recorded_metrics(self, step: int, extras: dict[str, Any] | None) -> dict[str, Any]:
+        """``extras`` for the checkpoint of ``step``, with metrics recorded for it merged in."""
+        merged = dict(extras or {})
+        recorded = self.metrics.get(step)
+        if recorded:
+            merged["metrics"] = {**recorded, **merged.get("metrics", {})}
+        return merged
+
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Eval metrics of ``step``; process 0 keeps them as ``<base>/metrics/run-<step>.json``."""
         clean = {str(k): float(v) for k, v in metrics.items()}
         self.metrics[step] = {**self.metrics.get(step, {}), **clean}
         if distributed.is_primary():
-            paths.write_bytes(self.base.join("metrics"), f"run-{step}.json", json.dumps(self.metrics[step]).encode())
+            paths.write_bytes(self.metrics_dir, layout.metrics_name(step), json.dumps(self.metrics[step]).encode())
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, by step, with recorded eval metrics merged into ``extras``."""
@@ -55,7 +65,7 @@ class Retention:
         return dataclasses.replace(info, extras={**info.extras, "metrics": metrics}) if metrics else info
 
     def _read_metrics(self, step: int) -> dict[str, float] | None:
-        raw = paths.read_bytes(self.base.join("metrics"), f"run-{step}.json")
+        raw = paths.read_bytes(self.metrics_dir, layout.metrics_name(step))
         try:
             return json.loads(raw) if raw else None
         except ValueError:
@@ -77,12 +87,9 @@ class Retention:
         retry, self._undeleted = list(self._undeleted.values()), {}
         for info in retry + doomed:
             try:
-                loc = paths.parse(info.path)
-                # The marker goes first: a checkpoint half-deleted is no longer a checkpoint.
-                paths.delete_entry(loc, fmt.COMMIT_MARKER)
-                paths.delete_tree(loc)
+                layout.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
                 if info.step is not None:
-                    paths.delete_entry(self.base.join("metrics"), f"run-{info.step}.json")
+                    paths.delete_entry(self.metrics_dir, layout.metrics_name(info.step))
                 log.info("retention: deleted %s", info.path)
             except Exception as e:  # never raised into the loop; retried by the next pass
                 self._undeleted[info.path] = info

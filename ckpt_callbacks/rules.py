@@ -24,8 +24,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.errors import ShardingRuleError
 
-__all__ = ["Rules", "check_spec", "match_partition_rules", "shardings_from_rules", "spec_for"]
-
 Rules = Sequence[tuple[str, PartitionSpec]]
 
 

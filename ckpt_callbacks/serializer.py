@@ -19,24 +19,65 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
-from ckpt_callbacks import distributed, paths, planning
+from ckpt_callbacks import distributed, layout, paths, planning
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks.errors import CheckpointExistsError
 from ckpt_callbacks.leaves import Leaf, plan_tree
 from ckpt_callbacks.staging import DEFAULT_WINDOW_BYTES, Snapshot, Writer, batches, unit_bytes
 
-__all__ = ["SaveHandle", "SaveStats", "read_commit", "save", "save_async"]
-
 log = logging.getLogger("ckpt_callbacks")
 
+# Saves are numbered per process, and the number names the save's key-value exchanges between
+# processes (layout, checksums, barriers). That only pairs up if every process starts the same
+# saves in the same order, which is the multi-host contract: every process calls save/save_async
+# (or the callback, on every step) with the same arguments, in the same order.
 _SAVE_COUNTER = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SaveOptions:
+    """How a save writes; the one place these defaults are declared.
+
+    Attributes:
+      dtype: floating leaves are cast to this dtype before they are stored.
+      overwrite: replace a committed checkpoint at the path; the old one stays readable until
+        the new one commits. Without it a committed path raises ``CheckpointExistsError``.
+      max_host_bytes: bound on host memory the save holds at once. When the shards live in
+        host memory (CPU devices) and the save is larger, all but the last ``max_host_bytes``
+        are written before ``save_async`` returns.
+      timeout_s: how long a process waits for the others at the commit barrier.
+      pack_bytes: array leaves of at most this many bytes are packed into a few shared files
+        per process instead of one zarr3 array each (far fewer objects on S3/GCS); 0 stores
+        every array leaf as its own zarr3 array.
+    """
+
+    dtype: Any = None
+    overwrite: bool = False
+    max_host_bytes: int | None = None
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S
+    pack_bytes: int = planning.PACK_MAX_LEAF_BYTES
+
+    def __post_init__(self) -> None:
+        budget = self.max_host_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 2):
+            raise ValueError(f"max_host_bytes must be a positive byte count, got {budget!r}")
+        if isinstance(self.pack_bytes, bool) or not isinstance(self.pack_bytes, int) or self.pack_bytes < 0:
+            raise ValueError(f"pack_bytes must be a byte count >= 0 (0: no packing), got {self.pack_bytes!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+
+    @property
+    def cast(self) -> np.dtype | None:
+        return None if self.dtype is None else np.dtype(self.dtype)
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        return planning.DEFAULT_MAX_CHUNK_BYTES if self.max_host_bytes is None else max(1, self.max_host_bytes // 8)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,43 +154,101 @@ class SaveHandle:
         return self._stats
 
 
-def read_commit(loc: paths.Location) -> fmt.Commit | None:
-    """The commit marker of the checkpoint at ``loc``, or None if it is not committed."""
-    raw = paths.read_bytes(loc, fmt.COMMIT_MARKER)
-    if raw is None:
-        return None
-    where = loc.join(fmt.COMMIT_MARKER).url
-    return fmt.Commit.from_json(fmt.loads(raw, where), where)
+@dataclasses.dataclass
+class _Plan:
+    """What one save writes: per item its tree structure and leaves, and this process's units."""
+
+    structures: dict[str, dict[str, Any]]
+    leaves_of: dict[str, list[Leaf]]
+    pairs: list[tuple[Leaf, planning.WriteUnit]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(unit_bytes(leaf, unit) for leaf, unit in self.pairs)
+
+    def pack_files(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(item, pack file) -> (file size, chunks this process puts in it)."""
+        packs: dict[tuple[str, str], tuple[int, int]] = {}
+        for leaf, unit in self.pairs:
+            if leaf.record.pack:
+                name, offset = leaf.record.pack[fmt.chunk_key(unit.chunk)]
+                size, count = packs.get((leaf.item, name), (0, 0))
+                packs[(leaf.item, name)] = (max(size, offset + unit_bytes(leaf, unit)), count + 1)
+        return packs
+
+    def manifests(self, gathered: list[Any]) -> dict[str, fmt.Manifest]:
+        """Each item's manifest, with every process's chunk checksums merged in."""
+        out = {}
+        for item, leaves in self.leaves_of.items():
+            crcs: dict[int, dict[str, int]] = collections.defaultdict(dict)
+            for per_process in gathered:
+                for index, chunk_crcs in per_process.get(item, {}).items():
+                    crcs[int(index)].update(chunk_crcs)
+            records = tuple(
+                dataclasses.replace(leaf.record, crc32c=dict(sorted(crcs[i].items()))) for i, leaf in enumerate(leaves)
+            )
+            out[item] = fmt.Manifest(tree=self.structures[item], leaves=records)
+        return out
+
+    def release_sources(self) -> None:
+        """Drops references to the caller's arrays so donated buffers can go."""
+        for leaves in self.leaves_of.values():
+            for leaf in leaves:
+                leaf.source = None
 
 
-def _choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: str) -> fmt.Commit:
-    """Names for this save: plain ones in a fresh directory, suffixed ones beside anything old."""
-    decision = None
-    if distributed.is_primary():
-        committed = read_commit(loc) is not None
-        decision = {"committed": committed, "occupied": committed or paths.has_any(loc), "nonce": uuid.uuid4().hex[:8]}
-    decision = distributed.broadcast_json(f"{tag}/layout", decision)
-    if decision["committed"] and not overwrite:
-        raise CheckpointExistsError(
-            f"{loc.url} already holds a committed checkpoint; pass overwrite=True "
-            "to replace it (the old one stays valid until the new one commits)"
-        )
-    if not decision["occupied"]:
-        return fmt.Commit(metadata="metadata.json", items={item: item for item in items})
-    nonce = decision["nonce"]
-    return fmt.Commit(metadata=f"metadata.{nonce}.json", items={item: f"{item}.{nonce}" for item in items})
+def _plan(items: Mapping[str, Any], options: SaveOptions) -> _Plan:
+    structures, leaves_of = {}, {}
+    pairs: list[tuple[Leaf, planning.WriteUnit]] = []
+    for item, tree in items.items():
+        structure, flat = fmt.flatten(tree)
+        leaves = plan_tree(flat, options.cast, options.max_chunk_bytes, options.pack_bytes)
+        for index, leaf in enumerate(leaves):
+            leaf.item, leaf.index = item, index
+            pairs.extend((leaf, unit) for unit in leaf.units)
+        structures[item], leaves_of[item] = structure, leaves
+    return _Plan(structures, leaves_of, pairs)
 
 
-def _commit(
-    loc: paths.Location,
-    commit: fmt.Commit,
-    manifests: dict[str, fmt.Manifest],
-    metadata: fmt.Metadata,
-    leaves_of: dict[str, list[Leaf]],
-) -> None:
-    """Process 0: array metadata, manifests, metadata.json, then the marker; then old files go."""
+def _window(total: int, max_host_bytes: int | None) -> int:
+    """Bytes of writes in flight: each holds an encoded copy of its chunk, so keep them to a
+    fraction of the save (or of the budget, which the snapshot batches share) to stay near 1x."""
+    if max_host_bytes is None:
+        return min(DEFAULT_WINDOW_BYTES, max(total // 5, 1))
+    return max(1, max_host_bytes // 8)
+
+
+def _batches(plan: _Plan, options: SaveOptions, copy: bool) -> list[list[tuple[Leaf, planning.WriteUnit]]]:
+    """The snapshot's batches: one, unless a host budget smaller than the save splits it."""
+    if not copy or options.max_host_bytes is None:
+        return [plan.pairs]
+    return batches(plan.pairs, options.max_host_bytes // 2)
+
+
+def _snapshot(pieces: list[list[Any]], writer: Writer, copy: bool) -> Snapshot:
+    """Takes the snapshot; with several batches, writes all but the last first (the snapshot
+    cannot hold more than the budget at once). Returns the last batch."""
+    if not copy:
+        return Snapshot.live(pieces[0])
+    if len(pieces) == 1:
+        return Snapshot.copied(pieces[0])
+    # One buffer, reused by every batch, instead of fresh copies per batch.
+    staging = np.empty(max(sum(planning.aligned(unit_bytes(*p)) for p in b) for b in pieces), np.uint8)
+    for batch in pieces[:-1]:
+        writer.write(Snapshot.staged(batch, staging))
+    return Snapshot.staged(pieces[-1], staging)
+
+
+def _choose(loc: paths.Location, items: list[str], writer: Writer, options: SaveOptions, tag: str) -> layout.SaveLayout:
+    names = layout.choose_layout(loc, items, options.overwrite, tag)
+    writer.open({item: paths.kvstore_spec(loc.join(names.commit.items[item])) for item in items})
+    return names
+
+
+def _create_arrays(loc: paths.Location, commit: fmt.Commit, plan: _Plan) -> None:
+    """Process 0, at commit: each zarr3 array's metadata (writers never race on it)."""
     futures = []
-    for item, leaves in leaves_of.items():
+    for item, leaves in plan.leaves_of.items():
         kvstore = paths.kvstore_spec(loc.join(commit.items[item]))
         for leaf in leaves:
             if leaf.record.kind != "scalar" and not leaf.record.pack:
@@ -157,112 +256,97 @@ def _commit(
                 futures.append(ts.open(spec, create=True, open=True, context=paths.context()))
     for future in futures:
         future.result()
-    for item, manifest in manifests.items():
-        paths.write_bytes(loc.join(commit.items[item]), "manifest.json", fmt.dumps(manifest.to_json()))
-    paths.write_bytes(loc, commit.metadata, fmt.dumps(metadata.to_json()))
-    paths.write_bytes(loc, fmt.COMMIT_MARKER, fmt.dumps(commit.to_json()))
-    if commit.metadata == "metadata.json":  # plain names: the directory was empty, nothing is stale
-        return
-    keep = {fmt.COMMIT_MARKER, commit.metadata, *commit.items.values()}
-    for name in paths.list_entries(loc):
-        if name not in keep:
-            try:
-                paths.delete_entry(loc, name)
-            except Exception as e:  # best effort: the new checkpoint is already committed
-                log.warning("could not delete stale %s: %s", loc.join(name).url, e)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Save:
+    """One save between its snapshot and its commit (run in the background by ``finish``)."""
+
+    loc: paths.Location
+    items: list[str]
+    plan: _Plan
+    writer: Writer
+    metadata: fmt.Metadata
+    options: SaveOptions
+    tag: str
+
+    def finish(self, names: layout.SaveLayout | None, last: Snapshot) -> int:
+        """Names (unless chosen already), the last batch, checksums to process 0, barrier,
+        commit, barrier. Returns the bytes this process wrote."""
+        timeout_s = self.options.timeout_s
+        if names is None:
+            names = _choose(self.loc, self.items, self.writer, self.options, self.tag)
+        try:
+            self.writer.write(last)
+            self.writer.check_complete(self.loc.url)
+            crcs = {i: {str(k): v for k, v in c.items()} for i, c in self.writer.crcs.items()}
+            gathered = distributed.gather_json(f"{self.tag}/crc", crcs, timeout_s)
+            distributed.barrier(f"{self.tag}/written", timeout_s)
+            if gathered is not None:
+                _create_arrays(self.loc, names.commit, self.plan)
+                layout.write_commit(self.loc, names, self.plan.manifests(gathered), self.metadata)
+        except BaseException:
+            if distributed.is_primary():
+                layout.release(self.loc, names)
+            raise
+        distributed.barrier(f"{self.tag}/committed", timeout_s)
+        return self.writer.nbytes
 
 
 def _start_save(
     path: Any,
     items: Mapping[str, Any],
+    metadata: fmt.Metadata,
+    options: SaveOptions,
     *,
-    step: int | None,
-    extras: dict[str, Any] | None,
-    dtype: Any,
-    overwrite: bool,
-    max_host_bytes: int | None,
-    is_temporary: bool,
-    timeout_s: float,
-    pack_bytes: int = planning.PACK_MAX_LEAF_BYTES,
     copy: bool = True,
 ) -> SaveHandle:
+    """Checks and snapshot in the caller's thread; names, writes and commit in a background one.
+
+    The names are chosen in the background (a write and a listing on storage, which the loop
+    should not wait for), unless batches must be written before returning.
+    """
     start = time.perf_counter()
     loc = paths.parse(path)
     for item in items:
-        if not item or not all(c.isalnum() or c in "_-" for c in item):
-            raise ValueError(f"item name {item!r}: use letters, digits, '_' and '-'")
-    if max_host_bytes is not None and max_host_bytes < 2:
-        raise ValueError(f"max_host_bytes must be a positive byte count, got {max_host_bytes}")
-    if isinstance(pack_bytes, bool) or not isinstance(pack_bytes, int) or pack_bytes < 0:
-        raise ValueError(f"pack_bytes must be a byte count >= 0 (0: no packing), got {pack_bytes!r}")
+        layout.check_item_name(item)
     tag = f"save{next(_SAVE_COUNTER)}"
-    cast = None if dtype is None else np.dtype(dtype)
-    commit = _choose_layout(loc, list(items), overwrite, tag)
-    max_chunk = planning.DEFAULT_MAX_CHUNK_BYTES if max_host_bytes is None else max(1, max_host_bytes // 8)
-    structures, leaves_of, item_of = {}, {}, {}
-    pairs: list[tuple[Leaf, planning.WriteUnit]] = []
-    for item, tree in items.items():
-        structure, flat = fmt.flatten(tree)
-        leaves = plan_tree(flat, cast, max_chunk, pack_bytes)
-        structures[item], leaves_of[item] = structure, leaves
-        for index, leaf in enumerate(leaves):
-            item_of[id(leaf)] = (item, index)
-            pairs.extend((leaf, unit) for unit in leaf.units)
-    metadata = fmt.Metadata(
-        step=step, timestamp=time.time(), is_temporary=is_temporary, extras=dict(extras or {}), items=tuple(items)
+    layout.refuse_committed(loc, options.overwrite, tag)
+    plan = _plan(items, options)
+    save = _Save(
+        loc=loc,
+        items=list(items),
+        plan=plan,
+        writer=Writer(_window(plan.nbytes, options.max_host_bytes), plan.pack_files()),
+        metadata=metadata,
+        options=options,
+        tag=tag,
     )
-    # Writes in flight hold an encoded copy of their chunk: keep them to a fraction of the save
-    # (or of the budget, which the snapshot batches share) so the total stays near 1x.
-    total = sum(unit_bytes(leaf, unit) for leaf, unit in pairs)
-    window = min(DEFAULT_WINDOW_BYTES, max(total // 5, 1)) if max_host_bytes is None else max(1, max_host_bytes // 8)
-    packs: dict[tuple[str, str], tuple[int, int]] = {}  # (item, pack file) -> (size, chunks written here)
-    for leaf, unit in pairs:
-        if leaf.record.pack:
-            name, offset = leaf.record.pack[fmt.chunk_key(unit.chunk)]
-            key = (item_of[id(leaf)][0], name)
-            size, count = packs.get(key, (0, 0))
-            packs[key] = (max(size, offset + unit_bytes(leaf, unit)), count + 1)
-    writer = Writer({item: paths.kvstore_spec(loc.join(commit.items[item])) for item in items}, window, packs)
-    pieces = batches(pairs, None if max_host_bytes is None or not copy else max_host_bytes // 2)
-    # With a host-memory budget smaller than the save, all but the last batch are written
-    # before returning: the snapshot cannot hold more than the budget at once.
-    staging = None
-    if len(pieces) > 1:  # one buffer, reused by every batch, instead of fresh copies per batch
-        staging = np.empty(max(sum(-(-unit_bytes(*p) // 64) * 64 for p in b) for b in pieces), np.uint8)
-    for batch in pieces[:-1]:
-        writer.write(item_of, Snapshot(batch, staging))
-    last = Snapshot(pieces[-1], staging, copy=copy)
-    # The tree is not needed past this point; drop references so donated buffers can go.
-    for leaves in leaves_of.values():
-        for leaf in leaves:
-            leaf.source = None
-
-    def finish() -> int:
-        writer.write(item_of, last)
-        writer.check_complete(loc.url)
-        gathered = distributed.gather_json(
-            f"{tag}/crc", {i: {str(k): v for k, v in c.items()} for i, c in writer.crcs.items()}, timeout_s
-        )
-        distributed.barrier(f"{tag}/written", timeout_s)
-        if gathered is not None:
-            manifests = {}
-            for item, leaves in leaves_of.items():
-                crcs: dict[int, dict[str, int]] = collections.defaultdict(dict)
-                for per_process in gathered:
-                    for index, chunk_crcs in per_process.get(item, {}).items():
-                        crcs[int(index)].update(chunk_crcs)
-                records = tuple(
-                    dataclasses.replace(leaf.record, crc32c=dict(sorted(crcs[i].items())))
-                    for i, leaf in enumerate(leaves)
-                )
-                manifests[item] = fmt.Manifest(tree=structures[item], leaves=records)
-            _commit(loc, commit, manifests, metadata, leaves_of)
-        distributed.barrier(f"{tag}/committed", timeout_s)
-        return writer.nbytes
-
+    pieces = _batches(plan, options, copy)
+    names = _choose(loc, save.items, save.writer, options, tag) if len(pieces) > 1 else None
+    try:
+        last = _snapshot(pieces, save.writer, copy)
+    except BaseException:
+        if names is not None and distributed.is_primary():
+            layout.release(loc, names)
+        raise
+    plan.release_sources()
     handle = SaveHandle(loc.url, time.perf_counter() - start)
-    handle._start(finish)
+    handle._start(lambda: save.finish(names, last))
     return handle
+
+
+def _metadata(
+    items: Mapping[str, Any], step: int | None, extras: dict[str, Any] | None, temporary: bool
+) -> fmt.Metadata:
+    return fmt.Metadata(
+        step=step, timestamp=time.time(), is_temporary=temporary, extras=dict(extras or {}), items=tuple(items)
+    )
+
+
+def _options(options: SaveOptions | None, overrides: dict[str, Any]) -> SaveOptions:
+    base = SaveOptions() if options is None else options
+    return dataclasses.replace(base, **overrides) if overrides else base
 
 
 def save_async(
@@ -271,13 +355,10 @@ def save_async(
     *,
     step: int | None = None,
     extras: dict[str, Any] | None = None,
-    dtype: Any = None,
     item: str = "state",
-    overwrite: bool = False,
-    max_host_bytes: int | None = None,
     is_temporary: bool = False,
-    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
-    pack_bytes: int = planning.PACK_MAX_LEAF_BYTES,
+    options: SaveOptions | None = None,
+    **option_overrides: Any,
 ) -> SaveHandle:
     """Starts saving ``tree`` to the checkpoint directory ``path``; returns after the snapshot.
 
@@ -287,51 +368,35 @@ def save_async(
         strings and None.
       step: recorded in ``metadata.json``.
       extras: JSON-serializable dict recorded in ``metadata.json``.
-      dtype: floating leaves are cast to this dtype before they are stored.
       item: name of the item directory.
-      overwrite: replace a committed checkpoint at ``path``; the old one stays readable until the
-        new one commits. Without it a committed ``path`` raises ``CheckpointExistsError``.
-      max_host_bytes: bound on host memory the save holds at once. When the shards live in host
-        memory (CPU devices) and the save is larger, all but the last ``max_host_bytes`` are
-        written before this returns.
       is_temporary: recorded in ``metadata.json`` (retention deletes superseded temporaries).
-      timeout_s: how long a process waits for the others at the commit barrier.
-      pack_bytes: array leaves of at most this many bytes (1 MiB by default) are packed into a
-        few shared files per process instead of one zarr3 array each: far fewer objects on
-        S3/GCS. 0 stores every array leaf as its own zarr3 array.
+      options: a ``SaveOptions``; any of its fields may also be given as keywords
+        (``dtype=``, ``overwrite=``, ``max_host_bytes=``, ``timeout_s=``, ``pack_bytes=``),
+        which override it.
 
     Returns:
       A ``SaveHandle``; ``wait()`` returns ``SaveStats`` once committed or raises the failure.
     """
-    return _start_save(
-        path,
-        {item: tree},
-        step=step,
-        extras=extras,
-        dtype=dtype,
-        overwrite=overwrite,
-        max_host_bytes=max_host_bytes,
-        is_temporary=is_temporary,
-        timeout_s=timeout_s,
-        pack_bytes=pack_bytes,
-    )
+    opts = _options(options, option_overrides)
+    return _start_save(path, {item: tree}, _metadata({item: tree}, step, extras, is_temporary), opts)
 
 
-def save(path: Any, tree: Any, *, item: str = "state", **kwargs: Any) -> None:
+def save(
+    path: Any,
+    tree: Any,
+    *,
+    step: int | None = None,
+    extras: dict[str, Any] | None = None,
+    item: str = "state",
+    is_temporary: bool = False,
+    options: SaveOptions | None = None,
+    **option_overrides: Any,
+) -> None:
     """Saves ``tree`` to ``path`` and returns once it is committed; arguments as ``save_async``.
 
     The caller waits anyway, so the shards are written straight from its buffers: no
     snapshot copy, and no host memory beyond the writes in flight.
     """
-    kwargs = {
-        "step": None,
-        "extras": None,
-        "dtype": None,
-        "overwrite": False,
-        "max_host_bytes": None,
-        "is_temporary": False,
-        "timeout_s": distributed.DEFAULT_TIMEOUT_S,
-        "pack_bytes": planning.PACK_MAX_LEAF_BYTES,
-        **kwargs,
-    }
-    _start_save(path, {item: tree}, copy=False, **kwargs).wait()
+    opts = _options(options, option_overrides)
+    metadata = _metadata({item: tree}, step, extras, is_temporary)
+    _start_save(path, {item: tree}, metadata, opts, copy=False).wait()

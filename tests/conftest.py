@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,18 @@ def run_python(*args: str, timeout: float = 600):
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, check=False, timeout=timeout
     )
+
+
+def forge_committed_json(url: str, name: str, data: bytes) -> None:
+    """Writes ``data`` as the committed JSON file ``name`` (relative to the checkpoint) and
+    updates its crc32c in the marker, as an attacker who knows the format would."""
+    import crc32c
+
+    from ckpt_callbacks import layout, paths
+
+    loc = paths.parse(url)
+    *dirs, base = name.split("/")
+    paths.write_bytes(loc.join(*dirs) if dirs else loc, base, data)
+    marker = json.loads(paths.read_bytes(loc, layout.COMMIT_MARKER))
+    marker["checksums"][name] = crc32c.crc32c(data)
+    paths.write_bytes(loc, layout.COMMIT_MARKER, json.dumps(marker).encode())

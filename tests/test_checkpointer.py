@@ -125,7 +125,7 @@ def test_sigterm_saves_at_next_step_and_chains_previous_handler(url):
         assert ck.on_step(_state(2), step=2)
         assert seen == [signal.SIGTERM]
         ck.close()
-        assert signal.getsignal(signal.SIGTERM) is not ck._on_sigterm  # restored on close
+        assert signal.getsignal(signal.SIGTERM) is not ck.preemption._on_sigterm  # restored on close
     finally:
         signal.signal(signal.SIGTERM, previous)
 

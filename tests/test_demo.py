@@ -18,7 +18,7 @@ def test_demo_kills_resumes_and_reports(tmp_path):
         "--eval-every",
         "20",
     ]
-    out = run_python("-m", "ckpt_callbacks.demo", *args)
+    out = run_python("examples/demo.py", *args)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     report = out.stdout
     assert "killed (SIGKILL) at step 70; resuming" in report
@@ -29,5 +29,5 @@ def test_demo_kills_resumes_and_reports(tmp_path):
 
 
 def test_demo_refuses_memory_urls():
-    out = run_python("-m", "ckpt_callbacks.demo", "--path", "memory://x", timeout=120)
+    out = run_python("examples/demo.py", "--path", "memory://x", timeout=120)
     assert out.returncode == 2 and "memory:// lives inside one process" in out.stderr

@@ -12,7 +12,7 @@ import pytest
 import ckpt_callbacks as cc
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths
-from conftest import assert_tree_equal
+from conftest import assert_tree_equal, forge_committed_json
 
 NASTY_KEYS = ["../x", "a/b", "", ".", "..", "ünïcødé ✓", "x" * 300, "%2E", "~", "manifest.json", "COMMITTED"]
 
@@ -62,8 +62,8 @@ def test_non_string_keys_are_rejected_with_their_path():
 
 def test_manifest_is_plain_json(url):
     cc.save(url, {"w": jnp.ones((2, 3)), "n": 5})
-    loc, commit, _ = cc.restore.__globals__["open_checkpoint"](url)
-    raw = json.loads(paths.read_bytes(loc.join(commit.items["state"]), "manifest.json"))
+    ckpt = cc.open_checkpoint(url)
+    raw = json.loads(paths.read_bytes(ckpt.item_loc("state"), "manifest.json"))
     assert raw["format"] == "ckpt_callbacks" and raw["version"] == 1
     leaves = {tuple(leaf["path"]): leaf for leaf in raw["leaves"]}
     assert leaves[("n",)] == {"path": ["n"], "kind": "scalar", "value": 5, "value_type": "int"}
@@ -92,12 +92,11 @@ def test_marker_cannot_point_outside_the_checkpoint(url):
 @pytest.mark.parametrize("pack", [["../../COMMITTED", 0], ["/etc/passwd", 0], ["pack.0-0", -8], ["pack.0-0"]])
 def test_pack_entries_cannot_point_outside_the_item(url, pack):
     cc.save(url, {"a": np.arange(4.0)})
-    loc, commit, _ = cc.restore.__globals__["open_checkpoint"](url)
-    item = loc.join(commit.items["state"])
-    manifest = json.loads(paths.read_bytes(item, "manifest.json"))
+    ckpt = cc.open_checkpoint(url)
+    manifest = json.loads(paths.read_bytes(ckpt.item_loc("state"), "manifest.json"))
     assert manifest["leaves"][0]["pack"] == {"0": ["pack.0-0", 0]}
     manifest["leaves"][0]["pack"] = {"0": pack}
-    paths.write_bytes(item, "manifest.json", json.dumps(manifest).encode())
+    forge_committed_json(url, f"{ckpt.commit.items['state']}/manifest.json", json.dumps(manifest).encode())
     with pytest.raises(cc.CheckpointFormatError, match=r"manifest\.json"):
         cc.restore(url)
 

@@ -19,13 +19,11 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import paths
-from ckpt_callbacks.restore import open_checkpoint, read_manifest
 from conftest import assert_tree_equal, make_mesh, put
 
 
 def _manifest(url, item="state"):
-    loc, commit, _ = open_checkpoint(url)
-    return read_manifest(loc, commit, item)
+    return cc.open_checkpoint(url).manifest(item)
 
 
 def test_every_leaf_kind_round_trips(url, mesh42):
@@ -161,8 +159,7 @@ def test_small_leaves_are_packed_into_few_files(url, mesh42):
         "key": jax.random.key(0),
     }
     cc.save(url, tree)
-    loc, commit, _ = open_checkpoint(url)
-    assert paths.list_entries(loc.join(commit.items["state"])) == ["big", "manifest.json", "pack.0-0"]
+    assert paths.list_entries(cc.open_checkpoint(url).item_loc("state")) == ["big", "manifest.json", "pack.0-0"]
     records = {r.key: r for r in _manifest(url).leaves}
     assert records["big"].pack == {} and len(records["sharded"].pack) == 8 and records["key"].pack
     assert_tree_equal(cc.restore(url), tree)
@@ -172,8 +169,7 @@ def test_small_leaves_are_packed_into_few_files(url, mesh42):
     assert cc.verify(url).ok
 
     cc.save(url + "-plain", tree, pack_bytes=0)  # every array leaf a zarr3 array, as before packing
-    loc, commit, _ = open_checkpoint(url + "-plain")
-    entries = paths.list_entries(loc.join(commit.items["state"]))
+    entries = paths.list_entries(cc.open_checkpoint(url + "-plain").item_loc("state"))
     assert not [e for e in entries if e.startswith("pack.")] and {"big", "sharded", "small", "host"} <= set(entries)
     assert_tree_equal(cc.restore(url + "-plain"), tree)
 
@@ -291,7 +287,7 @@ def test_no_pickle_or_eval_in_package():
 def test_a_pack_file_left_incomplete_stops_the_commit():
     from ckpt_callbacks.staging import Writer
 
-    writer = Writer({"state": {"driver": "memory", "path": "x/"}}, 1 << 20, {("state", "pack.0-0"): (128, 2)})
+    writer = Writer(1 << 20, {("state", "pack.0-0"): (128, 2)})
     with pytest.raises(RuntimeError, match=r"pack files left incomplete: \['state/pack.0-0'\]"):
         writer.check_complete("memory://x")
-    Writer({"state": {"driver": "memory", "path": "x/"}}, 1 << 20, {}).check_complete("memory://x")
+    Writer(1 << 20, {}).check_complete("memory://x")

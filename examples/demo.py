@@ -1,6 +1,6 @@
 """``make demo``: train, get killed mid-run, resume, and report.
 
-    python -m ckpt_callbacks.demo [--path ./checkpoints] [--steps 300] [--kill-at 180]
+    python examples/demo.py [--path ./checkpoints] [--steps 300] [--kill-at 180]
 
 A Flax + Optax MLP trains on generated data with a ``CheckpointCallback`` holding a step
 schedule (every 50 steps until 200, then every 100), time-based temporaries and keep-best on
@@ -23,8 +23,6 @@ import time
 from typing import Any
 
 from ckpt_callbacks import paths
-
-__all__ = ["main"]
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -104,7 +102,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _run_worker(argv: list[str], kill_at: int | None) -> tuple[list[dict[str, Any]], bool]:
-    cmd = [sys.executable, "-m", "ckpt_callbacks.demo", "--worker", *argv]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *argv]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     events: list[dict[str, Any]] = []
     killed = False

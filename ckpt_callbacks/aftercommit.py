@@ -1,0 +1,90 @@
+"""What runs after each save commits, in one background thread: telemetry, retention, exit.
+
+The training loop hands over a save's handle and goes on; this worker waits for the commit,
+records the save's telemetry (and sends it to a clu-style writer), runs retention on process 0
+and, for a preemption checkpoint under the default SIGTERM action, ends the process.
+A failed save is not handled here: its handle raises to the loop at the next save or wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ckpt_callbacks import distributed
+from ckpt_callbacks.serializer import SaveHandle, SaveStats
+
+log = logging.getLogger("ckpt_callbacks")
+
+
+class ScalarWriter(Protocol):
+    """A clu-style metric writer (``clu.metric_writers`` satisfy it)."""
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None: ...
+
+
+def telemetry(stats: SaveStats) -> dict[str, float]:
+    """The scalars reported for one committed save."""
+    return {
+        "checkpoint/blocking_s": stats.blocking_s,
+        "checkpoint/write_s": stats.write_s,
+        "checkpoint/bytes": float(stats.bytes_written),
+        "checkpoint/gb_per_s": stats.gb_per_s,
+    }
+
+
+class AfterCommit:
+    """A daemon worker over a queue of (handle, step, then): ``then`` runs once committed."""
+
+    def __init__(self, writer: ScalarWriter | None, retention: Callable[[], None]) -> None:
+        self._writer = writer
+        self._retention = retention
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.saves: list[dict[str, Any]] = []  # telemetry of every committed save, in order
+
+    def submit(self, handle: SaveHandle, step: int, then: Callable[[], None] | None = None) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="ckpt-after-commit", daemon=True)
+            self._thread.start()
+        self._jobs.put((handle, step, then))
+
+    def join(self) -> None:
+        """Blocks until every submitted save has been handled."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                self._handle(*job)
+            finally:
+                self._jobs.task_done()
+
+    def _handle(self, handle: SaveHandle, step: int, then: Callable[[], None] | None) -> None:
+        try:
+            stats = handle.wait()
+        except BaseException:
+            return  # raised to the caller by the next save or wait_until_finished
+        scalars = telemetry(stats)
+        self.saves.append({"step": step, "path": stats.path, **scalars})
+        if self._writer is not None:
+            try:
+                self._writer.write_scalars(step, scalars)
+            except Exception as e:  # telemetry must not break saving
+                log.warning("writer.write_scalars failed: %s", e)
+        if distributed.is_primary():
+            self._retention()
+        if then is not None:
+            then()

@@ -1,0 +1,308 @@
+"""What a checkpoint directory is: its entry names, the commit marker, and how to open one.
+
+>>> import jax.numpy as jnp
+>>> from ckpt_callbacks.serializer import save
+>>> save("memory://doc/layout/run-4", {"w": jnp.ones(2)}, step=4)
+>>> ckpt = open_checkpoint("memory://doc/layout/run-4")
+>>> ckpt.metadata.step, ckpt.items, [r.key for r in ckpt.manifest("state").leaves]
+(4, ['state'], ['w'])
+
+A checkpoint exists iff its ``COMMITTED`` marker does. The marker names the metadata file and
+the item directories of the committed version, with a crc32c of each JSON file it commits,
+so bit rot in metadata or manifests is caught like bit rot in chunks. Both the save path
+(``serializer``) and the read path (``restore``, ``discovery``) meet here, and only here.
+
+Which names are ours: ``COMMITTED``, ``metadata.json`` and ``metadata.<nonce>.json``, item
+directories (``<item>``, ``<item>.<nonce>``) and save claims (``.claim.<nonce>``). The library
+deletes nothing else: a user's ``config.yaml`` beside a checkpoint survives saves, overwrites
+and retention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import uuid
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import crc32c
+
+from ckpt_callbacks import distributed, paths
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks.errors import (
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+
+log = logging.getLogger("ckpt_callbacks")
+
+COMMIT_MARKER = "COMMITTED"
+METADATA = "metadata.json"
+MANIFEST = "manifest.json"
+METRICS_DIR = "metrics"
+CLAIM_PREFIX = ".claim."
+_RUN = re.compile(r"run-([0-9]+)")
+_NONCE = r"[0-9a-f]{8}"
+_ITEM = re.compile(r"[A-Za-z0-9_-]+")
+_OURS = re.compile(
+    rf"{re.escape(COMMIT_MARKER)}|metadata(\.{_NONCE})?\.json|\.claim\.{_NONCE}|[A-Za-z0-9_-]+\.{_NONCE}"
+)
+
+
+def run_name(step: int) -> str:
+    """The directory name of the checkpoint of ``step`` under a base (``run-<step>``)."""
+    return f"run-{step}"
+
+
+def step_of(name: str) -> int | None:
+    """The step a ``run-<step>`` directory name stands for, or None for other names."""
+    match = _RUN.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def metrics_name(step: int) -> str:
+    """The file under ``<base>/metrics/`` holding the eval metrics recorded for ``step``."""
+    return f"{run_name(step)}.json"
+
+
+def check_item_name(item: str) -> None:
+    if not isinstance(item, str) or not _ITEM.fullmatch(item):
+        raise ValueError(f"item name {item!r}: use letters, digits, '_' and '-'")
+
+
+def read_commit(loc: paths.Location) -> fmt.Commit | None:
+    """The commit marker of the checkpoint at ``loc``, or None if it is not committed."""
+    raw = paths.read_bytes(loc, COMMIT_MARKER)
+    if raw is None:
+        return None
+    where = loc.join(COMMIT_MARKER).url
+    return fmt.Commit.from_json(fmt.loads(raw, where), where)
+
+
+def _read_committed_json(loc: paths.Location, commit: fmt.Commit, name: str) -> Any:
+    """A JSON file the marker names (``name`` relative to ``loc``), checked against its crc32c."""
+    *dirs, base = name.split("/")
+    where = f"{loc.url}/{name}"
+    raw = paths.read_bytes(loc.join(*dirs) if dirs else loc, base)
+    if raw is None:
+        raise CorruptCheckpointError(f"{where}: named by the commit marker but missing")
+    expected = commit.checksums.get(name)
+    found = crc32c.crc32c(raw)
+    if expected != found:
+        raise CorruptCheckpointError(
+            f"{where}: crc32c {found:#010x} on disk, {expected!r} in the commit marker "
+            "(the file was modified or damaged)"
+        )
+    return fmt.loads(raw, where)
+
+
+@dataclasses.dataclass(eq=False)
+class Checkpoint:
+    """A committed checkpoint, opened: marker and metadata read once, each manifest read once.
+
+    ``restore``, ``verify`` and the Checkpointer accept it instead of a path, so a restore of
+    the latest checkpoint reads each JSON file of it once.
+    """
+
+    loc: paths.Location
+    commit: fmt.Commit
+    metadata: fmt.Metadata
+    _manifests: dict[str, fmt.Manifest] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    @property
+    def items(self) -> list[str]:
+        return list(self.commit.items)
+
+    def item_loc(self, item: str) -> paths.Location:
+        if item not in self.commit.items:
+            raise CheckpointNotFoundError(f"{self.url} has no item {item!r}; items: {sorted(self.commit.items)}")
+        return self.loc.join(self.commit.items[item])
+
+    def manifest(self, item: str) -> fmt.Manifest:
+        """The validated manifest of ``item`` (read on first use)."""
+        if item not in self._manifests:
+            item_loc = self.item_loc(item)
+            name = f"{self.commit.items[item]}/{MANIFEST}"
+            data = _read_committed_json(self.loc, self.commit, name)
+            self._manifests[item] = fmt.Manifest.from_json(data, item_loc.join(MANIFEST).url)
+        return self._manifests[item]
+
+
+def try_open(loc: paths.Location) -> Checkpoint | None:
+    """The checkpoint at ``loc`` opened, or None if it is not committed (no other listing)."""
+    commit = read_commit(loc)
+    if commit is None:
+        return None
+    where = loc.join(commit.metadata).url
+    metadata = fmt.Metadata.from_json(_read_committed_json(loc, commit, commit.metadata), where)
+    named = step_of(loc.name)
+    if named is not None and metadata.step is not None and metadata.step != named:
+        raise CheckpointFormatError(
+            f"{where}: step {metadata.step}, but the directory is {loc.name!r} (expected step {named})"
+        )
+    if sorted(metadata.items) != sorted(commit.items):
+        raise CheckpointFormatError(
+            f"{where}: items {sorted(metadata.items)}, but the commit marker names {sorted(commit.items)}"
+        )
+    return Checkpoint(loc, commit, metadata)
+
+
+def open_checkpoint(path: Any) -> Checkpoint:
+    """Opens the committed checkpoint at ``path`` (a URL, a ``Location`` or a ``Checkpoint``)."""
+    if isinstance(path, Checkpoint):
+        return path
+    loc = paths.parse(path)
+    ckpt = try_open(loc)
+    if ckpt is None:
+        hint = " (it holds files but no commit marker: a save that did not finish)" if paths.has_any(loc) else ""
+        raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}{hint}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------- saving
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SaveLayout:
+    """The names one save writes, and what its commit may delete afterwards.
+
+    ``stale``: our own entries that were in the directory when the save began and belong to no
+    other save in flight (an overwritten version, leftovers of a save that died).
+    """
+
+    commit: fmt.Commit
+    claim: str
+    stale: tuple[str, ...] = ()
+
+
+def _claimed_names(loc: paths.Location, claim: str) -> set[str]:
+    raw = paths.read_bytes(loc, claim)
+    try:
+        names = fmt.loads(raw or b"[]", loc.join(claim).url)
+        return {str(n) for n in names} if isinstance(names, list) else set()
+    except CheckpointFormatError:
+        return set()
+
+
+def _is_ours(name: str, items: Collection[str]) -> bool:
+    return bool(_OURS.fullmatch(name)) or name in items
+
+
+def refuse_committed(loc: paths.Location, overwrite: bool, tag: str) -> None:
+    """Raises ``CheckpointExistsError`` on every process if ``loc`` is committed and not to be overwritten."""
+    if overwrite:
+        return
+    committed = read_commit(loc) is not None if distributed.is_primary() else None
+    if distributed.broadcast_json(f"{tag}/committed", committed):
+        raise CheckpointExistsError(
+            f"{loc.url} already holds a committed checkpoint; pass overwrite=True "
+            "to replace it (the old one stays valid until the new one commits)"
+        )
+
+
+def _decide_names(loc: paths.Location, items: list[str], overwrite: bool) -> dict[str, Any]:
+    """Process 0: claim, list, and choose (see ``choose_layout``)."""
+    nonce = uuid.uuid4().hex[:8]
+    claim = f"{CLAIM_PREFIX}{nonce}"
+    paths.write_bytes(loc, claim, fmt.dumps([f"metadata.{nonce}.json", *(f"{item}.{nonce}" for item in items)]))
+    committed = read_commit(loc)
+    if committed is not None and not overwrite:  # committed by another save since refuse_committed
+        paths.delete_entry(loc, claim)
+        return {"committed": True}
+    entries = [n for n in paths.list_entries(loc) if n != claim]
+    others = [n for n in entries if n.startswith(CLAIM_PREFIX)]
+    busy = set().union(*(_claimed_names(loc, c) for c in others)) if others else set()
+    known = set(items) | (set(committed.items) if committed else set())
+    stale = [n for n in entries if _is_ours(n, known) and n not in busy and not n.startswith(CLAIM_PREFIX)]
+    return {"committed": False, "plain": not others and not stale, "nonce": nonce, "stale": stale}
+
+
+def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: str) -> SaveLayout:
+    """Names for one save, decided by process 0 and shared with every process.
+
+    Process 0 first writes a claim naming what the save will write, then lists the directory.
+    Plain names (``metadata.json``, ``<item>``) are used only in a directory holding none of
+    ours and no other claim; otherwise fresh suffixed names. Two saves to one path (threads,
+    processes or runs) therefore never write the same files, and whichever commits last is
+    whole. Plain-name readers (the seed's ``metadata.json``) see plain names on a first save.
+    """
+    decision = _decide_names(loc, items, overwrite) if distributed.is_primary() else None
+    decision = distributed.broadcast_json(f"{tag}/layout", decision)
+    if decision["committed"]:
+        raise CheckpointExistsError(f"{loc.url}: another save committed a checkpoint here while this one started")
+    nonce = decision["nonce"]
+    if decision["plain"]:
+        commit = fmt.Commit(metadata=METADATA, items={item: item for item in items})
+    else:
+        commit = fmt.Commit(metadata=f"metadata.{nonce}.json", items={item: f"{item}.{nonce}" for item in items})
+    return SaveLayout(commit=commit, claim=f"{CLAIM_PREFIX}{nonce}", stale=tuple(decision["stale"]))
+
+
+def release(loc: paths.Location, layout: SaveLayout) -> None:
+    """Process 0, after a failed save: drops the claim (the written files stay until the next save)."""
+    try:
+        paths.delete_entry(loc, layout.claim)
+    except Exception as e:  # best effort: a leftover claim only makes the next save use suffixed names
+        log.warning("could not delete %s: %s", loc.join(layout.claim).url, e)
+
+
+def write_commit(
+    loc: paths.Location, layout: SaveLayout, manifests: Mapping[str, fmt.Manifest], metadata: fmt.Metadata
+) -> None:
+    """Process 0: manifests, metadata, then the marker (with their crc32c); then stale entries go."""
+    commit = layout.commit
+    checksums = {}
+    for item, manifest in manifests.items():
+        raw = fmt.dumps(manifest.to_json())
+        paths.write_bytes(loc.join(commit.items[item]), MANIFEST, raw)
+        checksums[f"{commit.items[item]}/{MANIFEST}"] = crc32c.crc32c(raw)
+    raw = fmt.dumps(metadata.to_json())
+    paths.write_bytes(loc, commit.metadata, raw)
+    checksums[commit.metadata] = crc32c.crc32c(raw)
+    replaced = read_commit_quietly(loc)
+    marker = dataclasses.replace(commit, checksums=checksums)
+    paths.write_bytes(loc, COMMIT_MARKER, fmt.dumps(marker.to_json()))
+    keep = {commit.metadata, *commit.items.values()}
+    doomed = set(layout.stale)
+    if replaced is not None:
+        doomed |= {replaced.metadata, *replaced.items.values()}
+    _delete_quietly(loc, [*sorted(doomed - keep - {COMMIT_MARKER}), layout.claim])
+
+
+def read_commit_quietly(loc: paths.Location) -> fmt.Commit | None:
+    try:
+        return read_commit(loc)
+    except CheckpointFormatError:
+        return None
+
+
+def _delete_quietly(loc: paths.Location, names: list[str]) -> None:
+    for name in names:
+        try:
+            paths.delete_entry(loc, name)
+        except Exception as e:  # best effort: the new checkpoint is already committed
+            log.warning("could not delete stale %s: %s", loc.join(name).url, e)
+
+
+def delete_checkpoint(loc: paths.Location, commit: fmt.Commit | None = None) -> None:
+    """Deletes a checkpoint: the marker first (a half-deleted checkpoint is no checkpoint),
+    then our own entries; the directory goes only if nothing else is left in it.
+
+    ``commit``: its marker as read before (a retried delete finds no marker any more).
+    """
+    commit = commit or read_commit_quietly(loc)
+    paths.delete_entry(loc, COMMIT_MARKER)
+    items = set(commit.items) if commit else set()
+    named = {commit.metadata, *commit.items.values()} if commit else set()
+    entries = paths.list_entries(loc)
+    ours = [n for n in entries if n in named or _is_ours(n, items)]
+    for name in ours:
+        paths.delete_entry(loc, name)
+    if len(ours) == len(entries):
+        paths.delete_tree(loc)
