@@ -20,7 +20,7 @@ lint: install
 	$(BIN)/ruff check $(SRC)
 
 typecheck: install
-	$(BIN)/mypy ckpt_callbacks
+	$(BIN)/mypy ckpt_callbacks examples tests/programs
 
 pytest: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -26,13 +26,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckpt_callbacks import distributed, layout, paths
+from ckpt_callbacks import layout, paths
 from ckpt_callbacks import restore as restore_lib
 from ckpt_callbacks.aftercommit import AfterCommit, ScalarWriter
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckpt_callbacks.policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
-from ckpt_callbacks.preemption import Preemption
+from ckpt_callbacks.preemption import Preemption, agree
 from ckpt_callbacks.retention import Retention
 from ckpt_callbacks.serializer import SaveHandle, SaveOptions, save_async
 
@@ -56,6 +56,21 @@ def _timestamp(now: Any) -> float:
     return float(now)
 
 
+def _resolve(base: paths.Location, step: int | None, path: Any) -> Any:
+    """What to restore: ``path`` (relative to ``base`` unless a URL), ``run-<step>``, or the latest."""
+    if isinstance(path, layout.Checkpoint):
+        return path
+    if path is not None:
+        text = str(path)
+        return text if "://" in text or text.startswith("/") else base.join(*text.split("/"))
+    if step is not None:
+        return base.join(layout.run_name(step))
+    found = list_checkpoints(base)
+    if not found:
+        raise CheckpointNotFoundError(f"no committed checkpoint under {base.url}")
+    return found[-1].checkpoint
+
+
 class Checkpointer:
     """Saves a train state by policy, under the seed's ``Checkpointer`` names.
 
@@ -70,11 +85,9 @@ class Checkpointer:
       options: ``SaveOptions`` for every save; its fields (``dtype``, ``max_host_bytes``,
         ``pack_bytes``, ``timeout_s``) may also be given as keywords.
       handle_sigterm: on the first ``on_step``, chain a SIGTERM handler that makes the next
-        ``on_step`` save a permanent checkpoint (main thread only). A previous Python handler
-        is called at once; if there was none (default action: terminate), the process
-        terminates by SIGTERM once that checkpoint has committed.
-      sync_every_steps: with several processes, how often (in steps) process 0's view of
-        the clock and of preemption requests is shared; only those steps communicate.
+        ``on_step`` save a permanent checkpoint (see ``ckpt_callbacks.preemption``).
+      sync_every_steps: with several processes, process 0's clock and the preemption flags
+        are shared every this many steps; only those steps communicate.
       item: name of the item the state is saved under.
     """
 
@@ -112,48 +125,12 @@ class Checkpointer:
         self.preemption = Preemption(handle_sigterm)
         self._after = AfterCommit(writer, lambda: self.retention.apply(committed_this_run=self._started))
         self._closed = False
-
-    @property
-    def saves(self) -> list[dict[str, Any]]:
-        """Telemetry of every committed save, in order."""
-        return self._after.saves
+        self.saves = self._after.saves  # telemetry of every committed save, in order
 
     # ------------------------------------------------------------------ policy
     def request_save(self) -> None:
         """Makes the next ``on_step`` save a permanent checkpoint (thread- and signal-safe)."""
         self.preemption.request()
-
-    def _agree(self, step: int, now: float) -> tuple[float | None, float, bool]:
-        """(clock, last save time, preemption) as every process acts on them at ``step``.
-
-        With several processes they are process 0's, shared on sync steps only; on other steps
-        there is no clock reading (the time rule waits for the next sync step).
-        """
-        last = self._last_save_time if self._last_save_time is not None else now
-        if distributed.process_count() == 1:
-            return now, last, self.preemption.requested
-        if step % self._sync_every:
-            return None, last, False
-        flags = distributed.gather_json(f"ck/{self.base.url}/sync/{step}", self.preemption.requested)
-        mine = None if flags is None else {"now": now, "last": last, "preempt": any(flags)}
-        agreed = distributed.broadcast_json(f"ck/{self.base.url}/decide/{step}", mine)
-        return float(agreed["now"]), float(agreed["last"]), bool(agreed["preempt"])
-
-    def _decide(self, step: int, force: bool, now: float) -> Decision:
-        if self._last_save_time is None:
-            self._last_save_time = now
-        self.preemption.install_once()
-        agreed_now, last, preempt = self._agree(step, now)
-        decision = self.policy.decide(
-            step,
-            now=agreed_now,
-            last_save_step=self._last_save_step,
-            last_save_time=last,
-            force=force or preempt,
-            previous_step=self._previous_step,
-        )
-        self._previous_step = step
-        return decision
 
     # ------------------------------------------------------------------ saving
     def on_step(self, state: Any, *, step: int, force: bool = False, extras: dict[str, Any] | None = None) -> bool:
@@ -175,7 +152,26 @@ class Checkpointer:
         """
         self._check_open()
         now = _timestamp(self._clock() if now is None else now)
-        decision = self._decide(step, force, now)
+        self.preemption.install_once()
+        if self._last_save_time is None:
+            self._last_save_time = now
+        agreed_now, last, preempt = agree(
+            f"ck/{self.base.url}",
+            step,
+            now=now,
+            last=self._last_save_time,
+            flag=self.preemption,
+            every=self._sync_every,
+        )
+        decision = self.policy.decide(
+            step,
+            now=agreed_now,
+            last_save_step=self._last_save_step,
+            last_save_time=last,
+            force=force or preempt,
+            previous_step=self._previous_step,
+        )
+        self._previous_step = step
         if not decision.save:
             return False
         extras = self.retention.with_recorded_metrics(step, extras)
@@ -189,25 +185,16 @@ class Checkpointer:
         return True
 
     def _save_now(
-        self,
-        tree: Any,
-        destination: str,
-        *,
-        step: int,
-        item: str,
-        extras: dict[str, Any] | None = None,
-        now: float | None = None,
-        decision: Decision = _ASKED,
+        self, tree: Any, dest: str, *, step: int, item: str, extras: Any = None, now: Any = None, decision: Any = _ASKED
     ) -> SaveHandle:
         """The one save path: wait for the previous save, start this one, hand it to the worker.
 
-        The path is recorded as this run's before the save can commit, so a retention pass
-        running behind never takes this run's newest checkpoint for one left by an earlier run.
-        The step counts as saved from here on, and again as unsaved if the save fails.
+        The path counts as this run's before the save can commit (so retention running behind
+        never takes it for an earlier run's); the step counts as saved until the save fails.
         """
         self._check_open()
         self._wait_inflight()
-        loc = self.base.join(destination)
+        loc = self.base.join(dest)
         if loc.url not in self._started:
             self._started.append(loc.url)
         handle = save_async(
@@ -222,13 +209,7 @@ class Checkpointer:
         return handle
 
     def save_checkpoint(
-        self,
-        state: Any,
-        destination: str,
-        *,
-        step: int,
-        is_temporary: bool = False,
-        extras: dict[str, Any] | None = None,
+        self, state: Any, destination: str, *, step: int, is_temporary: bool = False, extras: Any = None
     ) -> SaveHandle:
         """Saves ``state`` now to ``<base>/<destination>`` (no policy); returns the handle."""
         decision = Decision(True, is_temporary, "save_checkpoint")
@@ -295,20 +276,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return [c.step for c in list_checkpoints(self.base) if c.step is not None]
 
-    def _checkpoint_for(self, step: int | None, path: Any = None) -> Any:
-        """What to restore: ``path`` (relative to the base unless a URL), ``run-<step>``, or the latest."""
-        if isinstance(path, layout.Checkpoint):
-            return path
-        if path is not None:
-            text = str(path)
-            return text if "://" in text or text.startswith("/") else self.base.join(*text.split("/"))
-        if step is not None:
-            return self.base.join(layout.run_name(step))
-        found = list_checkpoints(self.base)
-        if not found:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {self.base.url}")
-        return found[-1].checkpoint
-
     def restore(
         self, step: int | None = None, *, path: Any = None, **restore_kwargs: Any
     ) -> tuple[Any, dict[str, Any]]:
@@ -317,7 +284,7 @@ class Checkpointer:
         ``restore_kwargs`` go to ``ckpt_callbacks.restore`` (mesh, rules, template, item, ...).
         """
         self.wait_until_finished()
-        ckpt = layout.open_checkpoint(self._checkpoint_for(step, path))
+        ckpt = layout.open_checkpoint(_resolve(self.base, step, path))
         restore_kwargs.setdefault("item", self.item)
         tree = restore_lib.restore(ckpt, **restore_kwargs)
         if ckpt.metadata.step is not None:
@@ -341,26 +308,15 @@ class Checkpointer:
         return self.restore(path=found[-1].checkpoint, **restore_kwargs)
 
     def load_pytree(
-        self,
-        mesh: Any = None,
-        *,
-        prefix: str,
-        path: str | None = None,
-        discover_latest: bool = True,
-        partition_rules: Any = None,
-        dtype: Any = None,
-        template: Any = None,
-        strict_shapes: bool = True,
+        self, mesh: Any = None, *, prefix: str, path: str | None = None, discover_latest: bool = True, **kw: Any
     ) -> tuple[Any, dict[str, Any]]:
-        """Seed-compatible: loads item ``prefix`` from ``path`` or the latest checkpoint."""
+        """Seed-compatible: item ``prefix`` of ``path`` or the latest checkpoint. Keywords:
+        ``partition_rules``, ``dtype``, ``template``, ``strict_shapes`` (restore's ``rules``,
+        ``dtype``, ``template``, ``strict``)."""
         if path is None and not discover_latest:
             raise ValueError("load_pytree needs path= when discover_latest=False")
-        return self.restore(
-            path=path,
-            mesh=mesh,
-            rules=partition_rules,
-            dtype=dtype,
-            template=template,
-            strict=strict_shapes,
-            item=prefix,
-        )
+        renamed = {"partition_rules": "rules", "strict_shapes": "strict", "dtype": "dtype", "template": "template"}
+        unknown = sorted(set(kw) - set(renamed))
+        if unknown:
+            raise TypeError(f"load_pytree got unexpected keywords {unknown}; expected some of {sorted(renamed)}")
+        return self.restore(path=path, mesh=mesh, item=prefix, **{renamed[k]: v for k, v in kw.items()})

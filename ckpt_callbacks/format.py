@@ -20,8 +20,9 @@ import json
 import math
 import re
 import string
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import crc32c
 import jax
@@ -36,6 +37,8 @@ FORMAT_VERSION = 1
 PACK_NAME = re.compile(r"pack\.[0-9]+-[0-9]+")
 
 KeyPath = tuple[str | int, ...]
+LeafKind = Literal["array", "prng_key", "scalar"]
+LeafSource = Literal["", "jax", "numpy"]  # "" for scalars
 _ITEM_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
@@ -158,8 +161,8 @@ class LeafRecord:
     """What the manifest says of one leaf."""
 
     path: KeyPath
-    kind: str  # "array" | "prng_key" | "scalar"
-    source: str = ""  # "jax" | "numpy" for arrays
+    kind: LeafKind
+    source: LeafSource = ""
     shape: tuple[int, ...] = ()
     dtype: str = ""  # dtype of the leaf in the saved tree
     stored_dtype: str = ""  # dtype of the stored values (after a ``dtype=`` cast)
@@ -178,8 +181,10 @@ class LeafRecord:
     pack: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("array", "prng_key", "scalar"):
+        if self.kind not in typing.get_args(LeafKind):
             raise CheckpointFormatError(f"leaf {key_string(self.path)!r}: unknown kind {self.kind!r}")
+        if self.source not in typing.get_args(LeafSource):
+            raise CheckpointFormatError(f"leaf {key_string(self.path)!r}: unknown source {self.source!r}")
         for chunk, (name, offset) in self.pack.items():
             if not PACK_NAME.fullmatch(name) or offset < 0:
                 raise CheckpointFormatError(

@@ -59,6 +59,37 @@ def _spec_json(sharding: Any, ndim: int) -> tuple[tuple[Any, ...] | None, dict[s
     return spec[:ndim], {"axis_names": list(mesh.axis_names), "axis_sizes": list(mesh.devices.shape)}
 
 
+def _describe_jax(path: fmt.KeyPath, value: jax.Array, cast: Any) -> Leaf:
+    kind: fmt.LeafKind = "array"
+    key_impl = ""
+    key_tail: tuple[int, ...] = ()
+    spec, mesh = _spec_json(value.sharding, value.ndim)
+    dtype = value.dtype
+    source, private = value, False
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        kind, key_impl = "prng_key", str(jax.random.key_impl(value))
+        source = jax.random.key_data(value)
+        key_tail = source.shape[value.ndim :]
+    elif cast is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype != cast:
+        source, private = value.astype(cast), True
+    stored = np.dtype(source.dtype)
+    record = fmt.LeafRecord(
+        path=path,
+        kind=kind,
+        source="jax",
+        shape=tuple(value.shape),
+        dtype=fmt.dtype_name(dtype) if kind == "array" else str(dtype),
+        stored_dtype=stored.name,
+        zarr_dtype=_zarr_dtype(stored),
+        key_impl=key_impl,
+        key_tail=tuple(key_tail),
+        partition_spec=spec,
+        mesh=mesh,
+        array=fmt.leaf_dir(path),
+    )
+    return Leaf(record, source, private)
+
+
 def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
     """The record of one leaf and the array to write from (chunks filled in by the planner)."""
     where = fmt.key_string(path) or "<root>"
@@ -68,33 +99,7 @@ def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if isinstance(value, jax.Array):
-        kind, key_impl = "array", ""
-        key_tail: tuple[int, ...] = ()
-        spec, mesh = _spec_json(value.sharding, value.ndim)
-        dtype = value.dtype
-        source, private = value, False
-        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-            kind, key_impl = "prng_key", str(jax.random.key_impl(value))
-            source = jax.random.key_data(value)
-            key_tail = source.shape[value.ndim :]
-        elif cast is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype != cast:
-            source, private = value.astype(cast), True
-        stored = np.dtype(source.dtype)
-        record = fmt.LeafRecord(
-            path=path,
-            kind=kind,
-            source="jax",
-            shape=tuple(value.shape),
-            dtype=fmt.dtype_name(dtype) if kind == "array" else str(dtype),
-            stored_dtype=stored.name,
-            zarr_dtype=_zarr_dtype(stored),
-            key_impl=key_impl,
-            key_tail=tuple(key_tail),
-            partition_spec=spec,
-            mesh=mesh,
-            array=fmt.leaf_dir(path),
-        )
-        return Leaf(record, source, private)
+        return _describe_jax(path, value, cast)
     if isinstance(value, np.ndarray):
         if not _storable(value.dtype):
             raise TypeError(

@@ -19,6 +19,8 @@ import signal
 import threading
 from typing import Any
 
+from ckpt_callbacks import distributed
+
 log = logging.getLogger("ckpt_callbacks")
 
 
@@ -80,3 +82,22 @@ class Preemption:
         if self._installed and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous)
             self._installed = False
+
+
+def agree(
+    name: str, step: int, *, now: float, last: float, flag: Preemption, every: int
+) -> tuple[float | None, float, bool]:
+    """(clock, last save time, preemption) as every process acts on them at ``step``.
+
+    With several processes they are process 0's, shared on sync steps only (every ``every``
+    steps); other steps have no clock reading (the time rule waits for the next
+    sync step) and no communication at all.
+    """
+    if distributed.process_count() == 1:
+        return now, last, flag.requested
+    if step % every:
+        return None, last, False
+    flags = distributed.gather_json(f"{name}/sync/{step}", flag.requested)
+    mine = None if flags is None else {"now": now, "last": last, "preempt": any(flags)}
+    agreed = distributed.broadcast_json(f"{name}/decide/{step}", mine)
+    return float(agreed["now"]), float(agreed["last"]), bool(agreed["preempt"])

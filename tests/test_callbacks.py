@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import ckpt_callbacks as cc
+from conftest import run_python
 
 
 def _linen_setup():
@@ -118,26 +119,7 @@ def test_importing_never_pulls_in_clu_or_tensorflow():
     assert out.stdout.strip() == "False"
 
 
-CLU_LOOP = """
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-from clu import periodic_actions
-import jax.numpy as jnp
-import ckpt_callbacks as cc
-cb = cc.CheckpointCallback("memory://clu-loop", state_fn=lambda: {"w": jnp.ones(2)},
-                           step_policies=[cc.CheckpointInterval(every=5)])
-report = periodic_actions.ReportProgress(num_train_steps=12, every_steps=100)
-hooks = [report, cb]
-assert all(isinstance(h, periodic_actions.PeriodicAction) for h in hooks)
-for step in range(1, 13):
-    for hook in hooks:
-        hook(step)
-cb.on_train_end(12)
-print(cb.checkpointer.all_steps())
-"""
-
-
 def test_clu_registration_and_hooks_loop_with_real_clu():
-    out = subprocess.run([sys.executable, "-c", CLU_LOOP], capture_output=True, text=True, check=False, timeout=300)
+    out = run_python("tests/programs/clu_loop.py", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[5, 10, 12]"

@@ -186,6 +186,7 @@ def _io_syscalls() -> int:
 
 _FS_EVENTS: list[str] = []
 _WATCH = threading.Event()
+_HOOKED: list[bool] = []
 
 
 def _audit(event, args):
@@ -193,24 +194,33 @@ def _audit(event, args):
         _FS_EVENTS.append(f"{event} {args[0]!r}")
 
 
-sys.addaudithook(_audit)
+@pytest.fixture
+def count_io():
+    """(read/write syscalls of the whole process, Python file-system events) while ``fn`` runs.
+
+    The audit hook is installed once, by the first test that asks (hooks cannot be removed),
+    and records only while a count is running.
+    """
+    if not _HOOKED:
+        sys.addaudithook(_audit)
+        _HOOKED.append(True)
+
+    def count(fn):
+        _FS_EVENTS.clear()
+        before = _io_syscalls()
+        empty = _io_syscalls() - before  # reading /proc/self/io is itself a read
+        before = _io_syscalls()
+        _WATCH.set()
+        try:
+            fn()
+        finally:
+            _WATCH.clear()
+        return _io_syscalls() - before - empty, list(_FS_EVENTS)
+
+    return count
 
 
-def _count_io(fn):
-    """(read/write syscalls of the whole process, Python file-system events) while ``fn`` runs."""
-    _FS_EVENTS.clear()
-    before = _io_syscalls()
-    empty = _io_syscalls() - before  # reading /proc/self/io is itself a read
-    before = _io_syscalls()
-    _WATCH.set()
-    try:
-        fn()
-    finally:
-        _WATCH.clear()
-    return _io_syscalls() - before - empty, list(_FS_EVENTS)
-
-
-def test_no_io_on_non_saving_steps(tmp_path):
+def test_no_io_on_non_saving_steps(tmp_path, count_io):
     ck = cc.Checkpointer(str(tmp_path), save_interval=3600.0, step_policies=[cc.CheckpointInterval(every=10**6)])
     cb = cc.CheckpointCallback(ck, state_fn=lambda: pytest.fail("state built on a non-saving step"))
     state = _state(0)
@@ -223,9 +233,9 @@ def test_no_io_on_non_saving_steps(tmp_path):
             ck.on_step(state, step=step)
             cb(step)
 
-    assert _count_io(loop) == (0, [])
+    assert count_io(loop) == (0, [])
     # The same counters see a listing, so the check above can fail.
-    syscalls, events = _count_io(ck.all_steps)
+    syscalls, events = count_io(ck.all_steps)
     assert syscalls > 0 and any(e.startswith("os.scandir") for e in events)
     ck.close()
 
@@ -283,24 +293,10 @@ def test_restore_or_init(url):
     ck.close()
 
 
-SIGTERM_LOOP = """
-import os, sys, time
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import numpy as np, ckpt_callbacks as cc
-ck = cc.Checkpointer(sys.argv[1], step_policies=[cc.CheckpointInterval(every=10**6)])
-for step in range(1, 100000):
-    ck.on_step({"w": np.full(3, step)}, step=step)
-    if step == 5:
-        print("READY", flush=True)
-    time.sleep(0.01)
-print("NOT TERMINATED", flush=True)
-"""
-
-
 def test_sigterm_with_default_action_saves_then_terminates(tmp_path):
     base = str(tmp_path / "pre")
     proc = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_LOOP, base],
+        [sys.executable, "tests/programs/sigterm_loop.py", base],
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONPATH=os.getcwd()),

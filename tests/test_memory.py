@@ -10,56 +10,14 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
-
-_PROBE = """
-import json, os, sys, threading, time
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-import ckpt_callbacks as cc
-
-path, gib, budget = sys.argv[1], float(sys.argv[2]), (int(sys.argv[3]) or None)
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-mesh = jax.make_mesh((4, 2), ("x", "y"))
-n_leaves = 32
-rows = int(gib * 2**30 / 4 / 4096 / n_leaves)
-tree = {}
-for i in range(n_leaves):
-    spec = P() if i % 8 == 7 else (P("x", "y") if i % 2 else P("x"))
-    tree[f"layer{i}"] = jax.device_put(jnp.full((rows, 4096), i, jnp.float32), NamedSharding(mesh, spec))
-jax.block_until_ready(tree)
-time.sleep(0.5)
-base = rss()
-peak = [base]
-stop = threading.Event()
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.002)
-t = threading.Thread(target=sample); t.start()
-# Two saves of the same tree, as in a training run; extra RSS is measured against the RSS
-# before the first, so memory an allocator keeps after the first save still counts.
-first = cc.save_async(path + "-first", tree, max_host_bytes=budget)
-first_stats = first.wait()
-first_peak = peak[0] - base
-stats = cc.save_async(path, tree, max_host_bytes=budget).wait()
-stop.set(); t.join()
-print(json.dumps({"bytes_written": stats.bytes_written, "peak_extra": peak[0] - base, "first_peak_extra": first_peak,
-                  "blocking_s": stats.blocking_s, "total_s": stats.total_s,
-                  "first_blocking_s": first_stats.blocking_s}))
-"""
 
 
 def _run(tmp_path, gib: float, budget: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_PROBE), str(tmp_path / "ckpt"), str(gib), str(budget)],
+        [sys.executable, "tests/programs/memory_probe.py", str(tmp_path / "ckpt"), str(gib), str(budget)],
         check=False,
         capture_output=True,
         text=True,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
 
 import flax.linen as nn
+import http_proxy
 import jax
 import jax.numpy as jnp
 import numpy as np
+import object_stores
 import optax
 import pytest
 from flax import nnx
@@ -319,3 +322,21 @@ def test_64_bit_leaves_are_not_silently_narrowed(url):
             url, template={"i": jax.ShapeDtypeStruct((1,), np.int64, sharding=SingleDeviceSharding(jax.devices()[0]))}
         )
     assert cc.restore(url)["i"].tolist() == [2**40]  # as numpy, exact
+
+
+def test_restore_of_the_latest_reads_each_json_file_once_on_s3(s3_endpoint, monkeypatch):
+    base = f"s3://{object_stores.BUCKET}/gets-{os.getpid()}"
+    ck = cc.Checkpointer(base, step_policies=[cc.CheckpointInterval(every=1)])
+    for step in (1, 2, 3):
+        ck.on_step({"w": jnp.full((4,), step, jnp.float32), "n": step}, step=step)
+    ck.close()
+    with http_proxy.recording_proxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", http_proxy.endpoint(proxy))
+        reader = cc.Checkpointer(base)
+        tree, meta = reader.restore()
+        reader.close()
+    assert meta["step"] == 3 and tree["w"].tolist() == [3.0] * 4
+    gets = collections.Counter(path.split("?")[0] for method, path in proxy.requests if method == "GET")
+    json_gets = {p: n for p, n in gets.items() if p.endswith((".json", "/COMMITTED"))}
+    # Each checkpoint's marker and metadata once (the listing), the restored one's manifest once.
+    assert len(json_gets) == 7 and set(json_gets.values()) == {1}, json_gets
