@@ -19,6 +19,8 @@ from ckpt_callbacks.errors import CheckpointError as CheckpointError
 from ckpt_callbacks.errors import CheckpointExistsError as CheckpointExistsError
 from ckpt_callbacks.errors import CheckpointFormatError as CheckpointFormatError
 from ckpt_callbacks.errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ckpt_callbacks.errors import CheckpointPathError as CheckpointPathError
+from ckpt_callbacks.errors import CheckpointStorageError as CheckpointStorageError
 from ckpt_callbacks.errors import CorruptCheckpointError as CorruptCheckpointError
 from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError

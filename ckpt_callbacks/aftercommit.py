@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -88,3 +89,27 @@ class AfterCommit:
             self._retention()
         if then is not None:
             then()
+
+
+_OPEN: weakref.WeakSet[Any] = weakref.WeakSet()  # managers whose pending work must finish at exit
+
+
+def close_at_exit(manager: Any) -> None:
+    """Has ``manager.close()`` run when the interpreter exits normally, if not called before.
+
+    It runs before Python joins non-daemon threads, so a script that ends without ``close()``
+    still commits its last save, runs retention and exits cleanly (a daemon worker killed
+    during a TensorStore call is what aborted such processes).
+    """
+    _OPEN.add(manager)
+
+
+def _close_all() -> None:
+    for manager in list(_OPEN):
+        try:
+            manager.close()
+        except BaseException as e:  # at exit there is no caller left to raise to
+            log.error("closing %r at exit failed: %s: %s", manager, type(e).__name__, e)
+
+
+threading._register_atexit(_close_all)  # type: ignore[attr-defined]  # what concurrent.futures uses

@@ -22,16 +22,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ckpt_callbacks import layout, paths
 from ckpt_callbacks import restore as restore_lib
-from ckpt_callbacks.aftercommit import AfterCommit, ScalarWriter
+from ckpt_callbacks.aftercommit import AfterCommit, ScalarWriter, close_at_exit
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.errors import CheckpointExistsError, CheckpointNotFoundError
-from ckpt_callbacks.policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
+from ckpt_callbacks.policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy, as_step
 from ckpt_callbacks.preemption import Preemption, agree
 from ckpt_callbacks.retention import Retention
 from ckpt_callbacks.serializer import SaveHandle, SaveOptions, save_async
@@ -56,19 +57,39 @@ def _timestamp(now: Any) -> float:
     return float(now)
 
 
-def _resolve(base: paths.Location, step: int | None, path: Any) -> Any:
-    """What to restore: ``path`` (relative to ``base`` unless a URL), ``run-<step>``, or the latest."""
-    if isinstance(path, layout.Checkpoint):
-        return path
-    if path is not None:
-        text = str(path)
-        return text if "://" in text or text.startswith("/") else base.join(*text.split("/"))
-    if step is not None:
-        return base.join(layout.run_name(step))
-    found = list_checkpoints(base)
-    if not found:
-        raise CheckpointNotFoundError(f"no committed checkpoint under {base.url}")
-    return found[-1].checkpoint
+def _to_restore(base: paths.Location, step: Any, path: Any) -> tuple[layout.Checkpoint, list[CheckpointInfo] | None]:
+    """What to restore: ``path`` (relative to ``base`` unless a URL), ``run-<step>``, or the
+    latest (then also the listing it came from)."""
+    if path is None and step is None:
+        found = list_checkpoints(base)
+        if not found or found[-1].checkpoint is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {base.url}")
+        return found[-1].checkpoint, found
+    if path is None:
+        return layout.open_checkpoint(base.join(layout.run_name(as_step(step)))), None
+    text = path.url if isinstance(path, layout.Checkpoint) else str(path)
+    if isinstance(path, layout.Checkpoint) or "://" in text or text.startswith("/"):
+        return layout.open_checkpoint(path), None
+    return layout.open_checkpoint(base.join(*text.split("/"))), None
+
+
+def _announce(ck: Checkpointer, found: Sequence[CheckpointInfo] | None, restored: Any) -> None:
+    """The one line a run logs on its first save or restore: where, what is there, what it does."""
+    if ck._announced:
+        return
+    ck._announced = True
+    count = "" if found is None else f"{len(found)} committed checkpoint(s) found; "
+    latest = f" (latest: step {found[-1].step})" if found else ""
+    doing = f"resuming from step {restored}" if restored is not None else f"starting fresh{latest}"
+    log.info("checkpoints under %s: %s%s", ck.base.url, count, doing)
+
+
+def _parse_base(base_path: Any) -> paths.Location:
+    loc = paths.parse(base_path)
+    text = str(base_path) if isinstance(base_path, str | os.PathLike) else "/"
+    if "://" not in text and not os.path.isabs(os.path.expanduser(text)):
+        log.info("relative checkpoint path %r resolved to %s", str(base_path), loc.path)
+    return loc
 
 
 class Checkpointer:
@@ -109,7 +130,7 @@ class Checkpointer:
         if sync_every_steps < 1:
             raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
         layout.check_item_name(item)
-        self.base = paths.parse(base_path)
+        self.base = _parse_base(base_path)
         self.policy = SavePolicy(step_policies=tuple(step_policies), save_interval=_seconds(save_interval))
         self.keep = keep if keep is not None else KeepPolicy()
         self.options = dataclasses.replace(options or SaveOptions(), **option_overrides)
@@ -124,34 +145,27 @@ class Checkpointer:
         self.retention = Retention(self.base, self.keep)
         self.preemption = Preemption(handle_sigterm)
         self._after = AfterCommit(writer, lambda: self.retention.apply(committed_this_run=self._started))
-        self._closed = False
+        self._closed = self._announced = False
         self.saves = self._after.saves  # telemetry of every committed save, in order
+        close_at_exit(self)
 
-    # ------------------------------------------------------------------ policy
     def request_save(self) -> None:
         """Makes the next ``on_step`` save a permanent checkpoint (thread- and signal-safe)."""
         self.preemption.request()
 
-    # ------------------------------------------------------------------ saving
     def on_step(self, state: Any, *, step: int, force: bool = False, extras: dict[str, Any] | None = None) -> bool:
         """Called after every train step; saves when the policy says so. Returns whether it did."""
         return self.step_lazy(lambda: state, step=step, force=force, extras=extras)
 
     def step_lazy(
-        self,
-        state_fn: Callable[[], Any],
-        *,
-        step: int,
-        force: bool = False,
-        extras: dict[str, Any] | None = None,
-        now: Any = None,
+        self, state_fn: Callable[[], Any], *, step: int, force: bool = False, extras: Any = None, now: Any = None
     ) -> bool:
         """``on_step`` with the state built only when a save is due (no work on other steps).
 
         ``now`` overrides the clock for this decision and for the save's record.
         """
         self._check_open()
-        now = _timestamp(self._clock() if now is None else now)
+        step, now = as_step(step), _timestamp(self._clock() if now is None else now)
         self.preemption.install_once()
         if self._last_save_time is None:
             self._last_save_time = now
@@ -194,6 +208,9 @@ class Checkpointer:
         """
         self._check_open()
         self._wait_inflight()
+        step = as_step(step)
+        if not self._announced:
+            _announce(self, list_checkpoints(self.base), None)
         loc = self.base.join(dest)
         if loc.url not in self._started:
             self._started.append(loc.url)
@@ -266,7 +283,6 @@ class Checkpointer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ discovery and restore
     @property
     def latest_step(self) -> int | None:
         """Step of the latest committed checkpoint (lists storage)."""
@@ -284,9 +300,10 @@ class Checkpointer:
         ``restore_kwargs`` go to ``ckpt_callbacks.restore`` (mesh, rules, template, item, ...).
         """
         self.wait_until_finished()
-        ckpt = layout.open_checkpoint(_resolve(self.base, step, path))
+        ckpt, found = _to_restore(self.base, step, path)
         restore_kwargs.setdefault("item", self.item)
         tree = restore_lib.restore(ckpt, **restore_kwargs)
+        _announce(self, found, ckpt.metadata.step)
         if ckpt.metadata.step is not None:
             self._last_save_step = self._previous_step = ckpt.metadata.step
             self._last_save_time = _timestamp(self._clock())

@@ -37,3 +37,14 @@ class ShardingRuleError(CheckpointError, ValueError):
 
 class RestoreMismatchError(CheckpointError, ValueError):
     """The checkpoint and the requested template or keys disagree (missing, unexpected, shape)."""
+
+
+class CheckpointPathError(CheckpointError, ValueError):
+    """A checkpoint path or URL that is malformed or of an unsupported scheme."""
+
+
+class CheckpointStorageError(CheckpointError, OSError, ValueError):
+    """Storage refused an operation (disk full, read-only, permission): ``errno`` and ``filename`` set.
+
+    Also a ``ValueError``, which is what TensorStore raises for the same failures.
+    """

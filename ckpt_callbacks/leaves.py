@@ -106,7 +106,7 @@ def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
                 f"leaf {where!r}: numpy dtype {value.dtype} cannot be saved; "
                 "expected a numeric, bool or ml_dtypes array"
             )
-        host_source = value
+        host_source = _native(value)  # stored and checksummed little-endian
         if cast is not None and np.issubdtype(value.dtype, np.floating) and value.dtype != cast:
             host_source = value.astype(cast)
         stored = np.dtype(host_source.dtype)
@@ -190,9 +190,18 @@ def _source(record: fmt.LeafRecord, value: Any, cast: Any) -> tuple[Any, bool]:
         return jax.random.key_data(value), False
     if record.source == "numpy":
         value = np.asarray(value)
+        native = _native(value)
+        if native is not value and record.stored_dtype == record.dtype:
+            return native, True
     if record.stored_dtype == record.dtype:
         return value, False
     return value.astype(cast), True
+
+
+def _native(value: np.ndarray) -> np.ndarray:
+    """``value`` in little-endian byte order, as stored (a copy only when it is not already)."""
+    little = value.dtype.newbyteorder("<")
+    return value if value.dtype == little else value.astype(little)
 
 
 def plan_tree(flat: list[tuple[fmt.KeyPath, Any]], cast: Any, max_chunk_bytes: int, pack_bytes: int) -> list[Leaf]:

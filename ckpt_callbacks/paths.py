@@ -19,12 +19,34 @@ import dataclasses
 import functools
 import os
 import posixpath
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import tensorstore as ts
 
+from ckpt_callbacks.errors import CheckpointPathError, CheckpointStorageError
+
 SCHEMES = ("file", "memory", "s3", "gs")
+_LOCK_SUFFIX = ".__lock"
+_SCHEME_LIKE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(.*)")
+_OS_ERROR = re.compile(r"\[os_error_code='?([0-9]+)'?\]")
+_QUOTED = re.compile(r'"([^"]+)"')
+
+
+def as_storage_error(error: BaseException, where: str = "") -> BaseException:
+    """TensorStore's ``ValueError`` for an operating-system failure (disk full, read-only,
+    permission) as a ``CheckpointStorageError`` with its errno and path; others unchanged."""
+    if not isinstance(error, ValueError) or isinstance(error, CheckpointStorageError):
+        return error
+    match = _OS_ERROR.search(str(error))
+    if match is None:
+        return error
+    quoted = _QUOTED.search(str(error))
+    code = int(match.group(1))
+    converted = CheckpointStorageError(code, f"{os.strerror(code)} ({error})", quoted.group(1) if quoted else where)
+    converted.__cause__ = error
+    return converted
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,9 +59,9 @@ class Location:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ValueError(f"unsupported scheme {self.scheme!r}; expected one of {SCHEMES}")
+            raise CheckpointPathError(f"unsupported scheme {self.scheme!r}; expected one of {SCHEMES}")
         if self.scheme in ("s3", "gs") and len(self.bucket) < 3:
-            raise ValueError(f"{self.scheme}:// URL needs a bucket of 3+ characters, got {self.bucket!r}")
+            raise CheckpointPathError(f"{self.scheme}:// URL needs a bucket of 3+ characters, got {self.bucket!r}")
 
     @property
     def url(self) -> str:
@@ -71,19 +93,26 @@ def parse(url: str | os.PathLike[str] | Location) -> Location:
     text = os.fspath(url)
     scheme, sep, rest = text.partition("://")
     if not sep:
+        looks = _SCHEME_LIKE.fullmatch(text)
+        if looks:
+            raise CheckpointPathError(
+                f"{text!r} looks like a URL with a malformed scheme separator (expected '{looks.group(1)}://...'); "
+                f"supported: {', '.join(s + '://' for s in SCHEMES)}, or a local path (write './{text}' for a "
+                "local directory of that name)"
+            )
         return Location(scheme="file", path=os.path.abspath(os.path.expanduser(text)))
     if scheme == "file":
         return Location(scheme="file", path=os.path.abspath(rest))
     parts = [p for p in rest.split("/") if p]
     if any(p in (".", "..") for p in parts):
-        raise ValueError(f"'.' and '..' are not allowed in {text!r}")
+        raise CheckpointPathError(f"'.' and '..' are not allowed in {text!r}")
     if scheme == "memory":
         return Location(scheme="memory", path="/".join(parts))
     if scheme in ("s3", "gs"):
         if not parts:
-            raise ValueError(f"{text!r} names no bucket")
+            raise CheckpointPathError(f"{text!r} names no bucket")
         return Location(scheme=scheme, bucket=parts[0], path="/".join(parts[1:]))
-    raise ValueError(f"unsupported URL scheme {scheme!r} in {text!r}; expected one of {SCHEMES}")
+    raise CheckpointPathError(f"unsupported URL scheme {scheme!r} in {text!r}; expected one of {SCHEMES}")
 
 
 def kvstore_spec(loc: Location, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -192,14 +221,18 @@ def delete_tree(loc: Location) -> None:
 
 
 def list_entries(loc: Location) -> list[str]:
-    """Names of everything (files and directories) directly under ``loc``."""
+    """Names of everything (files and directories) directly under ``loc``.
+
+    TensorStore's transient lock files (``<key>.__lock``, beside a file being written on local
+    disk) are not entries.
+    """
     if loc.scheme == "memory":
-        return sorted({k.split("/", 1)[0] for k in _memory_keys(loc)})
-    fs = _fs(loc)
-    root = _fs_path(loc)
-    if not fs.exists(root):
-        return []
-    return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False))
+        names = {k.split("/", 1)[0] for k in _memory_keys(loc)}
+    else:
+        fs = _fs(loc)
+        root = _fs_path(loc)
+        names = {posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    return sorted(n for n in names if not n.endswith(_LOCK_SUFFIX))
 
 
 def delete_entry(loc: Location, name: str) -> None:

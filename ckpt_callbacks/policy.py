@@ -15,8 +15,32 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
+import operator
 from collections.abc import Collection, Sequence
 from typing import Any, Literal, Protocol
+
+
+def as_step(value: Any) -> int:
+    """A step as a Python int: ints and numpy integers as they are, integral floats too;
+    anything else (``5.7``, ``True``, ``"5"``) is refused.
+
+    >>> import numpy as np
+    >>> as_step(np.int64(3)), as_step(5.0)
+    (3, 5)
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"step {value!r} is a bool; expected an integer")
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, float) or type(value).__name__.startswith("float"):
+        as_float = float(value)
+        if as_float.is_integer():
+            return int(as_float)
+        raise TypeError(f"step {value!r} is not a whole number; expected an integer")
+    raise TypeError(f"step {value!r} of type {type(value).__name__}; expected an integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +163,12 @@ class CheckpointLike(Protocol):
 
 def metric_of(checkpoint: CheckpointLike, metric: str) -> float | None:
     """The eval metric recorded with a checkpoint (``extras["metrics"][metric]``), if any."""
-    value = (checkpoint.extras.get("metrics") or {}).get(metric)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    metrics = checkpoint.extras.get("metrics")
+    value = metrics.get(metric) if isinstance(metrics, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None  # NaN and inf never rank
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

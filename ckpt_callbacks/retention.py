@@ -16,8 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Collection
 from typing import Any
+
+import numpy as np
 
 from ckpt_callbacks import distributed, layout, paths
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
@@ -26,13 +29,24 @@ from ckpt_callbacks.policy import KeepPolicy
 log = logging.getLogger("ckpt_callbacks")
 
 
+def _metric_value(step: int, name: str, value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise TypeError(f"metric {name!r} at step {step} is {value!r}; expected a number")
+    number = float(value)
+    if math.isfinite(number):
+        return number
+    log.warning("metric %r at step %d is %s: recorded as null, it never ranks for best-k", name, step, number)
+    return None
+
+
 class Retention:
     """Applies a ``KeepPolicy`` to the committed checkpoints under ``base`` (process 0 deletes)."""
 
     def __init__(self, base: paths.Location, keep: KeepPolicy) -> None:
         self.base = base
         self.keep = keep
-        self.metrics: dict[int, dict[str, float]] = {}
+        self.metrics: dict[int, dict[str, float | None]] = {}
+        self._warned: set[int] = set()  # steps whose damaged metrics file was logged
         self._undeleted: dict[str, CheckpointInfo] = {}  # failed deletes, retried by the next pass
 
     @property
@@ -44,15 +58,20 @@ class Retention:
         merged = dict(extras or {})
         recorded = self.metrics.get(step)
         if recorded:
-            merged["metrics"] = {**recorded, **merged.get("metrics", {})}
+            given = merged.get("metrics")
+            merged["metrics"] = {**recorded, **(given if isinstance(given, dict) else {})}
         return merged
 
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Eval metrics of ``step``; process 0 keeps them as ``<base>/metrics/run-<step>.json``."""
-        clean = {str(k): float(v) for k, v in metrics.items()}
+        """Eval metrics of ``step``; process 0 keeps them as ``<base>/metrics/run-<step>.json``.
+
+        NaN and infinite values are kept as null: they never rank for best-k (logged).
+        """
+        clean = {str(k): _metric_value(step, str(k), v) for k, v in metrics.items()}
         self.metrics[step] = {**self.metrics.get(step, {}), **clean}
         if distributed.is_primary():
-            paths.write_bytes(self.metrics_dir, layout.metrics_name(step), json.dumps(self.metrics[step]).encode())
+            raw = json.dumps(self.metrics[step], allow_nan=False).encode()
+            paths.write_bytes(self.metrics_dir, layout.metrics_name(step), raw)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, by step, with recorded eval metrics merged into ``extras``."""
@@ -64,12 +83,22 @@ class Retention:
         metrics = self.metrics.get(info.step) or self._read_metrics(info.step)
         return dataclasses.replace(info, extras={**info.extras, "metrics": metrics}) if metrics else info
 
-    def _read_metrics(self, step: int) -> dict[str, float] | None:
+    def _read_metrics(self, step: int) -> dict[str, Any] | None:
+        """The metrics file of ``step``; a damaged one is ignored for that step (logged once)."""
         raw = paths.read_bytes(self.metrics_dir, layout.metrics_name(step))
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
+        if not raw:
             return None
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            data = e
+        if isinstance(data, dict) and all(isinstance(k, str) for k in data):
+            return data
+        if step not in self._warned:
+            self._warned.add(step)
+            where = self.metrics_dir.join(layout.metrics_name(step)).url
+            log.warning("retention: ignoring %s: expected a JSON object of metrics, found %.80r", where, data)
+        return None
 
     def apply(self, *, committed_this_run: Collection[str] | None) -> None:
         """Deletes what the policy says; failures are logged and retried next time, never raised.

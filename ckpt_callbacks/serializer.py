@@ -28,6 +28,7 @@ import tensorstore as ts
 from ckpt_callbacks import distributed, layout, paths, planning
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.leaves import Leaf, plan_tree
+from ckpt_callbacks.policy import as_step
 from ckpt_callbacks.staging import DEFAULT_WINDOW_BYTES, Snapshot, Writer, batches, unit_bytes
 
 log = logging.getLogger("ckpt_callbacks")
@@ -125,7 +126,7 @@ class SaveHandle:
                 self._stats.gb_per_s,
             )
         except BaseException as e:  # re-raised by wait(); logged so an unwaited failure is seen
-            self._error = e
+            self._error = e = paths.as_storage_error(e, self.path)
             log.error("save to %s failed: %s: %s", self.path, type(e).__name__, e)
         finally:
             self._done.set()
@@ -311,7 +312,10 @@ def _start_save(
     for item in items:
         layout.check_item_name(item)
     tag = f"save{next(_SAVE_COUNTER)}"
-    layout.refuse_committed(loc, options.overwrite, tag)
+    try:
+        layout.refuse_committed(loc, options.overwrite, tag)
+    except ValueError as e:
+        raise paths.as_storage_error(e, loc.url) from e
     plan = _plan(items, options)
     save = _Save(
         loc=loc,
@@ -323,25 +327,34 @@ def _start_save(
         tag=tag,
     )
     pieces = _batches(plan, options, copy)
-    names = _choose(loc, save.items, save.writer, options, tag) if len(pieces) > 1 else None
+    names = None
     try:
+        names = _choose(loc, save.items, save.writer, options, tag) if len(pieces) > 1 else None
         last = _snapshot(pieces, save.writer, copy)
-    except BaseException:
+    except BaseException as e:
         if names is not None and distributed.is_primary():
             layout.release(loc, names)
-        raise
+        raise paths.as_storage_error(e, loc.url) from e
     plan.release_sources()
     handle = SaveHandle(loc.url, time.perf_counter() - start)
     handle._start(lambda: save.finish(names, last))
     return handle
 
 
-def _metadata(
-    items: Mapping[str, Any], step: int | None, extras: dict[str, Any] | None, temporary: bool
-) -> fmt.Metadata:
-    return fmt.Metadata(
-        step=step, timestamp=time.time(), is_temporary=temporary, extras=dict(extras or {}), items=tuple(items)
+def _metadata(items: Mapping[str, Any], step: Any, extras: dict[str, Any] | None, temporary: bool) -> fmt.Metadata:
+    """The save's ``metadata.json``, checked before anything is written (step, JSON extras)."""
+    metadata = fmt.Metadata(
+        step=None if step is None else as_step(step),
+        timestamp=time.time(),
+        is_temporary=temporary,
+        extras=dict(extras or {}),
+        items=tuple(items),
     )
+    try:
+        fmt.dumps(metadata.to_json())
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"extras must be JSON-serializable (finite floats, str keys): {e}") from e
+    return metadata
 
 
 def _options(options: SaveOptions | None, overrides: dict[str, Any]) -> SaveOptions:

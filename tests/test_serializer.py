@@ -8,7 +8,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -222,27 +221,10 @@ def test_unsupported_leaf_names_its_path(url):
     assert not paths.has_any(paths.parse(url))
 
 
-_FAILING_WRITE = """
-import os, resource, signal, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import numpy as np, ckpt_callbacks as cc
-path, overwrite = sys.argv[1], sys.argv[2] == "1"
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # files over 1 MiB fail: EFBIG
-handle = cc.save_async(path, {"big": np.ones(1 << 20, np.float32)}, step=2, overwrite=overwrite)
-try:
-    handle.wait()
-except Exception as e:
-    print("FAILED", type(e).__name__, e)
-else:
-    print("SAVED")
-"""
-
-
 def _run_failing_save(path, overwrite):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_FAILING_WRITE), path, "1" if overwrite else "0"],
+        [sys.executable, "tests/programs/failing_write.py", path, "1" if overwrite else "0"],
         check=False,
         capture_output=True,
         text=True,
