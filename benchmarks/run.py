@@ -38,6 +38,9 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loop as loop_bench  # benchmarks/loop.py, beside this script
+
 GB = 1e9
 
 
@@ -420,6 +423,15 @@ def write_outputs(out_dir: pathlib.Path, report: dict[str, Any]) -> None:
     ]
     lines += case_table(report["model"] + report.get("small", []), files=True)
     lines += ["", *target_table(report["ratios"])]
+    if report.get("loop_save"):
+        steps = report["loop_save"][0]["steps"]
+        lines += [
+            "",
+            f"Training loop with a save in flight ({steps} steps after the save call, then wait; median of "
+            f"{report['repeats']}):",
+            "",
+            *loop_bench.loop_table(report["loop_save"]),
+        ]
     loop = report["loop"]
     lines += [
         "",
@@ -497,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             + orbax_cases(b, tree, targets, nbytes, "model")
             + ours_cases(b, tree, mesh, other, nbytes, "model")
         )
+        print("training loop with a save in flight (per snapshot mode, and orbax):", flush=True)
+        loop_rows = loop_bench.loop_cases(tree, root, repeats=args.repeats, seconds=0.5 if args.smoke else 4.0)
         del tree
         small = small_tree(args.small_leaves, int(args.small_mib * 2**20))
         small_bytes = nbytes_unique(small)
@@ -516,9 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             "model": model_rows,
             "small": small_rows,
             "loop": loop,
+            "loop_save": loop_rows,
         }
         by_name = {r["name"]: r for r in model_rows}
-        report["ratios"] = ratios(by_name, {r["name"]: r for r in small_rows})
+        report["ratios"] = ratios(by_name, {r["name"]: r for r in small_rows}) + loop_bench.loop_ratios(loop_rows)
         write_outputs(pathlib.Path(args.out), report)
         if args.scaling and not args.smoke:
             report["scaling"] = scaling(b, mesh, [0.25, 0.5, 1.0, 2.0, 4.0])

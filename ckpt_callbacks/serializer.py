@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import tensorstore as ts
 
@@ -29,7 +30,17 @@ from ckpt_callbacks import distributed, layout, paths, planning
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.leaves import Leaf, plan_tree
 from ckpt_callbacks.policy import as_step
-from ckpt_callbacks.staging import DEFAULT_WINDOW_BYTES, Snapshot, Writer, batches, unit_bytes
+from ckpt_callbacks.snapshot import (
+    HOST_BUFFERS,
+    MemoryStats,
+    Snapshot,
+    SnapshotMode,
+    device_budgets,
+    host_resident,
+    staged_bytes,
+    unit_bytes,
+)
+from ckpt_callbacks.staging import DEFAULT_WINDOW_BYTES, Writer, batches
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -55,6 +66,12 @@ class SaveOptions:
       pack_bytes: array leaves of at most this many bytes are packed into a few shared files
         per process instead of one zarr3 array each (far fewer objects on S3/GCS); 0 stores
         every array leaf as its own zarr3 array.
+      snapshot: where ``save_async`` copies the state before returning: ``"auto"`` (device
+        copies while the device has room, host for the rest; host where there are no memory
+        statistics, as on CPU), ``"device"`` or ``"host"`` (see ``ckpt_callbacks.snapshot``).
+      device_headroom: with ``"auto"``, the fraction of each device's memory kept free.
+      memory_stats: ``device -> dict`` with ``bytes_limit`` and ``bytes_in_use`` (default:
+        ``device.memory_stats()``); inject one to test the ``"auto"`` branches.
     """
 
     dtype: Any = None
@@ -62,6 +79,9 @@ class SaveOptions:
     max_host_bytes: int | None = None
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S
     pack_bytes: int = planning.PACK_MAX_LEAF_BYTES
+    snapshot: SnapshotMode = "auto"
+    device_headroom: float = 0.1
+    memory_stats: MemoryStats | None = None
 
     def __post_init__(self) -> None:
         budget = self.max_host_bytes
@@ -71,6 +91,10 @@ class SaveOptions:
             raise ValueError(f"pack_bytes must be a byte count >= 0 (0: no packing), got {self.pack_bytes!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.snapshot not in ("auto", "device", "host"):
+            raise ValueError(f"snapshot must be 'auto', 'device' or 'host', got {self.snapshot!r}")
+        if not 0 <= self.device_headroom < 1:
+            raise ValueError(f"device_headroom must be a fraction in [0, 1), got {self.device_headroom!r}")
 
     @property
     def cast(self) -> np.dtype | None:
@@ -220,24 +244,26 @@ def _window(total: int, max_host_bytes: int | None) -> int:
 
 
 def _batches(plan: _Plan, options: SaveOptions, copy: bool) -> list[list[tuple[Leaf, planning.WriteUnit]]]:
-    """The snapshot's batches: one, unless a host budget smaller than the save splits it."""
-    if not copy or options.max_host_bytes is None:
+    """The snapshot's batches: one, unless a host budget smaller than the save splits a
+    host-side snapshot (on CPU, or ``snapshot="host"``) into batches of half the budget."""
+    host_side = host_resident() or options.snapshot == "host"
+    if not copy or options.max_host_bytes is None or not host_side:
         return [plan.pairs]
     return batches(plan.pairs, options.max_host_bytes // 2)
 
 
-def _snapshot(pieces: list[list[Any]], writer: Writer, copy: bool) -> Snapshot:
+def _snapshot(pieces: list[list[Any]], writer: Writer, copy: bool, options: SaveOptions) -> Snapshot:
     """Takes the snapshot; with several batches, writes all but the last first (the snapshot
     cannot hold more than the budget at once). Returns the last batch."""
     if not copy:
         return Snapshot.live(pieces[0])
     if len(pieces) == 1:
-        return Snapshot.copied(pieces[0])
-    # One buffer, reused by every batch, instead of fresh copies per batch.
-    staging = np.empty(max(sum(planning.aligned(unit_bytes(*p)) for p in b) for b in pieces), np.uint8)
+        budgets = device_budgets(jax.local_devices(), options.snapshot, options.memory_stats, options.device_headroom)
+        return Snapshot.copied(pieces[0], budgets)
+    buffer = HOST_BUFFERS.take(max(staged_bytes(batch) for batch in pieces))
     for batch in pieces[:-1]:
-        writer.write(Snapshot.staged(batch, staging))
-    return Snapshot.staged(pieces[-1], staging)
+        writer.write(Snapshot.staged(batch, buffer, last=False))
+    return Snapshot.staged(pieces[-1], buffer, last=True)
 
 
 def _choose(loc: paths.Location, items: list[str], writer: Writer, options: SaveOptions, tag: str) -> layout.SaveLayout:
@@ -330,7 +356,7 @@ def _start_save(
     names = None
     try:
         names = _choose(loc, save.items, save.writer, options, tag) if len(pieces) > 1 else None
-        last = _snapshot(pieces, save.writer, copy)
+        last = _snapshot(pieces, save.writer, copy, options)
     except BaseException as e:
         if names is not None and distributed.is_primary():
             layout.release(loc, names)

@@ -1,12 +1,10 @@
-"""Snapshot one batch of write units and stream it to TensorStore with bounded memory."""
+"""Stream snapshots to TensorStore with a bounded number of bytes in flight."""
 
 from __future__ import annotations
 
 import collections
-import math
 from typing import Any
 
-import jax
 import numpy as np
 import tensorstore as ts
 
@@ -14,108 +12,10 @@ from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths, planning
 from ckpt_callbacks.leaves import Leaf
 from ckpt_callbacks.planning import slices
+from ckpt_callbacks.snapshot import Snapshot, unit_bytes
 
 # Bytes of writes in flight at once (bounds host staging when shards live on an accelerator).
 DEFAULT_WINDOW_BYTES = 512 << 20
-
-
-def unit_bytes(leaf: Leaf, unit: planning.WriteUnit) -> int:
-    return math.prod(unit.shape) * fmt.dtype_from_name(leaf.record.zarr_dtype).itemsize
-
-
-def _unit_source(leaf: Leaf, unit: planning.WriteUnit) -> Any:
-    """The array a unit is cut from: a numpy leaf itself, or the shard on the unit's device."""
-    if leaf.record.source == "numpy":
-        return leaf.source
-    return next(s.data for s in leaf.source.addressable_shards if s.device == unit.device)
-
-
-def host_resident() -> bool:
-    return all(d.platform == "cpu" for d in jax.local_devices())
-
-
-class Snapshot:
-    """One batch of write units and, per unit, the array it is written from.
-
-    Three ways to take one: ``live`` (the caller's own buffers; a blocking save), ``staged``
-    (host copies in one reused buffer; a save larger than its host budget) and ``copied``
-    (private copies; ``save_async``). ``copies[n]`` is unit ``n``'s source until written.
-    """
-
-    def __init__(self, batch: list[tuple[Leaf, planning.WriteUnit]], copies: dict[int, Any]) -> None:
-        self.batch = batch
-        self.copies = copies
-
-    @classmethod
-    def live(cls, batch: list[tuple[Leaf, planning.WriteUnit]]) -> Snapshot:
-        """The caller's buffers as they are: valid only while the caller waits for the write."""
-        return cls(batch, {n: _unit_source(leaf, unit) for n, (leaf, unit) in enumerate(batch)})
-
-    @classmethod
-    def staged(cls, batch: list[tuple[Leaf, planning.WriteUnit]], staging: np.ndarray) -> Snapshot:
-        """Every unit copied into one reused host buffer (no allocator churn between batches)."""
-        copies = {}
-        offset = 0
-        for n, (leaf, unit) in enumerate(batch):
-            if leaf.record.source == "numpy":
-                source = leaf.source[slices(unit.local)]
-            else:
-                source = np.asarray(_unit_source(leaf, unit))[slices(unit.local)]
-            size = source.nbytes
-            view = staging[offset : offset + size].view(source.dtype).reshape(source.shape)
-            np.copyto(view, source)
-            copies[n] = view
-            offset += planning.aligned(size)
-        return cls(batch, copies)
-
-    @classmethod
-    def copied(cls, batch: list[tuple[Leaf, planning.WriteUnit]]) -> Snapshot:
-        """Private copies, independent of the caller's buffers once this returns.
-
-        A shard is copied once on its device (``device_put`` with ``may_alias=False``:
-        asynchronous, and on an accelerator it stays in device memory) and its units are cut
-        from that copy on the host later. Only where this process writes part of a replicated
-        shard held in host memory is exactly that part copied on the host instead, so the copy
-        never exceeds what the process writes.
-        """
-        copies: dict[int, Any] = {}
-        groups: dict[tuple[str, int, tuple[int, ...]], list[int]] = collections.defaultdict(list)
-        for n, (leaf, unit) in enumerate(batch):
-            if leaf.record.source == "numpy":
-                copies[n] = np.array(leaf.source[slices(unit.local)])
-            else:
-                origin = tuple(a - la for (a, _), (la, _) in zip(unit.region, unit.local, strict=True))
-                groups[(leaf.item, leaf.index, origin)].append(n)
-        host = host_resident()
-        to_copy: list[tuple[list[int], Any]] = []
-        for members in groups.values():
-            leaf, unit = batch[members[0]]
-            shard = _unit_source(leaf, unit)
-            covered = sum(math.prod(batch[n][1].shape) for n in members) == math.prod(shard.shape)
-            if covered and leaf.private:
-                copies.update((n, shard) for n in members)
-            elif covered or not host:
-                to_copy.append((members, shard))
-            else:
-                for n in members:
-                    copies[n] = np.array(np.asarray(shard)[slices(batch[n][1].local)])
-        if to_copy:
-            copied = jax.device_put(
-                [shard for _, shard in to_copy], [shard.sharding for _, shard in to_copy], may_alias=False
-            )
-            for (members, _), private_copy in zip(to_copy, copied, strict=True):
-                copies.update((n, private_copy) for n in members)
-        return cls(batch, copies)
-
-    def host_array(self, n: int) -> np.ndarray:
-        """Unit ``n`` as a C-contiguous host array (device-to-host copy if needed)."""
-        leaf, unit = self.batch[n]
-        host = np.asarray(self.copies.pop(n))
-        if leaf.record.source == "numpy" and tuple(host.shape) != unit.shape:
-            host = host[slices(unit.region)]
-        elif tuple(host.shape) != unit.shape:
-            host = host[slices(unit.local)]
-        return host if host.flags.c_contiguous else host.copy(order="C")
 
 
 class Writer:
@@ -178,6 +78,7 @@ class Writer:
                 pending -= size
         for future, _ in inflight:
             future.result()
+        snapshot.release()
 
     def check_complete(self, where: str) -> None:
         """Raises unless every pack file this process fills has been written (before any commit)."""
@@ -205,7 +106,8 @@ class Writer:
 
 
 def batches(pairs: list[tuple[Leaf, planning.WriteUnit]], budget: int | None) -> list[list[Any]]:
-    if budget is None or not host_resident():
+    """``pairs`` cut into consecutive batches of at most ``budget`` bytes (one if None)."""
+    if budget is None:
         return [pairs]
     out: list[list[Any]] = [[]]
     size = 0

@@ -23,7 +23,16 @@ def test_benchmark_smoke_run_writes_its_outputs(tmp_path):
         "ckpt_callbacks model: restore, other mesh",
         "orbax small: sync save",
     } <= names
-    assert len(report["ratios"]) == 6 and report["loop"]["callback_us"] > 0
+    assert len(report["ratios"]) == 8 and report["loop"]["callback_us"] > 0
+    loop_names = {row["name"] for row in report["loop_save"]}
+    assert loop_names == {
+        "ckpt_callbacks save_async, snapshot=auto",
+        "ckpt_callbacks save_async, snapshot=host",
+        "ckpt_callbacks save_async, snapshot=device",
+        "orbax async save",
+    }
+    assert all(row["lost_s"] == row["lost_s"] and row["extra_device_bytes"] >= 0 for row in report["loop_save"])
+    assert "loop time lost" in (tmp_path / "latest.md").read_text()
     assert (tmp_path / "latest.md").read_text().startswith("# Benchmark")
     assert (tmp_path / "latest.png").stat().st_size > 1000
 
