@@ -8,7 +8,11 @@ aligned blocks, then fsync), orbax's async save (blocking and total) and restore
 shardings, and ckpt_callbacks' `save_async` (blocking and total) and restore. Median of
 `--repeats`; page cache dropped before each timed operation where the OS allows it. Targets
 (issue 5): blocking <= 0.1x orbax's, save throughput >= 0.9x the direct-I/O rate, restore >=
-orbax's. Runs on CPU too (`--smoke`, as CI does), where the figures mean nothing.
+orbax's. Then the case that matters on an accelerator (issue 11): a state filling `--fill`
+(0.85) of device memory, a jitted donating train step between saves, and per snapshot mode
+(auto, host, device) and orbax: blocking, the first step's excess, loop time lost and the
+device memory the save added (`benchmarks/loop.py`); an out-of-memory is reported as such.
+Runs on CPU too (`--smoke`, as CI does), where the figures mean nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from loop import loop_cases, loop_ratios, loop_table
 from run import (
     GB,
     Bench,
@@ -91,6 +96,19 @@ def gpu_ratios(rows: dict[str, dict[str, Any]], disk_gb_s: float, nbytes: int) -
     ]
 
 
+def filled_loop(device: Any, mesh: Mesh, args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
+    """The loop case on a state filling ``args.fill`` of the device's memory (``--gib`` where
+    the device reports no memory statistics, as on CPU)."""
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    nbytes = int(args.fill * limit) - int(stats.get("bytes_in_use", 0)) if limit and not args.smoke else None
+    gib = nbytes / 2**30 if nbytes else args.gib
+    state = model_tree(gib, mesh)
+    used = (device.memory_stats() or {}).get("bytes_in_use")
+    print(f"loop case: {nbytes_unique(state) / GB:.2f} GB state; device memory in use: {used}", flush=True)
+    return loop_cases(state, root, repeats=args.repeats, seconds=0.5 if args.smoke else 4.0)
+
+
 def write_report(out_dir: pathlib.Path, report: dict[str, Any]) -> str:
     disk = report["disk"]
     lines = [
@@ -103,6 +121,9 @@ def write_report(out_dir: pathlib.Path, report: dict[str, Any]) -> str:
         "",
     ]
     lines += case_table(report["rows"], files=False, digits=4)
+    if report.get("loop_save"):
+        lines += ["", "Training loop with a save in flight, state filling the device:", ""]
+        lines += loop_table(report["loop_save"])
     lines += ["", *target_table(report["ratios"], digits=3)]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny size, one repeat (CI, on CPU)")
+    parser.add_argument("--fill", type=float, default=0.85, help="device memory the loop case's state fills")
     args = parser.parse_args(argv)
     if args.smoke:
         args.gib, args.repeats = 0.01, 1
@@ -147,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }
         report["ratios"] = gpu_ratios({r["name"]: r for r in rows}, disk["gb_per_s"], nbytes)
+        del tree
+        report["loop_save"] = filled_loop(device, mesh, args, root)
+        report["ratios"] += loop_ratios(report["loop_save"])
         print("\n" + write_report(pathlib.Path(args.out), report))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -131,14 +131,22 @@ def loop_cases(
         orbax.save(fresh(), s)
         return orbax.wait_until_finished
 
-    cases = [("ckpt_callbacks save_async, snapshot=" + m, ours(m)) for m in ("auto", "host", "device")]
-    cases.append(("orbax async save", theirs))
+    # "device" last: on an accelerator filled to 85% it is expected to run out of memory.
+    cases = [("ckpt_callbacks save_async, snapshot=" + m, ours(m)) for m in ("auto", "host")]
+    cases += [("orbax async save", theirs), ("ckpt_callbacks save_async, snapshot=device", ours("device"))]
     rows = []
     for name, save in cases:
         runs = []
-        for _ in range(repeats):
-            row, state = _one(state, step, save, steps)
-            runs.append(row)
+        try:
+            for _ in range(repeats):
+                row, state = _one(state, step, save, steps)
+                runs.append(row)
+        except Exception as e:  # an out-of-memory is a result here, not a crash of the benchmark
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            print(f"  {name:44s} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            rows.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            break
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         med.update(name=name, steps=steps, all_lost_s=[r["lost_s"] for r in runs])
         print(
@@ -158,6 +166,9 @@ def loop_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | |")
+            continue
         lines.append(
             f"| {r['name']} | {r['blocking_s']:.3f} | {r['first_step_excess_s'] * 1e3:.0f} | {r['step_s'] * 1e3:.1f} "
             f"| {r['lost_s']:.3f} | {r['extra_device_bytes'] / 2**20:.0f} |"
@@ -168,6 +179,8 @@ def loop_table(rows: list[dict[str, Any]]) -> list[str]:
 def loop_ratios(rows: list[dict[str, Any]]) -> list[tuple[str, float, str]]:
     by = {r["name"]: r for r in rows}
     ours, theirs = by["ckpt_callbacks save_async, snapshot=auto"], by["orbax async save"]
+    if "error" in ours or "error" in theirs:
+        return []
     return [
         ("loop time lost during a save (auto) vs orbax", ours["lost_s"] / max(theirs["lost_s"], 1e-9), "<= 0.5"),
         (
