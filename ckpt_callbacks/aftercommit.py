@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ckpt_callbacks import distributed
@@ -40,9 +40,15 @@ def telemetry(stats: SaveStats) -> dict[str, float]:
 class AfterCommit:
     """A daemon worker over a queue of (handle, step, then): ``then`` runs once committed."""
 
-    def __init__(self, writer: ScalarWriter | None, retention: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        writer: ScalarWriter | None,
+        retention: Callable[[], None],
+        on_commit: Sequence[Callable[[str, int, dict[str, Any]], Any]] = (),
+    ) -> None:
         self._writer = writer
         self._retention = retention
+        self._on_commit = list(on_commit)
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.saves: list[dict[str, Any]] = []  # telemetry of every committed save, in order
@@ -78,6 +84,11 @@ class AfterCommit:
             stats = handle.wait()
         except BaseException:
             return  # raised to the caller by the next save or wait_until_finished
+        for hook in self._on_commit:
+            try:
+                hook(stats.path, step, dict(handle.metadata))
+            except Exception as e:  # a user's hook must not stop telemetry or retention
+                log.warning("on_commit hook %r failed for %s: %s: %s", hook, stats.path, type(e).__name__, e)
         scalars = telemetry(stats)
         self.saves.append({"step": step, "path": stats.path, **scalars})
         if self._writer is not None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckpt_callbacks.checkpointer import Checkpointer
+from ckpt_callbacks.errors import RestoreMismatchError
 
 
 def _nnx() -> Any:
@@ -94,10 +95,11 @@ class CheckpointCallback:
         """After a train step; ``t`` (any consistent clock, e.g. clu's) overrides the clock."""
         return self.checkpointer.step_lazy(self._getter(state, step), step=step, now=t)
 
-    def on_eval(self, step: int, state: Any = None, *, metrics: dict[str, float]) -> bool:
-        """Records eval metrics for best-k retention and saves ``step`` if it is not saved yet."""
+    def on_eval(self, step: int, state: Any = None, *, metrics: dict[str, float], save: bool = True) -> bool:
+        """Records eval metrics for best-k retention; with ``save`` (default), also saves
+        ``step`` as a permanent checkpoint if it is not saved yet. ``save=False`` only records."""
         self.checkpointer.record_metrics(step, metrics)
-        if state is None and self._state_fn is None:
+        if not save or (state is None and self._state_fn is None):
             return False
         return self.checkpointer.step_lazy(self._getter(state, step), step=step, force=True)
 
@@ -117,10 +119,26 @@ class CheckpointCallback:
         The names are the keys ``state_fn`` returned them under. Returns the metadata.
         """
         template = {name: to_state(obj) for name, obj in objects.items()}
-        tree, meta = self.checkpointer.restore(step, template=template, keys=list(objects))
+        try:
+            tree, meta = self.checkpointer.restore(step, template=template, keys=list(objects))
+        except RestoreMismatchError:
+            if len(objects) != 1:
+                raise
+            # One object saved on its own (``state_fn=lambda: model``): its state is the whole tree.
+            (name,) = objects
+            whole, meta = self.checkpointer.restore(step, template=template[name])
+            tree = {name: whole}
         for name, obj in objects.items():
             _nnx().update(obj, tree[name])
         return meta
+
+    def restore_or_init_into(self, **objects: Any) -> dict[str, Any] | None:
+        """NNX restore-or-init: restores the latest checkpoint into freshly initialised objects
+        (in place, their shardings kept), or leaves them as initialised if there is none.
+        Returns the metadata, or None when nothing was restored."""
+        if self.checkpointer.latest_step() is None:
+            return None
+        return self.restore_into(**objects)
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckpt_callbacks import layout, paths
+from ckpt_callbacks import layout, paths, resume
 from ckpt_callbacks import restore as restore_lib
 from ckpt_callbacks.aftercommit import AfterCommit, ScalarWriter, close_at_exit
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
@@ -92,6 +92,16 @@ def _parse_base(base_path: Any) -> paths.Location:
     return loc
 
 
+_SEED_NAMES = {"partition_rules": "rules", "strict_shapes": "strict", "dtype": "dtype", "template": "template"}
+
+
+def _seed_restore_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(kw) - set(_SEED_NAMES))
+    if unknown:
+        raise TypeError(f"load_pytree got unexpected keywords {unknown}; expected some of {sorted(_SEED_NAMES)}")
+    return {_SEED_NAMES[k]: v for k, v in kw.items()}
+
+
 class Checkpointer:
     """Saves a train state by policy, under the seed's ``Checkpointer`` names.
 
@@ -110,6 +120,8 @@ class Checkpointer:
       sync_every_steps: with several processes, process 0's clock and the preemption flags
         are shared every this many steps; only those steps communicate.
       item: name of the item the state is saved under.
+      on_commit: the seed's ``true_callbacks``: each is called as ``fn(path, step, metadata)``
+        once a save's marker is durable (in the background; failures are logged).
     """
 
     def __init__(
@@ -125,6 +137,7 @@ class Checkpointer:
         handle_sigterm: bool = True,
         sync_every_steps: int = 10,
         item: str = "state",
+        on_commit: Sequence[Callable[[str, int, dict[str, Any]], Any]] = (),
         **option_overrides: Any,
     ) -> None:
         if sync_every_steps < 1:
@@ -144,7 +157,7 @@ class Checkpointer:
         self._started: list[str] = []  # paths this run began saving to, recorded before each save starts
         self.retention = Retention(self.base, self.keep)
         self.preemption = Preemption(handle_sigterm)
-        self._after = AfterCommit(writer, lambda: self.retention.apply(committed_this_run=self._started))
+        self._after = AfterCommit(writer, lambda: self.retention.apply(committed_this_run=self._started), on_commit)
         self._closed = self._announced = False
         self.saves = self._after.saves  # telemetry of every committed save, in order
         close_at_exit(self)
@@ -283,14 +296,19 @@ class Checkpointer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
     def latest_step(self) -> int | None:
         """Step of the latest committed checkpoint (lists storage)."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return next(reversed(self.all_steps()), None)
 
     def all_steps(self) -> list[int]:
         return [c.step for c in list_checkpoints(self.base) if c.step is not None]
+
+    def best_checkpoint(self) -> CheckpointInfo | None:
+        """The committed checkpoint with the best ``keep.metric`` (recorded eval metrics included)."""
+        return resume.best(self.checkpoints(), self.keep)
+
+    def best_step(self) -> int | None:
+        return getattr(self.best_checkpoint(), "step", None)
 
     def restore(
         self, step: int | None = None, *, path: Any = None, **restore_kwargs: Any
@@ -312,16 +330,16 @@ class Checkpointer:
     def restore_or_init(self, init_fn: Callable[[], Any], **restore_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
         """Restores the latest checkpoint, or returns ``(init_fn(), None)`` if there is none.
 
-        Without a ``template``, ``jax.eval_shape(init_fn)`` gives the structure and dtypes.
+        Without a ``template``, ``jax.eval_shape(init_fn)`` gives structure, dtypes and (for an
+        init jitted with ``out_shardings``) shardings; ``mesh``/``rules`` or ``shardings`` place
+        the rest. With several devices and no placement found, it raises (see ``resume``).
         """
         self.wait_until_finished()
         found = list_checkpoints(self.base)
         if not found:
             return init_fn(), None
         if "template" not in restore_kwargs:
-            import jax
-
-            restore_kwargs["template"] = jax.eval_shape(init_fn)
+            restore_kwargs["template"] = resume.init_template(init_fn, restore_kwargs)
         return self.restore(path=found[-1].checkpoint, **restore_kwargs)
 
     def load_pytree(
@@ -332,8 +350,4 @@ class Checkpointer:
         ``dtype``, ``template``, ``strict``)."""
         if path is None and not discover_latest:
             raise ValueError("load_pytree needs path= when discover_latest=False")
-        renamed = {"partition_rules": "rules", "strict_shapes": "strict", "dtype": "dtype", "template": "template"}
-        unknown = sorted(set(kw) - set(renamed))
-        if unknown:
-            raise TypeError(f"load_pytree got unexpected keywords {unknown}; expected some of {sorted(renamed)}")
-        return self.restore(path=path, mesh=mesh, item=prefix, **{renamed[k]: v for k, v in kw.items()})
+        return self.restore(path=path, mesh=mesh, item=prefix, **_seed_restore_kwargs(kw))

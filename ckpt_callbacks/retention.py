@@ -1,7 +1,7 @@
 """Retention under one base directory: eval metrics beside the checkpoints, and deletions.
 
 >>> import numpy as np
->>> from ckpt_callbacks.policy import KeepPolicy
+>>> from ckpt_callbacks.policy import KeepPolicy, metric_of
 >>> from ckpt_callbacks.serializer import save
 >>> for step in (1, 2, 3):
 ...     save(f"memory://doc/retention/run-{step}", {"a": np.zeros(1)}, step=step)
@@ -24,7 +24,7 @@ import numpy as np
 
 from ckpt_callbacks import distributed, layout, paths
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
-from ckpt_callbacks.policy import KeepPolicy
+from ckpt_callbacks.policy import KeepPolicy, metric_of
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -47,6 +47,7 @@ class Retention:
         self.keep = keep
         self.metrics: dict[int, dict[str, float | None]] = {}
         self._warned: set[int] = set()  # steps whose damaged metrics file was logged
+        self._warned_unranked = False
         self._undeleted: dict[str, CheckpointInfo] = {}  # failed deletes, retried by the next pass
 
     @property
@@ -100,6 +101,23 @@ class Retention:
             log.warning("retention: ignoring %s: expected a JSON object of metrics, found %.80r", where, data)
         return None
 
+    def _warn_if_never_ranked(self, listed: list[CheckpointInfo]) -> None:
+        """Once: best-k asked for a metric that no eval has reported for any checkpoint."""
+        metric = self.keep.metric
+        permanent = [c for c in listed if not c.is_temporary]
+        if self._warned_unranked or not metric or len(permanent) < 2:
+            return
+        if all(metric_of(c, metric) is None for c in permanent):
+            self._warned_unranked = True
+            log.warning(
+                "retention: KeepPolicy ranks by metric %r, but none of %d checkpoints under %s has it; record it "
+                "with on_eval(step, metrics={%r: ...}) or record_metrics (best-k keeps nothing until then)",
+                metric,
+                len(permanent),
+                self.base.url,
+                metric,
+            )
+
     def apply(self, *, committed_this_run: Collection[str] | None) -> None:
         """Deletes what the policy says; failures are logged and retried next time, never raised.
 
@@ -110,6 +128,7 @@ class Retention:
             listed = self.checkpoints()
             this_run = None if committed_this_run is None else list(committed_this_run)
             doomed = self.keep.to_delete(listed, committed_this_run=this_run)
+            self._warn_if_never_ranked(listed)
         except Exception as e:
             log.warning("retention: could not list %s: %s", self.base.url, e)
             return

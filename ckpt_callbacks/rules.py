@@ -13,6 +13,7 @@ True
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -25,6 +26,19 @@ from ckpt_callbacks import format as fmt
 from ckpt_callbacks.errors import ShardingRuleError
 
 Rules = Sequence[tuple[str, PartitionSpec]]
+
+log = logging.getLogger("ckpt_callbacks")
+
+
+def warn_unmatched(rules: Rules, keys: Sequence[str]) -> list[str]:
+    """Logs (and returns) the rules whose regex is found in no key: usually a typo ("kernal")
+    that a catch-all rule after it would otherwise hide, silently replicating every kernel."""
+    unmatched = [pattern for pattern, _ in rules if not any(re.search(pattern, key) for key in keys)]
+    if unmatched and keys:
+        log.warning(
+            "partition rules %s match no leaf (a typo?); keys look like %s", unmatched, sorted(keys, key=len)[:3]
+        )
+    return unmatched
 
 
 def spec_for(key: str, shape: Sequence[int], rules: Rules) -> PartitionSpec:
@@ -76,8 +90,16 @@ def _shape_of(leaf: Any) -> tuple[int, ...]:
     return tuple(getattr(leaf, "shape", ()))
 
 
+def _keys(tree: Any) -> list[str]:
+    return [fmt.key_string(fmt.path_of(path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def match_partition_rules(rules: Rules, tree: Any) -> Any:
-    """A tree of ``PartitionSpec`` matching ``tree`` (leaves need ``.shape``; others are scalars)."""
+    """A tree of ``PartitionSpec`` matching ``tree`` (leaves need ``.shape``; others are scalars).
+
+    Rules that match no leaf are logged as a warning (see ``warn_unmatched``).
+    """
+    warn_unmatched(rules, _keys(tree))
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: spec_for(fmt.key_string(fmt.path_of(path)), _shape_of(leaf), rules), tree
     )
@@ -85,6 +107,7 @@ def match_partition_rules(rules: Rules, tree: Any) -> Any:
 
 def shardings_from_rules(mesh: Mesh, rules: Rules, tree: Any) -> Any:
     """A tree of ``NamedSharding`` on ``mesh``, every spec checked against its leaf's shape."""
+    warn_unmatched(rules, _keys(tree))
 
     def one(path: Any, leaf: Any) -> NamedSharding:
         key, shape = fmt.key_string(fmt.path_of(path)), _shape_of(leaf)

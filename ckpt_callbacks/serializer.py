@@ -126,9 +126,10 @@ class SaveStats:
 class SaveHandle:
     """A save in flight: ``wait()`` blocks until it is committed and re-raises failures."""
 
-    def __init__(self, path: str, blocking_s: float) -> None:
+    def __init__(self, path: str, blocking_s: float, metadata: dict[str, Any] | None = None) -> None:
         self.path = path
         self.blocking_s = blocking_s
+        self.metadata = metadata or {}  # what metadata.json says, once committed
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._stats: SaveStats | None = None
@@ -362,7 +363,7 @@ def _start_save(
             layout.release(loc, names)
         raise paths.as_storage_error(e, loc.url) from e
     plan.release_sources()
-    handle = SaveHandle(loc.url, time.perf_counter() - start)
+    handle = SaveHandle(loc.url, time.perf_counter() - start, metadata.to_json())
     handle._start(lambda: save.finish(names, last))
     return handle
 

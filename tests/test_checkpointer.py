@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_resume_rules_after_restore(url):
     assert meta["step"] == 20 and tree["step"] == 20 and tree["w"].tolist() == [20.0] * 4
     assert not resumed.on_step(_state(20), step=20)  # the restored step is not saved again
     assert _run(resumed, range(21, 31)) == [30]  # and the schedule continues
-    assert resumed.all_steps() == [10, 20, 30] and resumed.latest_step == 30
+    assert resumed.all_steps() == [10, 20, 30] and resumed.latest_step() == 30
     resumed.close()
 
 
@@ -287,7 +288,8 @@ def test_restore_or_init(url):
     state, meta = ck.restore_or_init(lambda: {"w": jnp.zeros(3)})
     assert meta is None and state["w"].tolist() == [0.0, 0.0, 0.0]
     ck.save_checkpoint({"w": jnp.ones(3)}, "run-5", step=5)
-    state, meta = ck.restore_or_init(lambda: {"w": jnp.zeros(3)})
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # 8 devices: placement must be given
+    state, meta = ck.restore_or_init(lambda: {"w": jnp.zeros(3)}, shardings=one)
     assert meta["step"] == 5 and state["w"].tolist() == [1.0, 1.0, 1.0]
     assert not ck.on_step({"w": jnp.ones(3)}, step=5, force=True)
     ck.close()

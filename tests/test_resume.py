@@ -1,0 +1,144 @@
+"""Resuming the way teams train: shardings kept, NNX objects, seed names, eval and best-k."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt_callbacks as cc
+from conftest import make_mesh
+
+
+def _sharded_init(mesh):
+    shardings = {"w": NamedSharding(mesh, P("x", "y")), "b": NamedSharding(mesh, P())}
+
+    @jax.jit
+    def init():
+        return {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.zeros(4)}
+
+    return jax.jit(init, out_shardings=shardings), shardings
+
+
+def test_restore_or_init_keeps_a_jitted_inits_shardings(url, mesh42):
+    init, shardings = _sharded_init(mesh42)
+    ck = cc.Checkpointer(url, handle_sigterm=False)
+    state, meta = ck.restore_or_init(init)
+    assert meta is None and state["w"].sharding == shardings["w"]
+    ck.save_checkpoint(jax.tree.map(lambda x: x + 1, state), "run-3", step=3)
+    restored, meta = ck.restore_or_init(init)
+    ck.close()
+    assert meta["step"] == 3
+    assert restored["w"].sharding.is_equivalent_to(shardings["w"], 2)
+    assert len(restored["w"].sharding.device_set) == 8  # not all on one device
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(32.0).reshape(8, 4) + 1)
+
+
+def test_restore_or_init_places_an_unjitted_init_with_mesh_and_rules(url, mesh42):
+    def init():  # the device_put pattern: eval_shape cannot see these shardings
+        return {"w": jax.device_put(jnp.zeros((8, 4)), NamedSharding(mesh42, P("x")))}
+
+    ck = cc.Checkpointer(url, handle_sigterm=False)
+    ck.save_checkpoint({"w": jnp.ones((8, 4))}, "run-1", step=1)
+    with pytest.raises(cc.ShardingRuleError, match=r"8 devices are visible: the restored state would land on one"):
+        ck.restore_or_init(init)
+    restored, _ = ck.restore_or_init(init, mesh=mesh42, rules=[("w", P("x"))])
+    ck.close()
+    assert restored["w"].sharding.spec == P("x") and len(restored["w"].sharding.device_set) == 8
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 2, rngs=rngs)
+
+
+def test_nnx_single_module_saved_on_its_own_restores_into(url):
+    model = Tiny(nnx.Rngs(0))
+    cb = cc.CheckpointCallback(url, state_fn=lambda: model, handle_sigterm=False)
+    cb.on_train_end(4)
+    other = Tiny(nnx.Rngs(7))
+    meta = cb.restore_into(model=other)
+    cb.close()
+    assert meta["step"] == 4
+    np.testing.assert_array_equal(np.asarray(other.lin.kernel[...]), np.asarray(model.lin.kernel[...]))
+
+
+def test_nnx_restore_or_init_into(url):
+    model = Tiny(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    cb = cc.CheckpointCallback(url, state_fn=lambda: {"model": model, "optimizer": optimizer}, handle_sigterm=False)
+    fresh = Tiny(nnx.Rngs(5))
+    before = np.asarray(fresh.lin.kernel[...]).copy()
+    assert cb.restore_or_init_into(model=fresh) is None  # nothing saved yet: left as initialised
+    np.testing.assert_array_equal(np.asarray(fresh.lin.kernel[...]), before)
+    cb.on_train_end(2)
+    fresh_opt = nnx.Optimizer(fresh, optax.sgd(0.1), wrt=nnx.Param)
+    meta = cb.restore_or_init_into(model=fresh, optimizer=fresh_opt)
+    cb.close()
+    assert meta["step"] == 2
+    np.testing.assert_array_equal(np.asarray(fresh.lin.kernel[...]), np.asarray(model.lin.kernel[...]))
+
+
+def test_on_commit_hooks_get_path_step_and_metadata(url):
+    seen = []
+    ck = cc.Checkpointer(
+        url,
+        step_policies=[cc.CheckpointInterval(every=2)],
+        on_commit=[lambda path, step, meta: seen.append((path, step, meta["step"])), lambda *a: 1 / 0],
+        handle_sigterm=False,
+    )
+    for step in range(1, 5):
+        ck.on_step({"w": np.ones(2)}, step=step)
+    ck.close()
+    assert [(s, m) for _, s, m in seen] == [(2, 2), (4, 4)]
+    assert all(path.endswith(f"run-{s}") and cc.open_checkpoint(path) for path, s, _ in seen)
+
+
+def test_latest_step_is_a_method_like_all_steps(url):
+    ck = cc.Checkpointer(url, step_policies=[cc.CheckpointInterval(every=1)], handle_sigterm=False)
+    assert ck.latest_step() is None
+    ck.on_step({"w": np.ones(1)}, step=7)
+    ck.wait_until_finished()
+    assert ck.latest_step() == 7 == ck.all_steps()[-1]
+    ck.close()
+
+
+def test_on_eval_with_save_false_only_records(url):
+    keep = cc.KeepPolicy(keep_best=1, metric="loss")
+    cb = cc.CheckpointCallback(url, state_fn=lambda: {"w": jnp.ones(2)}, keep=keep, handle_sigterm=False)
+    assert not cb.on_eval(5, metrics={"loss": 0.3}, save=False)
+    assert cb.checkpointer.all_steps() == []
+    assert cb.on_eval(10, metrics={"loss": 0.2})  # the default still saves
+    cb.on_train_end(12)
+    assert cb.checkpointer.all_steps() == [10, 12]
+    assert cb.checkpointer.best_step() == 10
+    assert cb.checkpointer.best_checkpoint().path.endswith("run-10")
+    cb.close()
+
+
+def test_a_metric_no_eval_reports_is_warned_about_once(url, caplog):
+    keep = cc.KeepPolicy(keep_best=1, metric="eval_loss")
+    ck = cc.Checkpointer(url, step_policies=[cc.CheckpointInterval(every=1)], keep=keep, handle_sigterm=False)
+    for step in range(1, 5):
+        ck.record_metrics(step, {"loss": 1.0 / step})  # a different name than the policy's
+        ck.on_step({"w": np.ones(1)}, step=step)
+        ck.wait_until_finished()
+    ck.close()
+    assert caplog.text.count("ranks by metric 'eval_loss', but none of") == 1
+    assert ck.best_step() is None
+
+
+def test_a_partition_rule_that_matches_no_leaf_is_warned_about(caplog):
+    tree = {"params": {"dense": {"kernel": np.zeros((8, 4)), "bias": np.zeros(4)}}}
+    mesh = make_mesh((4, 2))
+    specs = cc.match_partition_rules([("kernal", P("x", "y")), (".*", P())], tree)
+    assert specs["params"]["dense"]["kernel"] == P()  # the typo fell through to the catch-all ...
+    assert "['kernal'] match no leaf" in caplog.text  # ... and is reported
+    caplog.clear()
+    cc.shardings_from_rules(mesh, [("kernel", P("x", "y")), (".*", P())], tree)
+    assert "match no leaf" not in caplog.text
