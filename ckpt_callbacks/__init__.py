@@ -31,6 +31,7 @@ from ckpt_callbacks.policy import Decision as Decision
 from ckpt_callbacks.policy import KeepPolicy as KeepPolicy
 from ckpt_callbacks.policy import SavePolicy as SavePolicy
 from ckpt_callbacks.restore import restore as restore
+from ckpt_callbacks.resume import CheckpointReader as CheckpointReader
 from ckpt_callbacks.rules import match_partition_rules as match_partition_rules
 from ckpt_callbacks.rules import shardings_from_rules as shardings_from_rules
 from ckpt_callbacks.serializer import SaveHandle as SaveHandle
@@ -38,5 +39,7 @@ from ckpt_callbacks.serializer import SaveOptions as SaveOptions
 from ckpt_callbacks.serializer import SaveStats as SaveStats
 from ckpt_callbacks.serializer import save as save
 from ckpt_callbacks.serializer import save_async as save_async
+from ckpt_callbacks.serializer import save_items as save_items
+from ckpt_callbacks.serializer import save_items_async as save_items_async
 
 __version__ = "0.1.0"

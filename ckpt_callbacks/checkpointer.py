@@ -22,20 +22,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckpt_callbacks import layout, paths, resume
-from ckpt_callbacks import restore as restore_lib
+from ckpt_callbacks import layout
 from ckpt_callbacks.aftercommit import AfterCommit, ScalarWriter, close_at_exit
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
-from ckpt_callbacks.errors import CheckpointExistsError, CheckpointNotFoundError
+from ckpt_callbacks.errors import CheckpointExistsError
 from ckpt_callbacks.policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy, as_step
 from ckpt_callbacks.preemption import Preemption, agree
-from ckpt_callbacks.retention import Retention
-from ckpt_callbacks.serializer import SaveHandle, SaveOptions, save_async
+from ckpt_callbacks.resume import CheckpointReader, announce
+from ckpt_callbacks.serializer import SaveHandle, SaveOptions, save_items_async
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -57,52 +55,7 @@ def _timestamp(now: Any) -> float:
     return float(now)
 
 
-def _to_restore(base: paths.Location, step: Any, path: Any) -> tuple[layout.Checkpoint, list[CheckpointInfo] | None]:
-    """What to restore: ``path`` (relative to ``base`` unless a URL), ``run-<step>``, or the
-    latest (then also the listing it came from)."""
-    if path is None and step is None:
-        found = list_checkpoints(base)
-        if not found or found[-1].checkpoint is None:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {base.url}")
-        return found[-1].checkpoint, found
-    if path is None:
-        return layout.open_checkpoint(base.join(layout.run_name(as_step(step)))), None
-    text = path.url if isinstance(path, layout.Checkpoint) else str(path)
-    if isinstance(path, layout.Checkpoint) or "://" in text or text.startswith("/"):
-        return layout.open_checkpoint(path), None
-    return layout.open_checkpoint(base.join(*text.split("/"))), None
-
-
-def _announce(ck: Checkpointer, found: Sequence[CheckpointInfo] | None, restored: Any) -> None:
-    """The one line a run logs on its first save or restore: where, what is there, what it does."""
-    if ck._announced:
-        return
-    ck._announced = True
-    count = "" if found is None else f"{len(found)} committed checkpoint(s) found; "
-    latest = f" (latest: step {found[-1].step})" if found else ""
-    doing = f"resuming from step {restored}" if restored is not None else f"starting fresh{latest}"
-    log.info("checkpoints under %s: %s%s", ck.base.url, count, doing)
-
-
-def _parse_base(base_path: Any) -> paths.Location:
-    loc = paths.parse(base_path)
-    text = str(base_path) if isinstance(base_path, str | os.PathLike) else "/"
-    if "://" not in text and not os.path.isabs(os.path.expanduser(text)):
-        log.info("relative checkpoint path %r resolved to %s", str(base_path), loc.path)
-    return loc
-
-
-_SEED_NAMES = {"partition_rules": "rules", "strict_shapes": "strict", "dtype": "dtype", "template": "template"}
-
-
-def _seed_restore_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(kw) - set(_SEED_NAMES))
-    if unknown:
-        raise TypeError(f"load_pytree got unexpected keywords {unknown}; expected some of {sorted(_SEED_NAMES)}")
-    return {_SEED_NAMES[k]: v for k, v in kw.items()}
-
-
-class Checkpointer:
+class Checkpointer(CheckpointReader):
     """Saves a train state by policy, under the seed's ``Checkpointer`` names.
 
     Args:
@@ -142,12 +95,9 @@ class Checkpointer:
     ) -> None:
         if sync_every_steps < 1:
             raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
-        layout.check_item_name(item)
-        self.base = _parse_base(base_path)
+        super().__init__(base_path, keep=keep, item=item)
         self.policy = SavePolicy(step_policies=tuple(step_policies), save_interval=_seconds(save_interval))
-        self.keep = keep if keep is not None else KeepPolicy()
         self.options = dataclasses.replace(options or SaveOptions(), **option_overrides)
-        self.item = item
         self._clock = clock or time.time
         self._sync_every = sync_every_steps
         self._last_save_step: int | None = None
@@ -155,10 +105,9 @@ class Checkpointer:
         self._previous_step: int | None = None
         self._inflight: tuple[SaveHandle, int | None] | None = None  # and the last step saved before it
         self._started: list[str] = []  # paths this run began saving to, recorded before each save starts
-        self.retention = Retention(self.base, self.keep)
         self.preemption = Preemption(handle_sigterm)
         self._after = AfterCommit(writer, lambda: self.retention.apply(committed_this_run=self._started), on_commit)
-        self._closed = self._announced = False
+        self._closed = False
         self.saves = self._after.saves  # telemetry of every committed save, in order
         close_at_exit(self)
 
@@ -204,7 +153,7 @@ class Checkpointer:
         extras = self.retention.with_recorded_metrics(step, extras)
         try:
             self._save_now(
-                state_fn(), layout.run_name(step), step=step, item=self.item, extras=extras, now=now, decision=decision
+                {self.item: state_fn()}, layout.run_name(step), step=step, extras=extras, now=now, decision=decision
             )
         except CheckpointExistsError:  # saved before (a resumed run): never twice, never overwritten
             self._last_save_step = step
@@ -212,7 +161,15 @@ class Checkpointer:
         return True
 
     def _save_now(
-        self, tree: Any, dest: str, *, step: int, item: str, extras: Any = None, now: Any = None, decision: Any = _ASKED
+        self,
+        items: Any,
+        dest: str,
+        *,
+        step: int,
+        extras: Any = None,
+        now: Any = None,
+        decision: Any = _ASKED,
+        add=False,
     ) -> SaveHandle:
         """The one save path: wait for the previous save, start this one, hand it to the worker.
 
@@ -223,12 +180,13 @@ class Checkpointer:
         self._wait_inflight()
         step = as_step(step)
         if not self._announced:
-            _announce(self, list_checkpoints(self.base), None)
+            announce(self, list_checkpoints(self.base), None)
         loc = self.base.join(dest)
         if loc.url not in self._started:
             self._started.append(loc.url)
-        handle = save_async(
-            loc, tree, item=item, step=step, extras=extras, is_temporary=decision.temporary, options=self.options
+        temporary = decision.temporary
+        handle = save_items_async(
+            loc, items, step=step, extras=extras, is_temporary=temporary, add=add, options=self.options
         )
         log.info("checkpoint at step %d (%s%s)", step, decision.reason, ", temporary" if decision.temporary else "")
         self._inflight = (handle, self._last_save_step)
@@ -243,13 +201,18 @@ class Checkpointer:
     ) -> SaveHandle:
         """Saves ``state`` now to ``<base>/<destination>`` (no policy); returns the handle."""
         decision = Decision(True, is_temporary, "save_checkpoint")
-        return self._save_now(state, destination, step=step, item=self.item, extras=extras, decision=decision)
+        return self._save_now({self.item: state}, destination, step=step, extras=extras, decision=decision)
 
     def save_pytree(
         self, tree: Any, prefix: str, *, step: int, destination: str | None = None, extras: dict[str, Any] | None = None
     ) -> SaveHandle:
-        """Saves ``tree`` as item ``prefix`` of ``<base>/<destination or run-step>``."""
-        return self._save_now(tree, destination or layout.run_name(step), step=step, item=prefix, extras=extras)
+        """Saves ``tree`` as item ``prefix`` of ``<base>/<destination or run-step>``, beside the
+        items already committed there (one call per item into the same step)."""
+        return self._save_now({prefix: tree}, destination or layout.run_name(step), step=step, extras=extras, add=True)
+
+    def save_items(self, items: dict[str, Any], *, step: int, extras: Any = None) -> SaveHandle:
+        """Saves named items (model, optimizer, a loader's JSON state) as ``run-<step>``, committed together."""
+        return self._save_now(items, layout.run_name(step), step=step, extras=extras)
 
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Eval metrics of ``step`` for best-k retention; kept beside checkpoints as JSON."""
@@ -296,58 +259,10 @@ class Checkpointer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def latest_step(self) -> int | None:
-        """Step of the latest committed checkpoint (lists storage)."""
-        return next(reversed(self.all_steps()), None)
-
-    def all_steps(self) -> list[int]:
-        return [c.step for c in list_checkpoints(self.base) if c.step is not None]
-
-    def best_checkpoint(self) -> CheckpointInfo | None:
-        """The committed checkpoint with the best ``keep.metric`` (recorded eval metrics included)."""
-        return resume.best(self.checkpoints(), self.keep)
-
-    def best_step(self) -> int | None:
-        return getattr(self.best_checkpoint(), "step", None)
-
-    def restore(
-        self, step: int | None = None, *, path: Any = None, **restore_kwargs: Any
-    ) -> tuple[Any, dict[str, Any]]:
-        """Restores ``path``, ``run-<step>`` or the latest checkpoint; returns (tree, metadata dict).
-
-        ``restore_kwargs`` go to ``ckpt_callbacks.restore`` (mesh, rules, template, item, ...).
-        """
+    def _settle(self) -> None:
         self.wait_until_finished()
-        ckpt, found = _to_restore(self.base, step, path)
-        restore_kwargs.setdefault("item", self.item)
-        tree = restore_lib.restore(ckpt, **restore_kwargs)
-        _announce(self, found, ckpt.metadata.step)
-        if ckpt.metadata.step is not None:
-            self._last_save_step = self._previous_step = ckpt.metadata.step
+
+    def _restored(self, step: int | None) -> None:
+        if step is not None:  # resume rules: the restored step is not saved again; the schedule goes on
+            self._last_save_step = self._previous_step = step
             self._last_save_time = _timestamp(self._clock())
-        return tree, ckpt.metadata.to_json()
-
-    def restore_or_init(self, init_fn: Callable[[], Any], **restore_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
-        """Restores the latest checkpoint, or returns ``(init_fn(), None)`` if there is none.
-
-        Without a ``template``, ``jax.eval_shape(init_fn)`` gives structure, dtypes and (for an
-        init jitted with ``out_shardings``) shardings; ``mesh``/``rules`` or ``shardings`` place
-        the rest. With several devices and no placement found, it raises (see ``resume``).
-        """
-        self.wait_until_finished()
-        found = list_checkpoints(self.base)
-        if not found:
-            return init_fn(), None
-        if "template" not in restore_kwargs:
-            restore_kwargs["template"] = resume.init_template(init_fn, restore_kwargs)
-        return self.restore(path=found[-1].checkpoint, **restore_kwargs)
-
-    def load_pytree(
-        self, mesh: Any = None, *, prefix: str, path: str | None = None, discover_latest: bool = True, **kw: Any
-    ) -> tuple[Any, dict[str, Any]]:
-        """Seed-compatible: item ``prefix`` of ``path`` or the latest checkpoint. Keywords:
-        ``partition_rules``, ``dtype``, ``template``, ``strict_shapes`` (restore's ``rules``,
-        ``dtype``, ``template``, ``strict``)."""
-        if path is None and not discover_latest:
-            raise ValueError("load_pytree needs path= when discover_latest=False")
-        return self.restore(path=path, mesh=mesh, item=prefix, **_seed_restore_kwargs(kw))

@@ -7,8 +7,12 @@ crc32c when it first arrives. Packed leaves come from pack files, each read once
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +21,16 @@ import tensorstore as ts
 
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths, planning
-from ckpt_callbacks.errors import CorruptCheckpointError
+from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError
+
+
+@functools.cache
+def host_memory() -> int:
+    """Bytes of physical memory: no read of a leaf may claim more (TensorStore would abort)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: only the format's own bound
+        return 1 << 50
 
 
 def _chunk_regions(
@@ -54,6 +67,11 @@ class PackFiles:
             data = self.files[name] = bytes(result.value)
         return data
 
+    def cancel(self) -> None:
+        """Cancels pack file reads still in flight and waits for them (see ``LeafRead.cancel``)."""
+        for data in self.files.values():
+            settle(data)
+
 
 @dataclasses.dataclass(frozen=True)
 class _PackedChunk:
@@ -67,7 +85,14 @@ class _PackedChunk:
 
     def result(self) -> np.ndarray:
         count = math.prod(self.shape)
-        flat = np.frombuffer(self.packs.data(self.name), self.dtype, count=count, offset=self.offset)
+        data = self.packs.data(self.name)
+        end = self.offset + count * self.dtype.itemsize
+        if end > len(data):  # checked before numpy sees the claim
+            raise CorruptCheckpointError(
+                f"pack file {self.packs.loc.join(self.name).url} holds {len(data)} bytes, "
+                f"the chunk is bytes {self.offset}-{end}"
+            )
+        flat = np.frombuffer(data, self.dtype, count=count, offset=self.offset)
         return flat.reshape(self.shape).copy()  # its own memory: the pack file may be large
 
 
@@ -90,6 +115,13 @@ class LeafRead:
         self.source: dict[tuple[int, ...], tuple[planning.Region, planning.Region]] = {}  # chunk -> (its region, read)
         self.checked: set[tuple[int, ...]] = set()
         packed = isinstance(source, PackFiles)
+        itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
+        claimed = sum(math.prod(b - a for a, b in region) for region in regions) * itemsize
+        if claimed > host_memory():
+            raise CheckpointFormatError(
+                f"{where}: leaf {record.key!r}: the manifest's shape {list(record.data_shape)} needs {claimed} "
+                f"bytes of host memory to read, more than this host has ({host_memory()})"
+            )
         for region in regions:
             parts = _chunk_regions(region, record.chunks, record.data_shape)
             whole = not packed and len(parts) > 1 and _covers(parts, region)
@@ -106,9 +138,22 @@ class LeafRead:
                     shape = tuple(b - a for a, b in read)
                     self.reads[read] = source.chunk(name, offset, shape, fmt.dtype_from_name(record.zarr_dtype))
                 else:
-                    self.reads[read] = source[planning.slices(read)].read()
-        itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
+                    self.reads[read] = self._zarr_read(source, read, idx)
         self.nbytes = sum(math.prod(b - a for a, b in read) * itemsize for read in self.reads)
+
+    def cancel(self) -> None:
+        """Cancels the reads still in flight and waits for them to settle (after a failure
+        elsewhere, so that no TensorStore read outlives the restore that started it)."""
+        for data in self.reads.values():
+            settle(data)
+
+    def _zarr_read(self, source: ts.TensorStore, read: planning.Region, idx: tuple[int, ...]) -> Any:
+        try:
+            return source[planning.slices(read)].read()
+        except Exception as e:  # TensorStore refuses a region synchronously (ValueError, IndexError)
+            raise CorruptCheckpointError(
+                f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
+            ) from e
 
     def _packed_at(self, idx: tuple[int, ...]) -> tuple[str, int]:
         try:
@@ -156,13 +201,14 @@ class LeafRead:
                 for idx, _ in parts:
                     self._chunk(idx)
                 host = self._read(region, parts[0][0])
-            else:
+            else:  # every chunk read and checked before the region is allocated
+                chunks = [(self._chunk(idx), creg) for idx, creg in parts]
                 host = np.empty(tuple(b - a for a, b in region), fmt.dtype_from_name(self.record.zarr_dtype))
-                for idx, creg in parts:
+                for chunk, creg in chunks:
                     inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg, strict=True))
                     dst = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))
                     src = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))
-                    host[dst] = self._chunk(idx)[src]
+                    host[dst] = chunk[src]
             out[region] = host.view(stored) if host.dtype != stored else host
         return out
 
@@ -170,3 +216,11 @@ class LeafRead:
 def _covers(parts: list[tuple[tuple[int, ...], planning.Region]], region: planning.Region) -> bool:
     """Whether the chunks ``parts`` tile ``region`` exactly (no chunk sticks out of it)."""
     return all(all(r0 <= a and b <= r1 for (a, b), (r0, r1) in zip(creg, region, strict=True)) for _, creg in parts)
+
+
+def settle(future: Any) -> None:
+    """Cancels a TensorStore future (anything else is left alone) and waits until it is done."""
+    if isinstance(future, ts.Future):
+        future.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # cancelled or failed: over either way
+            future.result()

@@ -22,7 +22,7 @@ from typing import Any
 
 from ckpt_callbacks import layout, paths
 from ckpt_callbacks.chunk_reads import PackFiles
-from ckpt_callbacks.errors import CheckpointError, CorruptCheckpointError
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 from ckpt_callbacks.restore import Target, read_leaves
 
 log = logging.getLogger("ckpt_callbacks")
@@ -94,12 +94,27 @@ class VerifyReport:
 
 
 def verify(path: Any) -> VerifyReport:
-    """Re-reads every chunk of every item of a committed checkpoint and checks its crc32c."""
-    ckpt = layout.open_checkpoint(path)
+    """Re-reads every chunk of every item of a committed checkpoint and checks its crc32c.
+
+    Everything ``restore`` would refuse is reported as a problem, never raised: a marker,
+    metadata or manifest that fails validation, a missing or short file, a checksum
+    mismatch. Only a path holding no committed checkpoint raises ``CheckpointNotFoundError``.
+    """
+    target = path if isinstance(path, layout.Checkpoint) else paths.parse(path)
+    try:
+        ckpt = layout.open_checkpoint(target)
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointError as e:
+        return VerifyReport(path=target.url, leaves=0, chunks=0, bytes_read=0, problems=(str(e),))
     leaves = chunks = nbytes = 0
     problems = []
     for item in ckpt.items:
-        manifest = ckpt.manifest(item)
+        try:
+            manifest = ckpt.manifest(item)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
         item_loc = ckpt.item_loc(item)
         packs = PackFiles(item_loc)  # each pack file read once, however many leaves it holds
         for record in manifest.leaves:
@@ -108,7 +123,7 @@ def verify(path: Any) -> VerifyReport:
             leaves += 1
             try:
                 read_leaves(item_loc, [record], [Target(None, None)], packs=packs)
-            except CorruptCheckpointError as e:
+            except CheckpointError as e:
                 problems.append(str(e))
                 continue
             chunks += len(record.crc32c)

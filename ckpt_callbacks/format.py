@@ -39,7 +39,17 @@ PACK_NAME = re.compile(r"pack\.[0-9]+-[0-9]+")
 KeyPath = tuple[str | int, ...]
 LeafKind = Literal["array", "prng_key", "scalar"]
 LeafSource = Literal["", "jax", "numpy"]  # "" for scalars
-_ITEM_NAME = re.compile(r"[A-Za-z0-9_-]+")
+ITEM_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# The dtypes a leaf can be stored in (what ``leaves._storable`` accepts): numeric numpy dtypes
+# and the ml_dtypes ones. No other name is ever turned into a dtype (no 'O', 'U2', 'V8', 'M8').
+_ML_DTYPES = (
+    "bfloat16 float8_e3m4 float8_e4m3 float8_e4m3b11fnuz float8_e4m3fn float8_e4m3fnuz float8_e5m2 "
+    "float8_e5m2fnuz float8_e8m0fnu float6_e2m3fn float6_e3m2fn float4_e2m1fn int2 int4 uint2 uint4"
+)
+_NP_DTYPES = "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 complex64 complex128"
+NUMERIC_DTYPES = frozenset(_NP_DTYPES.split() + [name for name in _ML_DTYPES.split() if hasattr(ml_dtypes, name)])
+MAX_INT_DIGITS = 400  # of an integer in a JSON file we read (Python's own limit is 4300)
+MAX_STR = 1 << 20  # characters of a string scalar
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
 _MAX_COMPONENT = 120
@@ -145,15 +155,11 @@ def dtype_name(dtype: Any) -> str:
 
 @functools.cache
 def dtype_from_name(name: str) -> np.dtype:
-    """A numpy dtype from its name; ml_dtypes names (bfloat16, float8_*, int4) included."""
-    try:
-        return np.dtype(name)
-    except TypeError:
-        pass
+    """A numpy dtype from its name, one of ``NUMERIC_DTYPES`` (bfloat16, float8_*, int4 included)."""
+    if name not in NUMERIC_DTYPES:
+        raise CheckpointFormatError(f"unknown dtype {name!r} in manifest; expected one of {sorted(NUMERIC_DTYPES)}")
     candidate = getattr(ml_dtypes, name, None)
-    if candidate is None or not isinstance(candidate, type):
-        raise CheckpointFormatError(f"unknown dtype {name!r} in manifest")
-    return np.dtype(candidate)
+    return np.dtype(candidate if isinstance(candidate, type) else name)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -219,22 +225,17 @@ class LeafRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LeafRecord:
-        try:
-            fields = dict(data)
-            fields["path"] = tuple(fields["path"])
-            for name in ("shape", "chunks", "key_tail"):
-                if name in fields:
-                    fields[name] = tuple(int(x) for x in fields[name])
-            if fields.get("partition_spec") is not None:
-                fields["partition_spec"] = tuple(
-                    tuple(p) if isinstance(p, list) else p for p in fields["partition_spec"]
-                )
-            fields["crc32c"] = {str(k): int(v) for k, v in fields.get("crc32c", {}).items()}
-            fields["pack"] = {str(k): (str(v[0]), int(v[1])) for k, v in fields.get("pack", {}).items()}
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in fields.items() if k in known})
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise CheckpointFormatError(f"malformed leaf record {str(data)[:200]}: {e}") from e
+        """A record from JSON that ``validate.check_record`` accepted (fields it does not read dropped)."""
+        path = tuple(data["path"])
+        if data["kind"] == "scalar":
+            return cls(path=path, kind="scalar", value=data.get("value"), value_type=data["value_type"])
+        fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data and f.name != "value"}
+        fields.update({name: tuple(data.get(name, ())) for name in ("path", "shape", "chunks", "key_tail")})
+        spec = data.get("partition_spec")
+        fields["partition_spec"] = None if spec is None else tuple(tuple(p) if isinstance(p, list) else p for p in spec)
+        fields["crc32c"] = dict(data["crc32c"])
+        fields["pack"] = {k: (v[0], v[1]) for k, v in data.get("pack", {}).items()}
+        return cls(**fields)
 
 
 def encode_scalar(value: Any) -> tuple[Any, str]:
@@ -244,10 +245,14 @@ def encode_scalar(value: Any) -> tuple[Any, str]:
     if isinstance(value, bool):
         return value, "bool"
     if isinstance(value, int):
+        if abs(value) >= 10**MAX_INT_DIGITS:
+            raise ValueError(f"int scalar of {len(str(abs(value)))} digits; at most {MAX_INT_DIGITS} can be saved")
         return value, "int"
     if isinstance(value, float):
         return (value if math.isfinite(value) else repr(value)), "float"
     if isinstance(value, str):
+        if len(value) > MAX_STR:
+            raise ValueError(f"str scalar of {len(value)} characters; at most {MAX_STR} can be saved")
         return value, "str"
     raise TypeError(f"unsupported scalar type {type(value).__name__}")
 
@@ -284,13 +289,14 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
+        """The manifest in ``data``, validated first (see ``validate``: nothing unchecked is used)."""
+        from ckpt_callbacks import validate  # validate builds on this module
+
         check_version(data, where)
-        try:
-            return cls(tree=data["tree"], leaves=tuple(LeafRecord.from_json(x) for x in data["leaves"]))
-        except KeyError as e:
-            raise CheckpointFormatError(f"{where}: manifest lacks {e}") from e
-        except CheckpointFormatError as e:
-            raise CheckpointFormatError(f"{where}: {e}") from e
+        validate.check_manifest(data, where)
+        manifest = cls(tree=data["tree"], leaves=tuple(LeafRecord.from_json(x) for x in data["leaves"]))
+        validate.check_pack_overlap(manifest.leaves, where)
+        return manifest
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -316,18 +322,18 @@ class Metadata:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Metadata:
+        """The metadata in ``data``, validated first (see ``validate``)."""
+        from ckpt_callbacks import validate  # validate builds on this module
+
         check_version(data, where)
-        try:
-            step = data["step"]
-            return cls(
-                step=None if step is None else int(step),
-                timestamp=float(data["timestamp"]),
-                is_temporary=bool(data.get("is_temporary", False)),
-                extras=dict(data.get("extras") or {}),
-                items=tuple(data.get("items", ("state",))),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{where}: malformed metadata: {e}") from e
+        validate.check_metadata(data, where)
+        return cls(
+            step=data["step"],
+            timestamp=float(data["timestamp"]),
+            is_temporary=data.get("is_temporary", False),
+            extras=dict(data.get("extras") or {}),
+            items=tuple(data.get("items", ("state",))),
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -362,7 +368,7 @@ class Commit:
         for name in (metadata, *items.values()):
             if not name or "/" in name or name in (".", ".."):
                 raise CheckpointFormatError(f"{where}: commit marker names {name!r}, not a plain entry")
-        if not items or not all(_ITEM_NAME.fullmatch(item) for item in items):
+        if not items or not all(ITEM_NAME.fullmatch(item) for item in items):
             raise CheckpointFormatError(
                 f"{where}: commit marker items {sorted(items)}; expected names of [A-Za-z0-9_-]"
             )
@@ -410,11 +416,28 @@ def dumps(data: Any) -> bytes:
     return json.dumps(data, indent=1, allow_nan=False).encode()
 
 
+class OversizedInt:
+    """What ``loads`` reads for an integer literal of more than ``MAX_INT_DIGITS`` digits: no
+    int, so every check of an integer field refuses it, naming the field."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits, more than {MAX_INT_DIGITS}>"
+
+
+def _parse_int(text: str) -> int | OversizedInt:
+    digits = len(text.lstrip("-"))
+    return OversizedInt(digits) if digits > MAX_INT_DIGITS else int(text)
+
+
 def loads(raw: bytes, where: str) -> Any:
+    """Parses a JSON file we read; huge integers become ``OversizedInt``, never a Python int."""
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: not valid JSON: {e}") from e
+        return json.loads(raw, parse_int=_parse_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointFormatError(f"{where}: not valid JSON: {str(e)[:200]}") from e
 
 
 def zarr_spec(kvstore: dict[str, Any], record: LeafRecord) -> dict[str, Any]:

@@ -179,6 +179,7 @@ class SaveLayout:
     commit: fmt.Commit
     claim: str
     stale: tuple[str, ...] = ()
+    add: bool = False  # items added to the committed checkpoint, its other items kept
 
 
 def _claimed_names(loc: paths.Location, claim: str) -> set[str]:
@@ -194,36 +195,50 @@ def _is_ours(name: str, items: Collection[str]) -> bool:
     return bool(_OURS.fullmatch(name)) or name in items
 
 
-def refuse_committed(loc: paths.Location, overwrite: bool, tag: str) -> None:
-    """Raises ``CheckpointExistsError`` on every process if ``loc`` is committed and not to be overwritten."""
+def _collision(committed: fmt.Commit | None, items: list[str], add: bool) -> str | None:
+    """Why a save of ``items`` may not go where ``committed`` is (None: it may)."""
+    if committed is None:
+        return None
+    if not add:
+        return "already holds a committed checkpoint"
+    taken = sorted(set(items) & set(committed.items))
+    return f"already holds items {taken} in its committed checkpoint" if taken else None
+
+
+def refuse_committed(loc: paths.Location, overwrite: bool, tag: str, add: list[str] | None = None) -> None:
+    """Raises ``CheckpointExistsError`` on every process if the save would replace something
+    committed (the checkpoint; with ``add``, one of the items it adds) without ``overwrite``."""
     if overwrite:
         return
-    committed = read_commit(loc) is not None if distributed.is_primary() else None
-    if distributed.broadcast_json(f"{tag}/committed", committed):
+    why = _collision(read_commit(loc), add or [], add is not None) if distributed.is_primary() else None
+    if distributed.broadcast_json(f"{tag}/committed", why):
         raise CheckpointExistsError(
-            f"{loc.url} already holds a committed checkpoint; pass overwrite=True "
-            "to replace it (the old one stays valid until the new one commits)"
+            f"{loc.url} {why}; pass overwrite=True to replace it (the old one stays valid until the new one commits)"
         )
 
 
-def _decide_names(loc: paths.Location, items: list[str], overwrite: bool) -> dict[str, Any]:
+def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: bool) -> dict[str, Any]:
     """Process 0: claim, list, and choose (see ``choose_layout``)."""
     nonce = uuid.uuid4().hex[:8]
     claim = f"{CLAIM_PREFIX}{nonce}"
     paths.write_bytes(loc, claim, fmt.dumps([f"metadata.{nonce}.json", *(f"{item}.{nonce}" for item in items)]))
     committed = read_commit(loc)
-    if committed is not None and not overwrite:  # committed by another save since refuse_committed
+    why = None if overwrite else _collision(committed, items, add)
+    if why is not None:  # committed by another save since refuse_committed, or an item is taken
         paths.delete_entry(loc, claim)
-        return {"committed": True}
+        return {"refused": why}
     entries = [n for n in paths.list_entries(loc) if n != claim]
     others = [n for n in entries if n.startswith(CLAIM_PREFIX)]
     busy = set().union(*(_claimed_names(loc, c) for c in others)) if others else set()
+    if add and committed is not None:  # the items this save does not replace stay
+        busy |= {committed.metadata, *(d for item, d in committed.items.items() if item not in items)}
     known = set(items) | (set(committed.items) if committed else set())
     stale = [n for n in entries if _is_ours(n, known) and n not in busy and not n.startswith(CLAIM_PREFIX)]
-    return {"committed": False, "plain": not others and not stale, "nonce": nonce, "stale": stale}
+    plain = not others and not stale and not (add and committed is not None)
+    return {"refused": None, "plain": plain, "nonce": nonce, "stale": stale}
 
 
-def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: str) -> SaveLayout:
+def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: str, add: bool = False) -> SaveLayout:
     """Names for one save, decided by process 0 and shared with every process.
 
     Process 0 first writes a claim naming what the save will write, then lists the directory.
@@ -231,17 +246,18 @@ def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: s
     ours and no other claim; otherwise fresh suffixed names. Two saves to one path (threads,
     processes or runs) therefore never write the same files, and whichever commits last is
     whole. Plain-name readers (the seed's ``metadata.json``) see plain names on a first save.
+    With ``add``, the items join the committed checkpoint (its other items are kept).
     """
-    decision = _decide_names(loc, items, overwrite) if distributed.is_primary() else None
+    decision = _decide_names(loc, items, overwrite, add) if distributed.is_primary() else None
     decision = distributed.broadcast_json(f"{tag}/layout", decision)
-    if decision["committed"]:
-        raise CheckpointExistsError(f"{loc.url}: another save committed a checkpoint here while this one started")
+    if decision["refused"]:
+        raise CheckpointExistsError(f"{loc.url} {decision['refused']} (committed while this save started?)")
     nonce = decision["nonce"]
     if decision["plain"]:
         commit = fmt.Commit(metadata=METADATA, items={item: item for item in items})
     else:
         commit = fmt.Commit(metadata=f"metadata.{nonce}.json", items={item: f"{item}.{nonce}" for item in items})
-    return SaveLayout(commit=commit, claim=f"{CLAIM_PREFIX}{nonce}", stale=tuple(decision["stale"]))
+    return SaveLayout(commit=commit, claim=f"{CLAIM_PREFIX}{nonce}", stale=tuple(decision["stale"]), add=add)
 
 
 def release(loc: paths.Location, layout: SaveLayout) -> None:
@@ -252,12 +268,30 @@ def release(loc: paths.Location, layout: SaveLayout) -> None:
         log.warning("could not delete %s: %s", loc.join(layout.claim).url, e)
 
 
+def _merged(
+    loc: paths.Location, layout: SaveLayout, metadata: fmt.Metadata
+) -> tuple[fmt.Commit, fmt.Metadata, set[str]]:
+    """For an added item: the commit and metadata of the checkpoint as it is now (read again,
+    right before committing), with this save's items added; and the entries they keep."""
+    current = try_open(loc) if layout.add else None
+    if current is None:
+        return layout.commit, metadata, set()
+    old = current.commit
+    kept = {item: d for item, d in old.items.items() if item not in layout.commit.items}
+    checksums = {k: v for k, v in old.checksums.items() if k.split("/")[0] in kept.values()}
+    commit = dataclasses.replace(layout.commit, items={**kept, **layout.commit.items}, checksums=checksums)
+    merged = dataclasses.replace(
+        metadata, items=tuple(commit.items), extras={**current.metadata.extras, **metadata.extras}
+    )
+    return commit, merged, set(kept.values())
+
+
 def write_commit(
     loc: paths.Location, layout: SaveLayout, manifests: Mapping[str, fmt.Manifest], metadata: fmt.Metadata
 ) -> None:
     """Process 0: manifests, metadata, then the marker (with their crc32c); then stale entries go."""
-    commit = layout.commit
-    checksums = {}
+    commit, metadata, kept = _merged(loc, layout, metadata)
+    checksums = dict(commit.checksums)
     for item, manifest in manifests.items():
         raw = fmt.dumps(manifest.to_json())
         paths.write_bytes(loc.join(commit.items[item]), MANIFEST, raw)
@@ -268,7 +302,7 @@ def write_commit(
     replaced = read_commit_quietly(loc)
     marker = dataclasses.replace(commit, checksums=checksums)
     paths.write_bytes(loc, COMMIT_MARKER, fmt.dumps(marker.to_json()))
-    keep = {commit.metadata, *commit.items.values()}
+    keep = {commit.metadata, *commit.items.values(), *kept}
     doomed = set(layout.stale)
     if replaced is not None:
         doomed |= {replaced.metadata, *replaced.items.values()}

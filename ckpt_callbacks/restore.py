@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import layout, paths, planning
-from ckpt_callbacks.chunk_reads import LeafRead, PackFiles
+from ckpt_callbacks.chunk_reads import LeafRead, PackFiles, settle
 from ckpt_callbacks.errors import (
     CorruptCheckpointError,
     RestoreMismatchError,
@@ -78,6 +78,14 @@ def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.
     return array
 
 
+def _open_array(kvstore: dict[str, Any], record: fmt.LeafRecord, where: str) -> Any:
+    """The open future of a leaf's zarr3 array, with the manifest's metadata (zarr.json unread)."""
+    try:
+        return ts.open(fmt.zarr_spec(kvstore, record), open=True, assume_metadata=True, context=paths.context())
+    except Exception as e:  # a spec TensorStore refuses at once (a dtype or grid it lacks)
+        raise CorruptCheckpointError(f"{where}: leaf {record.key!r}: cannot open its array: {e}") from e
+
+
 def read_leaves(
     loc: paths.Location,
     records: Sequence[fmt.LeafRecord],
@@ -91,10 +99,7 @@ def read_leaves(
     """
     kvstore = paths.kvstore_spec(loc)
     packs = PackFiles(loc) if packs is None else packs
-    opened = [
-        None if r.pack else ts.open(fmt.zarr_spec(kvstore, r), open=True, assume_metadata=True, context=paths.context())
-        for r in records
-    ]
+    opened = [None if r.pack else _open_array(kvstore, r, loc.url) for r in records]
     out: list[Any] = [None] * len(records)
     inflight: collections.deque[tuple[int, LeafRead]] = collections.deque()
     pending = 0
@@ -105,27 +110,35 @@ def read_leaves(
         out[i] = _finish_leaf(records[i], targets[i], read.result())
         pending -= read.nbytes
 
-    for i, (record, target) in enumerate(zip(records, targets, strict=True)):
-        shape = record.data_shape
-        if target.sharding is None:
-            regions = [tuple((0, n) for n in shape)]
-        else:
-            index_map = _data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
-            regions = sorted({planning.normalize_index(idx, shape) for idx in index_map.values() if idx is not None})
-        source: ts.TensorStore | PackFiles = packs
-        future = opened[i]
-        if future is not None:
-            try:
-                source = future.result()
-            except Exception as e:
-                raise CorruptCheckpointError(f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}") from e
-        read = LeafRead(source, record, regions, loc.url)
-        inflight.append((i, read))
-        pending += read.nbytes
-        while pending > window and len(inflight) > 1:
+    try:
+        for i, (record, target) in enumerate(zip(records, targets, strict=True)):
+            shape = record.data_shape
+            if target.sharding is None:
+                regions = [tuple((0, n) for n in shape)]
+            else:
+                index_map = _data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
+                regions = sorted({planning.normalize_index(x, shape) for x in index_map.values() if x is not None})
+            source: ts.TensorStore | PackFiles = packs
+            future = opened[i]
+            if future is not None:
+                try:
+                    source = future.result()
+                except Exception as e:
+                    raise CorruptCheckpointError(f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}") from e
+            read = LeafRead(source, record, regions, loc.url)
+            inflight.append((i, read))
+            pending += read.nbytes
+            while pending > window and len(inflight) > 1:
+                drain_one()
+        while inflight:
             drain_one()
-    while inflight:
-        drain_one()
+    except BaseException:  # no read outlives a failed restore
+        for _, read in inflight:
+            read.cancel()
+        for future in opened:
+            settle(future)
+        packs.cancel()
+        raise
     return out
 
 
@@ -210,22 +223,62 @@ def _scalar_into(value: Any, template_leaf: Any) -> Any:
     return value
 
 
+def _template_problem(record: fmt.LeafRecord, leaf: Any) -> str | None:
+    """Why the leaf saved as ``record`` cannot come back as template leaf ``leaf`` (None: it can)."""
+    at = repr(record.key)
+    saved = f"a {record.value_type} scalar" if record.kind == "scalar" else f"{record.kind} of shape {record.shape}"
+    if leaf is None:
+        return None
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):  # jax.Array, ShapeDtypeStruct, numpy array
+        shape = tuple(leaf.shape)
+        is_key = jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        wanted = f"{'a PRNG key' if is_key else 'an array'} of shape {shape}"
+        if record.kind == "scalar":
+            numeric = record.value_type in ("bool", "int", "float") and not is_key
+            return None if numeric and shape == () else f"kind mismatch at {at}: {saved} on disk, {wanted} in template"
+        if is_key != (record.kind == "prng_key"):
+            return f"kind mismatch at {at}: {saved} on disk, {wanted} in template"
+        if shape != record.shape:
+            rank = (
+                f" (rank {len(shape)} in template, {len(record.shape)} on disk)"
+                if len(shape) != len(record.shape)
+                else ""
+            )
+            return f"shape mismatch at {at}: {shape} in template, {record.shape} on disk{rank}"
+        return None
+    if isinstance(leaf, bool | int | float | str):
+        wanted = f"a {type(leaf).__name__} in template"
+        if record.kind == "scalar":
+            return (
+                None
+                if record.value_type == type(leaf).__name__
+                else f"kind mismatch at {at}: {saved} on disk, {wanted}"
+            )
+        if record.kind == "array" and record.shape == () and not isinstance(leaf, str):
+            return None
+        return f"kind mismatch at {at}: {saved} on disk, {wanted}"
+    return None
+
+
 def _match_template(
     records: Sequence[fmt.LeafRecord], chosen: list[int], template: Any, strict: bool, where: str
 ) -> tuple[list[tuple[fmt.KeyPath, Any]], Any, dict[fmt.KeyPath, int]]:
+    """(template leaves, treedef, {path: record index} of the leaves restored from disk)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=lambda x: x is None)
     t_leaves = [(fmt.path_of(p), leaf) for p, leaf in flat]
     on_disk = {records[i].path: i for i in chosen}
     problems = []
+    usable: dict[fmt.KeyPath, int] = {}
     wanted = {path for path, _ in t_leaves}
     for path, leaf in t_leaves:
         if path not in on_disk:
             problems.append(f"missing on disk: {fmt.key_string(path)!r}")
             continue
-        record = records[on_disk[path]]
-        shape = tuple(getattr(leaf, "shape", ()))
-        if record.kind != "scalar" and hasattr(leaf, "shape") and shape != record.shape:
-            problems.append(f"shape mismatch at {record.key!r}: {shape} in template, {record.shape} on disk")
+        problem = _template_problem(records[on_disk[path]], leaf)
+        if problem is None:
+            usable[path] = on_disk[path]
+        else:
+            problems.append(problem)
     problems += [
         f"unexpected on disk (not in template): {records[i].key!r}" for p, i in on_disk.items() if p not in wanted
     ]
@@ -233,7 +286,15 @@ def _match_template(
         raise RestoreMismatchError(
             f"{where}: checkpoint and template disagree ({len(problems)}):\n  " + "\n  ".join(problems)
         )
-    return t_leaves, treedef, on_disk
+    placeholders = [
+        fmt.key_string(p) for p, leaf in t_leaves if p not in usable and isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
+    if placeholders:
+        raise RestoreMismatchError(
+            f"{where}: strict=False keeps the template's value where the checkpoint cannot give one, but these "
+            f"template leaves are ShapeDtypeStruct placeholders, not values: {placeholders}"
+        )
+    return t_leaves, treedef, usable
 
 
 def restore(
@@ -261,9 +322,11 @@ def restore(
       shardings: one ``Sharding`` for every array leaf, or a pytree of them (None = default).
       dtype: cast floating leaves to this dtype (a template's dtypes take precedence).
       keys: restore only the leaves under these '/'-joined key prefixes.
-      strict: with a template, fail on missing or unexpected keys and on shape mismatches,
-        naming every offending path. With ``strict=False`` missing leaves keep the template's
-        value and unexpected ones are ignored.
+      strict: with a template, fail on missing or unexpected keys and on shape, rank and kind
+        mismatches (a scalar saved where the template has an array, a string where it has a
+        float), naming every offending path. With ``strict=False`` such template leaves keep
+        the template's value and unexpected ones are ignored; a template leaf that is a
+        ``ShapeDtypeStruct`` has no value to keep, so it still raises ``RestoreMismatchError``.
       item: the item to restore.
 
     Returns:
@@ -279,11 +342,6 @@ def restore(
     if template is not None:
         t_leaves, treedef, on_disk = _match_template(records, chosen, template, strict, loc.url)
         pairs = [(on_disk[p], leaf) for p, leaf in t_leaves if p in on_disk]
-        pairs = [
-            (i, leaf)
-            for i, leaf in pairs
-            if records[i].kind == "scalar" or not hasattr(leaf, "shape") or tuple(leaf.shape) == records[i].shape
-        ]
     else:
         pairs = [(i, None) for i in chosen]
     arrays = [(i, leaf) for i, leaf in pairs if records[i].kind != "scalar"]

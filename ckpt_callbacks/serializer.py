@@ -267,12 +267,6 @@ def _snapshot(pieces: list[list[Any]], writer: Writer, copy: bool, options: Save
     return Snapshot.staged(pieces[-1], buffer, last=True)
 
 
-def _choose(loc: paths.Location, items: list[str], writer: Writer, options: SaveOptions, tag: str) -> layout.SaveLayout:
-    names = layout.choose_layout(loc, items, options.overwrite, tag)
-    writer.open({item: paths.kvstore_spec(loc.join(names.commit.items[item])) for item in items})
-    return names
-
-
 def _create_arrays(loc: paths.Location, commit: fmt.Commit, plan: _Plan) -> None:
     """Process 0, at commit: each zarr3 array's metadata (writers never race on it)."""
     futures = []
@@ -297,13 +291,20 @@ class _Save:
     metadata: fmt.Metadata
     options: SaveOptions
     tag: str
+    add: bool = False
+
+    def choose(self) -> layout.SaveLayout:
+        """The save's names (process 0 decides, everyone learns them); the writer opens them."""
+        names = layout.choose_layout(self.loc, self.items, self.options.overwrite, self.tag, self.add)
+        self.writer.open({item: paths.kvstore_spec(self.loc.join(names.commit.items[item])) for item in self.items})
+        return names
 
     def finish(self, names: layout.SaveLayout | None, last: Snapshot) -> int:
         """Names (unless chosen already), the last batch, checksums to process 0, barrier,
         commit, barrier. Returns the bytes this process wrote."""
         timeout_s = self.options.timeout_s
         if names is None:
-            names = _choose(self.loc, self.items, self.writer, self.options, self.tag)
+            names = self.choose()
         try:
             self.writer.write(last)
             self.writer.check_complete(self.loc.url)
@@ -328,6 +329,7 @@ def _start_save(
     options: SaveOptions,
     *,
     copy: bool = True,
+    add: bool = False,
 ) -> SaveHandle:
     """Checks and snapshot in the caller's thread; names, writes and commit in a background one.
 
@@ -340,7 +342,7 @@ def _start_save(
         layout.check_item_name(item)
     tag = f"save{next(_SAVE_COUNTER)}"
     try:
-        layout.refuse_committed(loc, options.overwrite, tag)
+        layout.refuse_committed(loc, options.overwrite, tag, list(items) if add else None)
     except ValueError as e:
         raise paths.as_storage_error(e, loc.url) from e
     plan = _plan(items, options)
@@ -352,11 +354,12 @@ def _start_save(
         metadata=metadata,
         options=options,
         tag=tag,
+        add=add,
     )
     pieces = _batches(plan, options, copy)
     names = None
     try:
-        names = _choose(loc, save.items, save.writer, options, tag) if len(pieces) > 1 else None
+        names = save.choose() if len(pieces) > 1 else None
         last = _snapshot(pieces, save.writer, copy, options)
     except BaseException as e:
         if names is not None and distributed.is_primary():
@@ -440,3 +443,34 @@ def save(
     opts = _options(options, option_overrides)
     metadata = _metadata({item: tree}, step, extras, is_temporary)
     _start_save(path, {item: tree}, metadata, opts, copy=False).wait()
+
+
+def save_items_async(
+    path: Any,
+    items: Mapping[str, Any],
+    *,
+    step: int | None = None,
+    extras: dict[str, Any] | None = None,
+    is_temporary: bool = False,
+    add: bool = False,
+    options: SaveOptions | None = None,
+    **option_overrides: Any,
+) -> SaveHandle:
+    """Saves several named items (``{"model": ..., "optimizer": ..., "loader": {...}}``) as one
+    checkpoint, committed together; returns after the snapshot, like ``save_async``.
+
+    With ``add=True`` the items join the checkpoint already committed at ``path`` (its other
+    items are kept; an item it already has needs ``overwrite=True``), or start a new one: one
+    call per item into the same step, each committed on its own. A reader never sees a
+    half-written item: until the marker is rewritten, the checkpoint is what it was.
+    JSON items (a data loader's position) are plain pytrees of Python scalars and strings.
+    """
+    if not items:
+        raise ValueError("save_items needs at least one item")
+    opts = _options(options, option_overrides)
+    return _start_save(path, dict(items), _metadata(items, step, extras, is_temporary), opts, add=add)
+
+
+def save_items(path: Any, items: Mapping[str, Any], **kwargs: Any) -> None:
+    """``save_items_async(...).wait()``: blocking, arguments as ``save_items_async``."""
+    save_items_async(path, items, **kwargs).wait()

@@ -142,3 +142,47 @@ def test_a_partition_rule_that_matches_no_leaf_is_warned_about(caplog):
     caplog.clear()
     cc.shardings_from_rules(mesh, [("kernel", P("x", "y")), (".*", P())], tree)
     assert "match no leaf" not in caplog.text
+
+
+def test_several_items_in_one_step_committed_together(url, mesh42):
+    loader = {"epoch": 3, "offset": 1234, "files": ["a.tfrecord", "b.tfrecord"], "seed": None}
+    items = {"model": {"w": jnp.arange(8.0)}, "optimizer": {"mu": jnp.zeros(8)}, "loader": loader}
+    cc.save_items(f"{url}/run-5", items, step=5)
+    ck = cc.Checkpointer(url, handle_sigterm=False)
+    assert ck.restore(item="loader")[0] == loader
+    model, meta = ck.load_pytree(prefix="model")
+    assert meta["items"] == ["model", "optimizer", "loader"] and model["w"].tolist() == list(range(8))
+    ck.close()
+
+
+def test_one_call_per_item_into_the_same_step(url):
+    ck = cc.Checkpointer(url, handle_sigterm=False)
+    ck.save_pytree({"w": jnp.ones(4)}, "model", step=7)
+    ck.wait_until_finished()
+    assert cc.open_checkpoint(f"{url}/run-7").items == ["model"]  # committed on its own
+    ck.save_pytree({"mu": jnp.zeros(4)}, "optimizer", step=7, extras={"lr": 0.1})
+    ck.save_pytree({"epoch": 2}, "loader", step=7)
+    ck.wait_until_finished()
+    ckpt = cc.open_checkpoint(f"{url}/run-7")
+    assert sorted(ckpt.items) == ["loader", "model", "optimizer"] and ckpt.metadata.extras["lr"] == 0.1
+    assert ck.load_pytree(prefix="model")[0]["w"].tolist() == [1.0] * 4
+    assert ck.load_pytree(prefix="loader")[0] == {"epoch": 2}
+    with pytest.raises(cc.CheckpointExistsError, match=r"already holds items \['model'\]"):
+        ck.save_pytree({"w": jnp.zeros(4)}, "model", step=7)
+    assert cc.verify(f"{url}/run-7").ok
+    ck.close()
+
+
+def test_an_item_being_added_is_never_seen_half_written(tmp_path):
+    path = str(tmp_path / "run-1")
+    cc.save_items(path, {"model": {"w": np.ones(1000)}}, step=1)
+    handle = cc.save_items_async(path, {"optimizer": {"mu": np.zeros(2_000_000)}}, step=1, add=True)
+    seen = []
+    while not handle.done():  # a reader at any moment sees a whole checkpoint: old or new
+        ckpt = cc.open_checkpoint(path)
+        seen.append(tuple(sorted(ckpt.items)))
+        for item in ckpt.items:
+            cc.restore(ckpt, item=item)
+    handle.wait()
+    assert set(seen) <= {("model",), ("model", "optimizer")}
+    assert cc.restore(path, item="optimizer")["mu"].shape == (2_000_000,) and cc.verify(path).ok
