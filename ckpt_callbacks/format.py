@@ -123,7 +123,9 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[KeyPath, Any]]]:
 
 
 def unflatten(structure: dict[str, Any], leaves: Sequence[Any], keep: set[int] | None = None) -> Any:
-    """Rebuilds nested dicts/lists/tuples; leaves not in ``keep`` (and emptied containers) drop out."""
+    """Rebuilds nested dicts/lists/tuples; leaves not in ``keep`` drop out, and so do containers
+    left empty (with ``keep``, also ones that were empty: optax's ``EmptyState`` does not leak
+    into a subset that did not ask for it)."""
 
     def build(node: dict[str, Any]) -> tuple[bool, Any]:
         if "leaf" in node:
@@ -132,13 +134,13 @@ def unflatten(structure: dict[str, Any], leaves: Sequence[Any], keep: set[int] |
         if "dict" in node:
             built = [(k, build(child)) for k, child in node["dict"]]
             kept = {k: v for k, (ok, v) in built if ok}
-            return (bool(kept) or not built), kept
+            return (bool(kept) or (not built and keep is None)), kept
         kind = "list" if "list" in node else "tuple"
         if kind not in node:
             raise CheckpointFormatError(f"unknown tree node {sorted(node)} in manifest")
         items = [build(child) for child in node[kind]]
         values = [v for ok, v in items if ok]
-        return (bool(values) or not items), (values if kind == "list" else tuple(values))
+        return (bool(values) or (not items and keep is None)), (values if kind == "list" else tuple(values))
 
     return build(structure)[1]
 

@@ -25,7 +25,7 @@ import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import layout, paths, planning
+from ckpt_callbacks import layout, paths, planning, restructure
 from ckpt_callbacks.chunk_reads import LeafRead, PackFiles, settle
 from ckpt_callbacks.errors import (
     CorruptCheckpointError,
@@ -261,31 +261,50 @@ def _template_problem(record: fmt.LeafRecord, leaf: Any) -> str | None:
 
 
 def _match_template(
-    records: Sequence[fmt.LeafRecord], chosen: list[int], template: Any, strict: bool, where: str
+    records: Sequence[fmt.LeafRecord],
+    chosen: list[int],
+    template: Any,
+    strict: bool,
+    *,
+    where: str,
+    reshape: dict[str, Any],
 ) -> tuple[list[tuple[fmt.KeyPath, Any]], Any, dict[fmt.KeyPath, int]]:
-    """(template leaves, treedef, {path: record index} of the leaves restored from disk)."""
+    """(template leaves, treedef, {path: record index} of the leaves restored from disk).
+
+    ``reshape``: ``rename``, ``missing`` and ``drop`` (see ``restructure``); filled leaves
+    come back in the template leaves, taken from ``missing``.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=lambda x: x is None)
     t_leaves = [(fmt.path_of(p), leaf) for p, leaf in flat]
-    on_disk = {records[i].path: i for i in chosen}
-    problems = []
+    by_key = {fmt.key_string(path): path for path, _ in t_leaves}
+    missing = reshape.get("missing")
+    fill = restructure.flat_values(missing) if missing is not None else None
+    changes = restructure.plan(
+        [records[i].key for i in chosen],
+        list(by_key),
+        rename=reshape.get("rename") or (),
+        missing=fill,
+        drop=reshape.get("drop", False),
+        where=where,
+    )
+    changes.log(where)
+    index = {records[i].key: i for i in chosen}
+    on_disk = {by_key[new]: index[old] for old, new in changes.target.items()}
+    problems = [f"missing on disk: {key!r}" for key in changes.missing]
     usable: dict[fmt.KeyPath, int] = {}
-    wanted = {path for path, _ in t_leaves}
-    for path, leaf in t_leaves:
-        if path not in on_disk:
-            problems.append(f"missing on disk: {fmt.key_string(path)!r}")
-            continue
-        problem = _template_problem(records[on_disk[path]], leaf)
+    for path, i in on_disk.items():
+        problem = _template_problem(records[i], dict(t_leaves)[path])
         if problem is None:
-            usable[path] = on_disk[path]
+            usable[path] = i
         else:
             problems.append(problem)
-    problems += [
-        f"unexpected on disk (not in template): {records[i].key!r}" for p, i in on_disk.items() if p not in wanted
-    ]
+    problems += [f"unexpected on disk (not in template): {key!r}" for key in changes.unexpected]
     if problems and strict:
         raise RestoreMismatchError(
             f"{where}: checkpoint and template disagree ({len(problems)}):\n  " + "\n  ".join(problems)
         )
+    if fill is not None:
+        t_leaves = [(p, fill[fmt.key_string(p)] if fmt.key_string(p) in changes.filled else v) for p, v in t_leaves]
     placeholders = [
         fmt.key_string(p) for p, leaf in t_leaves if p not in usable and isinstance(leaf, jax.ShapeDtypeStruct)
     ]
@@ -308,6 +327,9 @@ def restore(
     keys: Sequence[str] | str | None = None,
     strict: bool = True,
     item: str = "state",
+    rename: Sequence[tuple[str, str]] = (),
+    missing: Any = None,
+    drop: bool | Sequence[str] = False,
 ) -> Any:
     """Restores a committed checkpoint.
 
@@ -328,6 +350,14 @@ def restore(
         the template's value and unexpected ones are ignored; a template leaf that is a
         ``ShapeDtypeStruct`` has no value to keep, so it still raises ``RestoreMismatchError``.
       item: the item to restore.
+      rename: ``[(regex, replacement)]`` applied to saved key paths before they are matched to
+        the template (first match wins): renamed modules restore into the new names.
+      missing: a tree with the template's structure (say, the freshly initialised state) that
+        template leaves absent from the checkpoint are taken from (new heads, added layers);
+        without it they raise.
+      drop: saved leaves the template does not have are dropped (``True``), or those whose
+        key matches one of these regexes; otherwise they raise. What was renamed, filled and
+        dropped is logged (see ``restructure``).
 
     Returns:
       The template's structure if one is given, else nested dicts, lists and tuples.
@@ -340,7 +370,8 @@ def restore(
     chosen = _select(records, keys, loc.url)
     given = _sharding_map(shardings)
     if template is not None:
-        t_leaves, treedef, on_disk = _match_template(records, chosen, template, strict, loc.url)
+        reshape = {"rename": rename, "missing": missing, "drop": drop}
+        t_leaves, treedef, on_disk = _match_template(records, chosen, template, strict, where=loc.url, reshape=reshape)
         pairs = [(on_disk[p], leaf) for p, leaf in t_leaves if p in on_disk]
     else:
         pairs = [(i, None) for i in chosen]
@@ -361,6 +392,6 @@ def restore(
             values[i] = type(leaf)(np.asarray(values[i]).item())
     if template is None:
         leaves = [values.get(i) for i in range(len(records))]
-        return fmt.unflatten(manifest.tree, leaves, keep=set(chosen))
+        return fmt.unflatten(manifest.tree, leaves, keep=None if keys is None else set(chosen))
     result = [values[on_disk[p]] if p in on_disk and on_disk[p] in values else leaf for p, leaf in t_leaves]
     return jax.tree_util.tree_unflatten(treedef, result)

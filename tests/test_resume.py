@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,43 @@ def test_an_item_being_added_is_never_seen_half_written(tmp_path):
     handle.wait()
     assert set(seen) <= {("model",), ("model", "optimizer")}
     assert cc.restore(path, item="optimizer")["mu"].shape == (2_000_000,) and cc.verify(path).ok
+
+
+def _params(names, seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: {"kernel": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)} for name in names}
+
+
+def test_renamed_modules_new_heads_and_removed_layers(url, caplog):
+    caplog.set_level(logging.INFO, logger="ckpt_callbacks")
+    saved = {"params": _params(["dense", "old_head", "aux"])}
+    cc.save(url, saved)
+    fresh = {"params": _params(["Dense_0", "new_head"], seed=1)}  # the fine-tuning model, initialised
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+    with pytest.raises(cc.RestoreMismatchError) as refused:
+        cc.restore(url, template=template)
+    text = str(refused.value)
+    assert "missing on disk: 'params/Dense_0/kernel'" in text and "unexpected on disk" in text
+    restored = cc.restore(
+        url, template=template, rename=[("/dense/", "/Dense_0/")], missing=fresh, drop=["old_head", "aux"]
+    )
+    np.testing.assert_array_equal(restored["params"]["Dense_0"]["kernel"], saved["params"]["dense"]["kernel"])
+    np.testing.assert_array_equal(restored["params"]["new_head"]["kernel"], fresh["params"]["new_head"]["kernel"])
+    assert "renamed 1" in caplog.text and "filled 1" in caplog.text and "dropped 2" in caplog.text
+    with pytest.raises(cc.RestoreMismatchError, match="unexpected on disk"):  # dropping only when asked
+        cc.restore(url, template=template, rename=[("/dense/", "/Dense_0/")], missing=fresh, drop=["aux"])
+
+
+def test_two_saved_keys_renamed_to_one_name_is_refused(url):
+    cc.save(url, {"a": np.zeros(2), "b": np.ones(2)})
+    with pytest.raises(cc.RestoreMismatchError, match=r"rename maps both 'a' and 'b' to 'c'"):
+        cc.restore(url, template={"c": np.zeros(2)}, rename=[("^[ab]$", "c")])
+
+
+def test_keys_returns_only_what_was_asked(url):
+    state = {"params": {"w": jnp.ones(3)}, "opt_state": optax.adam(1e-3).init({"w": jnp.ones(3)}), "step": 4}
+    state["opt_state"] = (*state["opt_state"], optax.EmptyState())
+    cc.save(url, state)
+    assert list(cc.restore(url, keys=["params"])) == ["params"]  # no empty optimizer containers leak out
+    full = cc.restore(url)
+    assert set(full) == {"params", "opt_state", "step"} and full["opt_state"][-1] == {}

@@ -1,0 +1,109 @@
+"""Restoring into a structure that changed: renamed modules, new heads, removed layers.
+
+``restore(..., template=..., rename=[(regex, replacement)], missing=init_tree, drop=...)``:
+
+- ``rename`` applies to the saved key paths ('/'-joined): the first rule whose regex is found
+  in a saved key rewrites it (``re.sub``, once); two saved keys may not land on one name.
+- template leaves not on disk raise by default, listing them; with ``missing=`` (a tree with
+  the template's structure, e.g. the freshly initialised state) they are taken from it.
+- saved leaves the template does not have raise by default; ``drop=True`` drops them all,
+  ``drop=[regex, ...]`` only those whose (renamed) key matches one.
+
+What was renamed, filled and dropped is logged and returned by ``plan``.
+
+>>> changes = plan(["params/dense/kernel", "head/w"], ["params/Dense_0/kernel", "head2/w"],
+...                rename=[("dense", "Dense_0")], missing={"head2/w": 0.0}, drop=["^head/"])
+>>> changes.renamed, changes.filled, changes.dropped
+([('params/dense/kernel', 'params/Dense_0/kernel')], ['head2/w'], ['head/w'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks.errors import RestoreMismatchError
+
+log = logging.getLogger("ckpt_callbacks")
+
+Rename = Sequence[tuple[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Changes:
+    """How a saved tree maps onto a template: saved key -> template key, and what was done."""
+
+    target: dict[str, str]  # saved key -> template key, for saved leaves that are used
+    renamed: list[tuple[str, str]]
+    filled: list[str]
+    dropped: list[str]
+    missing: list[str]  # template keys with no saved leaf and nothing to fill them
+    unexpected: list[str]  # saved keys the template does not have, not dropped
+
+    def log(self, where: str) -> None:
+        if self.renamed or self.filled or self.dropped:
+            log.info(
+                "restore %s: renamed %d %s, filled %d from missing= %s, dropped %d %s",
+                where,
+                len(self.renamed),
+                self.renamed[:5],
+                len(self.filled),
+                self.filled[:5],
+                len(self.dropped),
+                self.dropped[:5],
+            )
+
+
+def _renamed(key: str, rename: Rename) -> str:
+    for pattern, replacement in rename:
+        if re.search(pattern, key):
+            return re.sub(pattern, replacement, key, count=1)
+    return key
+
+
+def _dropping(drop: bool | Sequence[str], key: str) -> bool:
+    if isinstance(drop, bool):
+        return drop
+    return any(re.search(pattern, key) for pattern in drop)
+
+
+def plan(
+    saved: Sequence[str],
+    wanted: Sequence[str],
+    *,
+    rename: Rename = (),
+    missing: Mapping[str, Any] | None = None,
+    drop: bool | Sequence[str] = False,
+    where: str = "",
+) -> Changes:
+    """Maps saved keys onto template keys (pure; see the module docstring)."""
+    target: dict[str, str] = {}
+    renamed = []
+    for key in saved:
+        new = _renamed(key, rename)
+        if new in target.values():
+            first = next(k for k, v in target.items() if v == new)
+            raise RestoreMismatchError(f"{where}: rename maps both {first!r} and {key!r} to {new!r}")
+        target[key] = new
+        if new != key:
+            renamed.append((key, new))
+    wanted_set, produced = set(wanted), set(target.values())
+    filled = [k for k in wanted if k not in produced and missing is not None and k in missing]
+    absent = [k for k in wanted if k not in produced and k not in filled]
+    extra = [k for k in saved if target[k] not in wanted_set]
+    dropped = [k for k in extra if _dropping(drop, target[k])]
+    used = {k: v for k, v in target.items() if v in wanted_set}
+    unexpected = [target[k] if target[k] == k else f"{k} (renamed {target[k]})" for k in extra if k not in dropped]
+    return Changes(used, renamed, filled, dropped, absent, unexpected)
+
+
+def flat_values(tree: Any) -> dict[str, Any]:
+    """A tree's leaves by '/'-joined key path (None counts as a leaf)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    return {fmt.key_string(fmt.path_of(p)): leaf for p, leaf in flat}
