@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 from ckpt_callbacks import layout, paths
@@ -45,8 +46,19 @@ class CheckpointInfo:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _as_given(base: Any, loc: paths.Location) -> str:
+    """A checkpoint's path in the form its base was given: a local path stays a plain path a
+    user can ``os.path.join`` and ``open``; URLs (and parsed locations) stay URLs."""
+    if isinstance(base, str | os.PathLike) and "://" not in os.fspath(base):
+        return os.path.join(os.fspath(base), loc.name)
+    return loc.url
+
+
 def list_checkpoints(base: Any) -> list[CheckpointInfo]:
-    """Committed checkpoints directly under ``base``, sorted by step (then name)."""
+    """Committed checkpoints directly under ``base``, sorted by step (then name).
+
+    Paths come back in the form ``base`` was given (a local path, or a URL).
+    """
     base_loc = paths.parse(base)
     out = []
     for name in paths.list_dirs(base_loc):
@@ -61,7 +73,7 @@ def list_checkpoints(base: Any) -> list[CheckpointInfo]:
         meta = ckpt.metadata
         out.append(
             CheckpointInfo(
-                path=loc.url,
+                path=_as_given(base, loc),
                 step=meta.step,
                 timestamp=meta.timestamp,
                 is_temporary=meta.is_temporary,

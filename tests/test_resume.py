@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -228,3 +230,15 @@ def test_keys_returns_only_what_was_asked(url):
     assert list(cc.restore(url, keys=["params"])) == ["params"]  # no empty optimizer containers leak out
     full = cc.restore(url)
     assert set(full) == {"params", "opt_state", "step"} and full["opt_state"][-1] == {}
+
+
+def test_seed_names_return_paths_in_the_form_given(tmp_path, monkeypatch):
+    base = str(tmp_path / "ckpts")
+    cc.save(f"{base}/run-10", {"w": np.ones(2)}, step=10)
+    latest = cc.find_latest_checkpoint(base)
+    assert latest == os.path.join(base, "run-10")
+    with open(os.path.join(latest, "metadata.json")) as f:  # a plain path: os.path.join and open work
+        assert json.load(f)["step"] == 10
+    monkeypatch.chdir(tmp_path)
+    assert cc.find_latest_checkpoint("ckpts") == os.path.join("ckpts", "run-10")
+    assert cc.find_latest_checkpoint(f"file://{base}") == f"file://{base}/run-10"
