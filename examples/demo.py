@@ -59,10 +59,14 @@ def _train(args: argparse.Namespace) -> None:
 
     model = MLP()
 
-    def init() -> train_state.TrainState:
+    def create() -> train_state.TrainState:
         params = model.init(jax.random.key(0), jnp.ones((1, 64)))["params"]
-        state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
-        return jax.device_put(state, NamedSharding(mesh, P()))  # replicated; the template for restore
+        return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+
+    # The hidden kernels (and their Adam moments) are sharded over the 8 devices, the rest
+    # replicated; restore_or_init reads these shardings from the jitted init.
+    rules = [("Dense_[01]/kernel", P(None, "data")), (".*", P())]
+    init = jax.jit(create, out_shardings=cc.shardings_from_rules(mesh, rules, jax.eval_shape(create)))
 
     def loss_fn(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         prediction: jax.Array = model.apply({"params": params}, x)  # type: ignore[assignment]
@@ -83,9 +87,11 @@ def _train(args: argparse.Namespace) -> None:
     )
     holder: dict[str, Any] = {}
     cb = cc.CheckpointCallback(ck, state_fn=lambda: holder["state"])
-    state, meta = ck.restore_or_init(init, template=init())
+    state, meta = ck.restore_or_init(init)
     start = 0 if meta is None else int(meta["step"])
-    emit(event="start", step=start, resumed=meta is not None)
+    kernel = state.params["Dense_1"]["kernel"]
+    placed = f"{kernel.sharding.spec} over {len(kernel.sharding.device_set)} devices"
+    emit(event="start", step=start, resumed=meta is not None, kernel_sharding=placed)
     for step in range(start + 1, args.steps + 1):
         state, loss = train_step(state, *batch(step))
         holder["state"] = state
@@ -127,7 +133,8 @@ def _report(first: list[dict[str, Any]], second: list[dict[str, Any]], ckpt: str
     saved = [e["step"] for e in first + second if e["event"] == "save" or (e["event"] == "eval" and e["saved"])]
     end = next(e for e in second if e["event"] == "end")
     kept = cc.list_checkpoints(ckpt)
-    resume = next(e for e in second if e["event"] == "start")["step"]
+    started = next(e for e in second if e["event"] == "start")
+    resume = started["step"]
     before = {e["step"]: e["loss"] for e in first if e["event"] == "step"}
     after = {e["step"]: e["loss"] for e in second if e["event"] == "step"}
     overlap = sorted(set(before) & set(after))
@@ -137,6 +144,7 @@ def _report(first: list[dict[str, Any]], second: list[dict[str, Any]], ckpt: str
     kept_steps = {c.step for c in kept}
     print(f"checkpoints deleted by retention: {sorted(set(saved) - kept_steps)}")
     print(f"killed at step {max(before)}, resumed from step {resume}")
+    print(f"restored onto the init's shardings: params/Dense_1/kernel is {started['kernel_sharding']}")
     if overlap:
         print(
             f"loss continuity: steps {overlap[0]}..{overlap[-1]} replayed after the resume, "

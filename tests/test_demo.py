@@ -26,6 +26,8 @@ def test_demo_kills_resumes_and_reports(tmp_path):
     assert "checkpoints kept:" in report and "save throughput" in report
     resumed = int(report.split("resumed from step ")[1].split()[0])
     assert 50 <= resumed <= 70  # the step-50 checkpoint at least had committed
+    # restore_or_init put the state back on the jitted init's shardings, not on one device
+    assert "params/Dense_1/kernel is P(None, 'data') over 8 devices" in report
 
 
 def test_demo_refuses_memory_urls():
