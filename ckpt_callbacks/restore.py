@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -260,6 +261,25 @@ def _template_problem(record: fmt.LeafRecord, leaf: Any) -> str | None:
     return None
 
 
+@functools.cache
+def _weaken() -> Any:
+    from jax._src.lax.lax import _convert_element_type  # no public API sets weak_type
+
+    return jax.jit(lambda x: _convert_element_type(x, x.dtype, weak_type=True))
+
+
+def _weak_like(value: Any, leaf: Any) -> Any:
+    """``value`` weakly typed where the template leaf is (a ``step`` made from a Python int):
+    jit specialises on weak types, so a resumed step must see the types the first run saw to
+    compute bit for bit the same."""
+    if getattr(leaf, "weak_type", False) and isinstance(value, jax.Array) and not value.weak_type:
+        try:
+            return _weaken()(value)
+        except (ImportError, TypeError):  # a jax without it: strongly typed, values still exact
+            return value
+    return value
+
+
 def _match_template(
     records: Sequence[fmt.LeafRecord],
     chosen: list[int],
@@ -393,5 +413,7 @@ def restore(
     if template is None:
         leaves = [values.get(i) for i in range(len(records))]
         return fmt.unflatten(manifest.tree, leaves, keep=None if keys is None else set(chosen))
-    result = [values[on_disk[p]] if p in on_disk and on_disk[p] in values else leaf for p, leaf in t_leaves]
+    result = [
+        _weak_like(values[on_disk[p]], leaf) if p in on_disk and on_disk[p] in values else leaf for p, leaf in t_leaves
+    ]
     return jax.tree_util.tree_unflatten(treedef, result)

@@ -14,6 +14,7 @@ which cannot outlive the killed process.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -66,13 +67,15 @@ def _train(args: argparse.Namespace) -> None:
     # The hidden kernels (and their Adam moments) are sharded over the 8 devices, the rest
     # replicated; restore_or_init reads these shardings from the jitted init.
     rules = [("Dense_[01]/kernel", P(None, "data")), (".*", P())]
-    init = jax.jit(create, out_shardings=cc.shardings_from_rules(mesh, rules, jax.eval_shape(create)))
+    shardings = cc.shardings_from_rules(mesh, rules, jax.eval_shape(create))
+    init = jax.jit(create, out_shardings=shardings)
 
     def loss_fn(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         prediction: jax.Array = model.apply({"params": params}, x)  # type: ignore[assignment]
         return jnp.mean((prediction - y) ** 2)
 
-    @jax.jit
+    # The state keeps its shardings from step to step, so a resumed run compiles the same step.
+    @functools.partial(jax.jit, out_shardings=(shardings, NamedSharding(mesh, P())))
     def train_step(state: train_state.TrainState, x: jax.Array, y: jax.Array) -> tuple[Any, jax.Array]:
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
         return state.apply_gradients(grads=grads), loss

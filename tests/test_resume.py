@@ -242,3 +242,14 @@ def test_seed_names_return_paths_in_the_form_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cc.find_latest_checkpoint("ckpts") == os.path.join("ckpts", "run-10")
     assert cc.find_latest_checkpoint(f"file://{base}") == f"file://{base}/run-10"
+
+
+def test_weak_types_of_the_template_are_kept(url):
+    """A TrainState's ``step`` starts as a Python int (weakly typed); a resumed one must be too,
+    or the jitted train step compiles differently and the losses drift from the killed run."""
+    init = jax.jit(lambda: {"step": jnp.asarray(0), "w": jnp.ones(2)})
+    assert init()["step"].weak_type
+    cc.save(url, {"step": jnp.asarray(5), "w": jnp.ones(2)})
+    restored = cc.restore(url, template=jax.eval_shape(init))
+    assert restored["step"].weak_type and not restored["w"].weak_type and int(restored["step"]) == 5
+    assert not cc.restore(url)["step"].weak_type  # without a template there is nothing to follow
