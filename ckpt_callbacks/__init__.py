@@ -26,6 +26,9 @@ from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
 from ckpt_callbacks.layout import Checkpoint as Checkpoint
 from ckpt_callbacks.layout import open_checkpoint as open_checkpoint
+from ckpt_callbacks.options import SaveHandle as SaveHandle
+from ckpt_callbacks.options import SaveOptions as SaveOptions
+from ckpt_callbacks.options import SaveStats as SaveStats
 from ckpt_callbacks.policy import CheckpointInterval as CheckpointInterval
 from ckpt_callbacks.policy import Decision as Decision
 from ckpt_callbacks.policy import KeepPolicy as KeepPolicy
@@ -34,9 +37,6 @@ from ckpt_callbacks.restore import restore as restore
 from ckpt_callbacks.resume import CheckpointReader as CheckpointReader
 from ckpt_callbacks.rules import match_partition_rules as match_partition_rules
 from ckpt_callbacks.rules import shardings_from_rules as shardings_from_rules
-from ckpt_callbacks.serializer import SaveHandle as SaveHandle
-from ckpt_callbacks.serializer import SaveOptions as SaveOptions
-from ckpt_callbacks.serializer import SaveStats as SaveStats
 from ckpt_callbacks.serializer import save as save
 from ckpt_callbacks.serializer import save_async as save_async
 from ckpt_callbacks.serializer import save_items as save_items

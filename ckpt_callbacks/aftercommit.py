@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ckpt_callbacks import distributed
-from ckpt_callbacks.serializer import SaveHandle, SaveStats
+from ckpt_callbacks.options import SaveHandle, SaveStats
 
 log = logging.getLogger("ckpt_callbacks")
 

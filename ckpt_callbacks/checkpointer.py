@@ -30,10 +30,11 @@ from ckpt_callbacks import layout
 from ckpt_callbacks.aftercommit import AfterCommit, ScalarWriter, close_at_exit
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.errors import CheckpointExistsError
+from ckpt_callbacks.options import SaveHandle, SaveOptions
 from ckpt_callbacks.policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy, as_step
 from ckpt_callbacks.preemption import Preemption, agree
 from ckpt_callbacks.resume import CheckpointReader, announce
-from ckpt_callbacks.serializer import SaveHandle, SaveOptions, save_items_async
+from ckpt_callbacks.serializer import save_items_async
 
 log = logging.getLogger("ckpt_callbacks")
 
