@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import functools
+import os
 from typing import Any
 
 import numpy as np
@@ -52,7 +55,13 @@ class Writer:
         return self.arrays[key]
 
     def write(self, snapshot: Snapshot) -> None:
+        """Writes every unit of ``snapshot``, a bounded number of bytes in flight.
+
+        Each chunk's crc32c is computed as soon as its bytes are on the host (still hot in
+        cache), large ones on a thread pool (crc32c releases the GIL) while TensorStore writes.
+        """
         inflight: collections.deque[tuple[Any, int]] = collections.deque()
+        crcs: list[tuple[dict[str, Any], str, Any]] = []
         pending = 0
         for n, (leaf, unit) in enumerate(snapshot.batch):
             item, leaf_index = leaf.item, leaf.index
@@ -60,7 +69,7 @@ class Writer:
             if leaf.record.zarr_dtype != host.dtype.name:
                 host = host.view(fmt.dtype_from_name(leaf.record.zarr_dtype))
             key = fmt.chunk_key(unit.chunk)
-            self.crcs[item].setdefault(leaf_index, {})[key] = fmt.crc32c_of(host)
+            crcs.append((self.crcs[item].setdefault(leaf_index, {}), key, _crc(host)))
             self.nbytes += host.nbytes
             if leaf.record.pack:
                 future, size = self._pack(item, *leaf.record.pack[key], host)
@@ -78,6 +87,8 @@ class Writer:
                 pending -= size
         for future, _ in inflight:
             future.result()
+        for table, key, crc in crcs:
+            table[key] = crc if isinstance(crc, int) else crc.result()
         snapshot.release()
 
     def check_complete(self, where: str) -> None:
@@ -103,6 +114,20 @@ class Writer:
         if item not in self.kvstores:
             self.kvstores[item] = ts.KvStore.open(self.item_kvstores[item], context=paths.context()).result()
         return self.kvstores[item].write(name, buffer.tobytes()), size
+
+
+_CRC_OFFLOAD_BYTES = 1 << 20  # smaller chunks: inline (a pool hand-off costs more than the crc)
+
+
+@functools.cache
+def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="ckpt-crc")
+
+
+def _crc(host: np.ndarray) -> int | concurrent.futures.Future[int]:
+    if host.nbytes < _CRC_OFFLOAD_BYTES:
+        return fmt.crc32c_of(host)
+    return _crc_pool().submit(fmt.crc32c_of, host)
 
 
 def batches(pairs: list[tuple[Leaf, planning.WriteUnit]], budget: int | None) -> list[list[Any]]:
