@@ -24,6 +24,7 @@ from ckpt_callbacks.errors import CheckpointStorageError as CheckpointStorageErr
 from ckpt_callbacks.errors import CorruptCheckpointError as CorruptCheckpointError
 from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
+from ckpt_callbacks.errors import StorageNotSharedError as StorageNotSharedError
 from ckpt_callbacks.layout import Checkpoint as Checkpoint
 from ckpt_callbacks.layout import open_checkpoint as open_checkpoint
 from ckpt_callbacks.options import SaveHandle as SaveHandle

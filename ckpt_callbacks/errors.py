@@ -48,3 +48,7 @@ class CheckpointStorageError(CheckpointError, OSError, ValueError):
 
     Also a ``ValueError``, which is what TensorStore raises for the same failures.
     """
+
+
+class StorageNotSharedError(CheckpointError, OSError):
+    """Processes of one run do not see the same storage (a local path on several hosts)."""

@@ -36,6 +36,7 @@ from ckpt_callbacks.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StorageNotSharedError,
 )
 
 log = logging.getLogger("ckpt_callbacks")
@@ -258,6 +259,27 @@ def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: s
     else:
         commit = fmt.Commit(metadata=f"metadata.{nonce}.json", items={item: f"{item}.{nonce}" for item in items})
     return SaveLayout(commit=commit, claim=f"{CLAIM_PREFIX}{nonce}", stale=tuple(decision["stale"]), add=add)
+
+
+def check_shared(loc: paths.Location, layout: SaveLayout, tag: str, timeout_s: float) -> None:
+    """With several processes: every process reads the claim process 0 just wrote; if some
+    cannot, they do not share this storage (the classic: a local ``/tmp`` path on several
+    hosts), and every process raises at once instead of timing out at the commit barrier or
+    committing a checkpoint with missing shards."""
+    if distributed.process_count() == 1:
+        return
+    seen = paths.read_bytes(loc, layout.claim) is not None
+    gathered = distributed.gather_json(f"{tag}/shared", seen, timeout_s)
+    blind = None if gathered is None else [pid for pid, ok in enumerate(gathered) if not ok]
+    blind = distributed.broadcast_json(f"{tag}/blind", blind, timeout_s)
+    if blind:
+        if distributed.is_primary():
+            release(loc, layout)
+        raise StorageNotSharedError(
+            f"{loc.url}: processes {blind} cannot see what process 0 writes there; every process of a "
+            "multi-host run must save to storage they all share (an object store, or a shared file "
+            "system), not a path that is local to each host"
+        )
 
 
 def release(loc: paths.Location, layout: SaveLayout) -> None:

@@ -157,6 +157,7 @@ class _Save:
     def choose(self) -> layout.SaveLayout:
         """The save's names (process 0 decides, everyone learns them); the writer opens them."""
         names = layout.choose_layout(self.loc, self.items, self.options.overwrite, self.tag, self.add)
+        layout.check_shared(self.loc, names, self.tag, self.options.timeout_s)
         self.writer.open({item: paths.kvstore_spec(self.loc.join(names.commit.items[item])) for item in self.items})
         return names
 

@@ -142,3 +142,11 @@ def test_harness_tears_down_on_timeout(tmp_path):
         "agreement", 2, 1, expect_ok=False, timeout=0.5, path=str(tmp_path / "x"), skew=0.0, steps=10**6
     )
     assert all(o.returncode == -9 for o in outcomes)  # killed, and reaped
+
+
+def test_processes_that_do_not_share_storage_fail_the_first_save_at_once():
+    outcomes = multihost.run("save_unshared", 2, 2, timeout=90, path="memory://not-shared/run-1")
+    for o in outcomes:
+        assert o.result["error"].startswith("StorageNotSharedError"), o.result
+        assert "processes [1] cannot see what process 0 writes" in o.result["error"]
+        assert o.result["after_s"] < 20  # at once, not after the 60 s commit barrier timeout
