@@ -3,6 +3,7 @@
 A leaf's regions (what each target device needs) are read as whole regions where they are
 made of whole chunks, else chunk by chunk, and every chunk is checked against the manifest's
 crc32c when it first arrives. Packed leaves come from pack files, each read once per restore.
+Arrays of a format that records no checksums (orbax) are read region by region, unchecked.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class LeafRead:
 
     A region made of whole chunks is read at once (TensorStore assembles it in its own
     threads); other regions are assembled here from chunk reads, each chunk read once.
+
+    ``checksums=False`` is for arrays of another format that records none (an orbax
+    checkpoint): each region is one TensorStore read and nothing is checked. Our own leaves
+    are always read with ``checksums=True``, where a chunk without a crc32c is an error.
     """
 
     def __init__(
@@ -109,8 +114,10 @@ class LeafRead:
         record: fmt.LeafRecord,
         regions: list[planning.Region],
         where: str,
+        *,
+        checksums: bool = True,
     ) -> None:
-        self.record, self.regions, self.where = record, regions, where
+        self.record, self.regions, self.where, self.checksums = record, regions, where, checksums
         self.reads: dict[planning.Region, Any] = {}  # read region -> future, then array
         self.source: dict[tuple[int, ...], tuple[planning.Region, planning.Region]] = {}  # chunk -> (its region, read)
         self.checked: set[tuple[int, ...]] = set()
@@ -122,6 +129,12 @@ class LeafRead:
                 f"{where}: leaf {record.key!r}: the manifest's shape {list(record.data_shape)} needs {claimed} "
                 f"bytes of host memory to read, more than this host has ({host_memory()})"
             )
+        if not checksums:
+            if isinstance(source, PackFiles):
+                raise ValueError(f"leaf {record.key!r}: packed chunks are always read with checksums")
+            self.reads = {region: self._zarr_read(source, region, None) for region in regions}
+            self.nbytes = claimed
+            return
         for region in regions:
             parts = _chunk_regions(region, record.chunks, record.data_shape)
             whole = not packed and len(parts) > 1 and _covers(parts, region)
@@ -147,13 +160,15 @@ class LeafRead:
         for data in self.reads.values():
             settle(data)
 
-    def _zarr_read(self, source: ts.TensorStore, read: planning.Region, idx: tuple[int, ...]) -> Any:
+    def _what(self, read: planning.Region, idx: tuple[int, ...] | None) -> str:
+        part = f"region {[list(r) for r in read]}" if idx is None else f"chunk {fmt.chunk_key(idx)}"
+        return f"{self.where}: leaf {self.record.key!r} {part}"
+
+    def _zarr_read(self, source: ts.TensorStore, read: planning.Region, idx: tuple[int, ...] | None) -> Any:
         try:
             return source[planning.slices(read)].read()
         except Exception as e:  # TensorStore refuses a region synchronously (ValueError, IndexError)
-            raise CorruptCheckpointError(
-                f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
-            ) from e
+            raise CorruptCheckpointError(f"{self._what(read, idx)} could not be read: {e}") from e
 
     def _packed_at(self, idx: tuple[int, ...]) -> tuple[str, int]:
         try:
@@ -164,15 +179,13 @@ class LeafRead:
                 f"the manifest lists chunks {sorted(self.record.pack)}"
             ) from None
 
-    def _read(self, read: planning.Region, idx: tuple[int, ...]) -> np.ndarray:
+    def _read(self, read: planning.Region, idx: tuple[int, ...] | None) -> np.ndarray:
         data = self.reads[read]
         if not isinstance(data, np.ndarray):
             try:
                 data = self.reads[read] = data.result()
             except Exception as e:
-                raise CorruptCheckpointError(
-                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} could not be read: {e}"
-                ) from e
+                raise CorruptCheckpointError(f"{self._what(read, idx)} could not be read: {e}") from e
         return data
 
     def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
@@ -196,21 +209,25 @@ class LeafRead:
         out = {}
         stored = fmt.dtype_from_name(self.record.stored_dtype)
         for region in self.regions:
-            parts = _chunk_regions(region, self.record.chunks, self.record.data_shape)
-            if region in self.reads:  # read whole (one chunk, or whole chunks): check each, no copy
-                for idx, _ in parts:
-                    self._chunk(idx)
-                host = self._read(region, parts[0][0])
-            else:  # every chunk read and checked before the region is allocated
-                chunks = [(self._chunk(idx), creg) for idx, creg in parts]
-                host = np.empty(tuple(b - a for a, b in region), fmt.dtype_from_name(self.record.zarr_dtype))
-                for chunk, creg in chunks:
-                    inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg, strict=True))
-                    dst = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))
-                    src = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))
-                    host[dst] = chunk[src]
+            host = self._checked(region) if self.checksums else self._read(region, None)
             out[region] = host.view(stored) if host.dtype != stored else host
         return out
+
+    def _checked(self, region: planning.Region) -> np.ndarray:
+        """One region, every chunk of it checked against its crc32c."""
+        parts = _chunk_regions(region, self.record.chunks, self.record.data_shape)
+        if region in self.reads:  # read whole (one chunk, or whole chunks): check each, no copy
+            for idx, _ in parts:
+                self._chunk(idx)
+            return self._read(region, parts[0][0])
+        chunks = [(self._chunk(idx), creg) for idx, creg in parts]  # all checked before the region is allocated
+        host = np.empty(tuple(b - a for a, b in region), fmt.dtype_from_name(self.record.zarr_dtype))
+        for chunk, creg in chunks:
+            inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg, strict=True))
+            dst = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))
+            src = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))
+            host[dst] = chunk[src]
+        return host
 
 
 def _covers(parts: list[tuple[tuple[int, ...], planning.Region]], region: planning.Region) -> bool:

@@ -3,6 +3,7 @@
     ckpt-callbacks list BASE          committed checkpoints under BASE, by step
     ckpt-callbacks latest BASE        path of the latest committed checkpoint
     ckpt-callbacks inspect PATH       metadata and every leaf: shape, dtype, spec, chunks
+                                      (an orbax PyTree checkpoint too)
     ckpt-callbacks verify PATH        re-read every chunk and check its crc32c (exit 1 if bad)
 
 >>> import jax.numpy as jnp, ckpt_callbacks as cc
@@ -20,8 +21,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ckpt_callbacks import discovery, layout
-from ckpt_callbacks.errors import CheckpointError
+from ckpt_callbacks import discovery, layout, orbax_format, paths
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -40,8 +42,39 @@ def _latest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_leaf(r: fmt.LeafRecord) -> None:
+    if r.kind == "scalar":
+        print(f"  {r.key or '<root>'}: {r.value_type} = {r.value!r}")
+        return
+    spec = "" if r.partition_spec is None else f" spec={list(r.partition_spec)}"
+    dtype = r.dtype if r.stored_dtype == r.dtype else f"{r.dtype} stored as {r.stored_dtype}"
+    print(f"  {r.key or '<root>'}: {r.kind} {list(r.shape)} {dtype}{spec} chunks={list(r.chunks)}")
+
+
+def _inspect_orbax(loc: paths.Location, items: dict[str, paths.Location]) -> int:
+    print(f"{loc.url}: an orbax checkpoint (read without orbax; no chunk checksums to verify)")
+    for name, item_loc in items.items():
+        found = orbax_format.read_item(item_loc)
+        if found is None:
+            print(f"item {name!r}: not a PyTree item (no {orbax_format.METADATA}), not shown")
+            continue
+        leaves = found.manifest.leaves
+        total = sum(r.nbytes for r in leaves)
+        print(f"item {name!r}: orbax PyTree ({found.storage}): {len(leaves)} leaves, {total / 1e6:.1f} MB")
+        for r in leaves:
+            _print_leaf(r)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    ckpt = layout.open_checkpoint(args.path)
+    try:
+        ckpt = layout.open_checkpoint(args.path)
+    except CheckpointNotFoundError:
+        loc = paths.parse(args.path)
+        items = orbax_format.find_items(loc)
+        if not items:
+            raise
+        return _inspect_orbax(loc, items)
     meta = ckpt.metadata
     when = datetime.datetime.fromtimestamp(meta.timestamp, datetime.UTC).isoformat(timespec="seconds")
     print(f"{ckpt.url}: step {meta.step}, saved {when}, temporary={meta.is_temporary}")
@@ -52,12 +85,7 @@ def _inspect(args: argparse.Namespace) -> int:
         total = sum(r.nbytes for r in manifest.leaves)
         print(f"item {item!r}: {len(manifest.leaves)} leaves, {total / 1e6:.1f} MB")
         for r in manifest.leaves:
-            if r.kind == "scalar":
-                print(f"  {r.key or '<root>'}: {r.value_type} = {r.value!r}")
-                continue
-            spec = "" if r.partition_spec is None else f" spec={list(r.partition_spec)}"
-            dtype = r.dtype if r.stored_dtype == r.dtype else f"{r.dtype} stored as {r.stored_dtype}"
-            print(f"  {r.key or '<root>'}: {r.kind} {list(r.shape)} {dtype}{spec} chunks={list(r.chunks)}")
+            _print_leaf(r)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,9 +26,10 @@ import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import layout, paths, planning, restructure
+from ckpt_callbacks import layout, orbax_format, paths, planning, restructure
 from ckpt_callbacks.chunk_reads import LeafRead, PackFiles, settle
 from ckpt_callbacks.errors import (
+    CheckpointNotFoundError,
     CorruptCheckpointError,
     RestoreMismatchError,
     ShardingRuleError,
@@ -37,6 +38,7 @@ from ckpt_callbacks.rules import Rules, check_spec, spec_for
 
 # Bytes of chunk reads in flight at once: bounds host memory beyond the restored arrays.
 READ_WINDOW_BYTES = 512 << 20
+Opener = Callable[[fmt.LeafRecord], Any]  # a leaf's array -> its TensorStore open future
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +81,11 @@ def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.
     return array
 
 
-def _open_array(kvstore: dict[str, Any], record: fmt.LeafRecord, where: str) -> Any:
+def _open_array(kvstore: dict[str, Any], record: fmt.LeafRecord, where: str, unchecked: Opener | None = None) -> Any:
     """The open future of a leaf's zarr3 array, with the manifest's metadata (zarr.json unread)."""
     try:
+        if unchecked is not None:
+            return unchecked(record)
         return ts.open(fmt.zarr_spec(kvstore, record), open=True, assume_metadata=True, context=paths.context())
     except Exception as e:  # a spec TensorStore refuses at once (a dtype or grid it lacks)
         raise CorruptCheckpointError(f"{where}: leaf {record.key!r}: cannot open its array: {e}") from e
@@ -93,14 +97,18 @@ def read_leaves(
     targets: Sequence[Target],
     window: int = READ_WINDOW_BYTES,
     packs: PackFiles | None = None,
+    *,
+    open_unchecked: Opener | None = None,
 ) -> list[Any]:
     """Reads array leaves onto their targets, a bounded number of bytes in flight.
 
     ``packs`` shares pack files already read between calls on the same item directory.
+    ``open_unchecked`` opens the arrays of a format that records no chunk checksums (an orbax
+    checkpoint): their reads are not checked.
     """
     kvstore = paths.kvstore_spec(loc)
     packs = PackFiles(loc) if packs is None else packs
-    opened = [None if r.pack else _open_array(kvstore, r, loc.url) for r in records]
+    opened = [None if r.pack else _open_array(kvstore, r, loc.url, open_unchecked) for r in records]
     out: list[Any] = [None] * len(records)
     inflight: collections.deque[tuple[int, LeafRead]] = collections.deque()
     pending = 0
@@ -126,7 +134,7 @@ def read_leaves(
                     source = future.result()
                 except Exception as e:
                     raise CorruptCheckpointError(f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}") from e
-            read = LeafRead(source, record, regions, loc.url)
+            read = LeafRead(source, record, regions, loc.url, checksums=open_unchecked is None)
             inflight.append((i, read))
             pending += read.nbytes
             while pending > window and len(inflight) > 1:
@@ -336,6 +344,19 @@ def _match_template(
     return t_leaves, treedef, usable
 
 
+def _source(path: Any, item: str) -> tuple[paths.Location, fmt.Manifest, Callable[..., list[Any]]]:
+    """(where, manifest, reader of array leaves) of our checkpoint at ``path``, or else of an
+    orbax PyTree checkpoint there (read without orbax; see ``orbax_format``)."""
+    try:
+        ckpt = layout.open_checkpoint(path)
+    except CheckpointNotFoundError:
+        found = None if isinstance(path, layout.Checkpoint) else orbax_format.open_item(paths.parse(path), item)
+        if found is None:
+            raise
+        return found.loc, found.manifest, functools.partial(read_leaves, found.loc, open_unchecked=found.open_array)
+    return ckpt.loc, ckpt.manifest(item), functools.partial(read_leaves, ckpt.item_loc(item))
+
+
 def restore(
     path: Any,
     *,
@@ -356,6 +377,8 @@ def restore(
     Args:
       path: checkpoint directory URL, or a ``Checkpoint`` from ``layout.open_checkpoint`` (or
         ``CheckpointInfo.checkpoint``): its marker, metadata and manifests are not read again.
+        A URL holding no committed checkpoint of ours may hold an orbax PyTree checkpoint (a
+        step or item directory; see ``orbax_format``), restored the same way, unchecksummed.
       mesh: target mesh; with ``rules`` the specs come from the rules, otherwise from the
         partition specs saved in the manifest.
       rules: ``[(regex, PartitionSpec), ...]`` over '/'-joined key paths; first match wins.
@@ -382,10 +405,7 @@ def restore(
     Returns:
       The template's structure if one is given, else nested dicts, lists and tuples.
     """
-    ckpt = layout.open_checkpoint(path)
-    loc = ckpt.loc
-    manifest = ckpt.manifest(item)
-    item_loc = ckpt.item_loc(item)
+    loc, manifest, read = _source(path, item)
     records = manifest.leaves
     chosen = _select(records, keys, loc.url)
     given = _sharding_map(shardings)
@@ -402,9 +422,7 @@ def restore(
     ]
     for (i, _), target in zip(arrays, targets, strict=True):
         _check_representable(records[i], target, loc.url)
-    values = dict(
-        zip((i for i, _ in arrays), read_leaves(item_loc, [records[i] for i, _ in arrays], targets), strict=True)
-    )
+    values = dict(zip((i for i, _ in arrays), read([records[i] for i, _ in arrays], targets), strict=True))
     for i, leaf in pairs:
         if records[i].kind == "scalar":
             values[i] = _scalar_into(fmt.decode_scalar(records[i].value, records[i].value_type), leaf)

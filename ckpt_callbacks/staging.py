@@ -125,9 +125,12 @@ def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _crc(host: np.ndarray) -> int | concurrent.futures.Future[int]:
-    if host.nbytes < _CRC_OFFLOAD_BYTES:
-        return fmt.crc32c_of(host)
-    return _crc_pool().submit(fmt.crc32c_of, host)
+    if host.nbytes >= _CRC_OFFLOAD_BYTES:
+        try:
+            return _crc_pool().submit(fmt.crc32c_of, host)
+        except RuntimeError:  # the interpreter is exiting (a save finishing at exit): no new threads
+            pass
+    return fmt.crc32c_of(host)
 
 
 def batches(pairs: list[tuple[Leaf, planning.WriteUnit]], budget: int | None) -> list[list[Any]]:
