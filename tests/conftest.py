@@ -114,3 +114,13 @@ def forge_committed_json(url: str, name: str, data: bytes) -> None:
     marker = json.loads(paths.read_bytes(loc, layout.COMMIT_MARKER))
     marker["checksums"][name] = crc32c.crc32c(data)
     paths.write_bytes(loc, layout.COMMIT_MARKER, json.dumps(marker).encode())
+
+
+def start_tracing() -> None:
+    """Starts tracemalloc for the rest of the session (allocation bounds are measured as peaks
+    with ``reset_peak``). Never stopped: stopping it while TensorStore's threads release Python
+    objects crashed the interpreter once, and a crash is worse than slower tests."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        tracemalloc.start()

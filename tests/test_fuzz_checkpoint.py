@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import paths
-from conftest import assert_tree_equal, forge_committed_json, make_mesh, put
+from conftest import assert_tree_equal, forge_committed_json, make_mesh, put, start_tracing
 
 MANIFEST, METADATA, MARKER = "state/manifest.json", "metadata.json", "COMMITTED"
 SEMANTIC = {"value", "value_type", "dtype"}  # what a forged manifest may change undetectably
@@ -114,11 +114,8 @@ class Backend:
 @pytest.fixture(scope="module", params=["file", "memory"])
 def backend(request):
     made = Backend(request.param)
-    # Traced while this module runs. A failed restore cancels and settles its reads before it
-    # raises, so no TensorStore thread is still allocating when tracing stops.
-    tracemalloc.start()
+    start_tracing()
     yield made
-    tracemalloc.stop()
     made.close()
     print(f"\n{request.param}: {COUNT['mutations']} mutations so far")
 

@@ -16,7 +16,7 @@ import pytest
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import paths
-from conftest import forge_committed_json
+from conftest import forge_committed_json, start_tracing
 
 MANIFEST = "state/manifest.json"
 
@@ -132,14 +132,12 @@ def test_huge_shape_of_a_packed_leaf_raises_before_allocating(mem_url, chunks):
             _leaf(m, "a")["crc32c"] = {"0": 0}
 
     _forge(mem_url, edit)
-    tracemalloc.start()
-    try:
-        with pytest.raises(cc.CheckpointError, match=r"leaf 'a'"):
-            cc.restore(mem_url)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 16 << 20
+    start_tracing()
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    with pytest.raises(cc.CheckpointError, match=r"leaf 'a'"):
+        cc.restore(mem_url)
+    assert tracemalloc.get_traced_memory()[1] - before < 16 << 20
     match = r"leaf 'a': field 'crc32c'" if chunks == [4] else r"leaf 'a' chunk 0 could not be read: pack file .* holds"
     _refused(mem_url, cc.CheckpointError, match)
 
