@@ -371,6 +371,7 @@ def restore(
     rename: Sequence[tuple[str, str]] = (),
     missing: Any = None,
     drop: bool | Sequence[str] = False,
+    max_host_bytes: int | None = None,
 ) -> Any:
     """Restores a committed checkpoint.
 
@@ -401,6 +402,10 @@ def restore(
       drop: saved leaves the template does not have are dropped (``True``), or those whose
         key matches one of these regexes; otherwise they raise. What was renamed, filled and
         dropped is logged (see ``restructure``).
+      max_host_bytes: bound on the bytes read into host memory and not yet handed to their
+        devices (default 512 MiB): chunk reads of later leaves overlap the host-to-device
+        transfers of earlier ones within it. A single leaf's share for this process larger
+        than the bound is still read whole.
 
     Returns:
       The template's structure if one is given, else nested dicts, lists and tuples.
@@ -422,7 +427,8 @@ def restore(
     ]
     for (i, _), target in zip(arrays, targets, strict=True):
         _check_representable(records[i], target, loc.url)
-    values = dict(zip((i for i, _ in arrays), read([records[i] for i, _ in arrays], targets), strict=True))
+    window = READ_WINDOW_BYTES if max_host_bytes is None else max(1, int(max_host_bytes))
+    values = dict(zip((i for i, _ in arrays), read([records[i] for i, _ in arrays], targets, window), strict=True))
     for i, leaf in pairs:
         if records[i].kind == "scalar":
             values[i] = _scalar_into(fmt.decode_scalar(records[i].value, records[i].value_type), leaf)

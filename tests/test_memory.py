@@ -48,3 +48,35 @@ def test_peak_rss_within_max_host_bytes(tmp_path, budget_mib):
     result = _run(tmp_path, 0.5, budget)
     assert result["bytes_written"] > 4 * budget  # the save really is larger than the budget
     assert result["peak_extra"] <= budget
+
+
+def _restore_probe(*args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run(
+        [sys.executable, "tests/programs/restore_probe.py", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
+
+
+def test_restore_host_staging_within_max_host_bytes(tmp_path):
+    """Each restore in a fresh process; host memory beyond the restored arrays (which on CPU are
+    host memory too) is bounded by max_host_bytes, not by the checkpoint's size."""
+    path = str(tmp_path / "ckpt")
+    _restore_probe("save", path, "0.5")
+    budget = 16 << 20
+    default = _restore_probe("restore", path, "0")
+    bounded = _restore_probe("restore", path, str(budget))
+    extra_default = default["peak_extra"] - default["restored"]
+    extra_bounded = bounded["peak_extra"] - bounded["restored"]
+    print(
+        f"\nrestore of {bounded['restored'] / 2**20:.0f} MiB: extra host memory {extra_default / 2**20:.0f} MiB "
+        f"(default window), {extra_bounded / 2**20:.0f} MiB (max_host_bytes=16 MiB)"
+    )
+    assert extra_bounded <= 8 * budget + (64 << 20)
+    assert extra_bounded < extra_default

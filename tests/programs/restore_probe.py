@@ -1,0 +1,70 @@
+"""Peak extra RSS of restoring a (4, 2)-sharded checkpoint, beyond the restored arrays; prints JSON.
+
+    python restore_probe.py save PATH GIB
+    python restore_probe.py restore PATH BUDGET_BYTES   (BUDGET_BYTES 0: the default window)
+
+The restore runs in a fresh process (memory an allocator kept from a save would hide what the
+restore takes) and samples RSS every 2 ms; on CPU the restored arrays are host memory too.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt_callbacks as cc
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def save(path: str, gib: float) -> None:
+    mesh = jax.make_mesh((4, 2), ("x", "y"))
+    n_leaves = 32
+    rows = int(gib * 2**30 / 4 / 4096 / n_leaves)
+    tree = {
+        f"layer{i}": jax.device_put(jnp.full((rows, 4096), i, jnp.float32), NamedSharding(mesh, P("x", "y")))
+        for i in range(n_leaves)
+    }
+    cc.save(path, tree, pack_bytes=0)
+
+
+def restore(path: str, budget: int | None) -> None:
+    mesh = jax.make_mesh((4, 2), ("x", "y"))
+    sharding = NamedSharding(mesh, P("x", "y"))
+    base = rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    restored = cc.restore(path, shardings=sharding, max_host_bytes=budget)
+    jax.block_until_ready(restored)
+    stop.set()
+    sampler.join()
+    restored_bytes = sum(x.nbytes for x in restored.values())
+    print(json.dumps({"restored": restored_bytes, "peak_extra": peak[0] - base}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "save":
+        save(sys.argv[2], float(sys.argv[3]))
+    else:
+        restore(sys.argv[2], int(sys.argv[3]) or None)
