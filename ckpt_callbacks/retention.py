@@ -102,17 +102,19 @@ class Retention:
         return None
 
     def _warn_if_never_ranked(self, listed: list[CheckpointInfo]) -> None:
-        """Once: best-k asked for a metric that no eval has reported for any checkpoint."""
+        """Once: evals report metrics, but never the one best-k ranks by (a typo, or another name)."""
         metric = self.keep.metric
         permanent = [c for c in listed if not c.is_temporary]
-        if self._warned_unranked or not metric or len(permanent) < 2:
+        reported = any(metric in m for m in self.metrics.values())
+        if self._warned_unranked or not metric or not self.metrics or reported or len(permanent) < 2:
             return
         if all(metric_of(c, metric) is None for c in permanent):
             self._warned_unranked = True
             log.warning(
-                "retention: KeepPolicy ranks by metric %r, but none of %d checkpoints under %s has it; record it "
-                "with on_eval(step, metrics={%r: ...}) or record_metrics (best-k keeps nothing until then)",
+                "retention: KeepPolicy ranks by metric %r, but evals report only %s and none of %d checkpoints "
+                "under %s has it; record it with on_eval(step, metrics={%r: ...}) (best-k keeps nothing until then)",
                 metric,
+                sorted({name for m in self.metrics.values() for name in m}),
                 len(permanent),
                 self.base.url,
                 metric,

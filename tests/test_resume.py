@@ -133,7 +133,7 @@ def test_a_metric_no_eval_reports_is_warned_about_once(url, caplog):
         ck.on_step({"w": np.ones(1)}, step=step)
         ck.wait_until_finished()
     ck.close()
-    assert caplog.text.count("ranks by metric 'eval_loss', but none of") == 1
+    assert caplog.text.count("ranks by metric 'eval_loss', but evals report only ['loss']") == 1
     assert ck.best_step() is None
 
 
@@ -253,3 +253,15 @@ def test_weak_types_of_the_template_are_kept(url):
     restored = cc.restore(url, template=jax.eval_shape(init))
     assert restored["step"].weak_type and not restored["w"].weak_type and int(restored["step"]) == 5
     assert not cc.restore(url)["step"].weak_type  # without a template there is nothing to follow
+
+
+def test_no_metric_warning_before_the_first_eval(url, caplog):
+    keep = cc.KeepPolicy(keep_best=1, metric="eval_loss")
+    ck = cc.Checkpointer(url, step_policies=[cc.CheckpointInterval(every=1)], keep=keep, handle_sigterm=False)
+    for step in range(1, 5):  # saves come before the first eval in the README's loop order
+        ck.on_step({"w": np.ones(1)}, step=step)
+        ck.wait_until_finished()
+    ck.record_metrics(4, {"eval_loss": 0.5})
+    ck.on_step({"w": np.ones(1)}, step=5)
+    ck.close()
+    assert "ranks by metric" not in caplog.text
