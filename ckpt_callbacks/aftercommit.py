@@ -80,10 +80,9 @@ class AfterCommit:
                 self._jobs.task_done()
 
     def _handle(self, handle: SaveHandle, step: int, then: Callable[[], None] | None) -> None:
-        try:
-            stats = handle.wait()
-        except BaseException:
-            return  # raised to the caller by the next save or wait_until_finished
+        stats = handle.outcome()
+        if stats is None:
+            return  # a failure: raised to the caller by the next save or wait_until_finished
         for hook in self._on_commit:
             try:
                 hook(stats.path, step, dict(handle.metadata))

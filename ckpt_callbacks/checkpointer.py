@@ -228,11 +228,13 @@ class Checkpointer(CheckpointReader):
         if inflight is None:
             return
         handle, saved_before = inflight
+        reported = handle.reported
         try:
             handle.wait()
         except BaseException:
             self._last_save_step = saved_before  # not committed: the step may be saved again
-            raise
+            if not reported:  # raised to whoever waited on the handle already: not twice
+                raise
 
     def wait_until_finished(self) -> None:
         """Blocks until the save in flight has committed and retention has run; raises failures."""

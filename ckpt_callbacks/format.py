@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 PACK_NAME = re.compile(r"pack\.[0-9]+-[0-9]+")
 
 KeyPath = tuple[str | int, ...]
+METADATA_NAME = re.compile(r"metadata(\.ckpt-[0-9a-f]{8})?\.json")
 LeafKind = Literal["array", "prng_key", "scalar"]
 LeafSource = Literal["", "jax", "numpy"]  # "" for scalars
 ITEM_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -370,6 +371,14 @@ class Commit:
         for name in (metadata, *items.values()):
             if not name or "/" in name or name in (".", ".."):
                 raise CheckpointFormatError(f"{where}: commit marker names {name!r}, not a plain entry")
+        # Only names a save writes: a forged marker cannot make a later save delete a user's file.
+        if not METADATA_NAME.fullmatch(metadata):
+            raise CheckpointFormatError(f"{where}: metadata {metadata!r}; expected metadata[.ckpt-<nonce>].json")
+        for item, name in items.items():
+            if name != item and not re.fullmatch(rf"{re.escape(item)}\.ckpt-[0-9a-f]{{8}}", name):
+                raise CheckpointFormatError(
+                    f"{where}: item {item!r} in {name!r}; expected {item!r} or {item}.ckpt-<nonce>"
+                )
         if not items or not all(ITEM_NAME.fullmatch(item) for item in items):
             raise CheckpointFormatError(
                 f"{where}: commit marker items {sorted(items)}; expected names of [A-Za-z0-9_-]"

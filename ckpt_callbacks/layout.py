@@ -12,8 +12,8 @@ the item directories of the committed version, with a crc32c of each JSON file i
 so bit rot in metadata or manifests is caught like bit rot in chunks. Both the save path
 (``serializer``) and the read path (``restore``, ``discovery``) meet here, and only here.
 
-Which names are ours: ``COMMITTED``, ``metadata.json`` and ``metadata.<nonce>.json``, item
-directories (``<item>``, ``<item>.<nonce>``) and save claims (``.claim.<nonce>``). The library
+Which names are ours: ``COMMITTED``, ``metadata.json`` and ``metadata.ckpt-<nonce>.json``, item
+directories (``<item>``, ``<item>.ckpt-<nonce>``) and save claims (``.claim.<nonce>``). The library
 deletes nothing else: a user's ``config.yaml`` beside a checkpoint survives saves, overwrites
 and retention.
 """
@@ -50,7 +50,7 @@ _RUN = re.compile(r"run-([0-9]+)")
 _NONCE = r"[0-9a-f]{8}"
 _ITEM = re.compile(r"[A-Za-z0-9_-]+")
 _OURS = re.compile(
-    rf"{re.escape(COMMIT_MARKER)}|metadata(\.{_NONCE})?\.json|\.claim\.{_NONCE}|[A-Za-z0-9_-]+\.{_NONCE}"
+    rf"{re.escape(COMMIT_MARKER)}|{fmt.METADATA_NAME.pattern}|\.claim\.{_NONCE}|[A-Za-z0-9_-]+\.ckpt-{_NONCE}"
 )
 
 
@@ -71,8 +71,10 @@ def metrics_name(step: int) -> str:
 
 
 def check_item_name(item: str) -> None:
-    if not isinstance(item, str) or not _ITEM.fullmatch(item):
-        raise ValueError(f"item name {item!r}: use letters, digits, '_' and '-'")
+    if not isinstance(item, str) or not _ITEM.fullmatch(item) or len(item) > 100:
+        raise ValueError(f"item name {item!r}: use letters, digits, '_' and '-' (at most 100)")
+    if item == COMMIT_MARKER:
+        raise ValueError(f"item name {item!r} is the commit marker's name; choose another")
 
 
 def read_commit(loc: paths.Location) -> fmt.Commit | None:
@@ -222,8 +224,8 @@ def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: b
     """Process 0: claim, list, and choose (see ``choose_layout``)."""
     nonce = uuid.uuid4().hex[:8]
     claim = f"{CLAIM_PREFIX}{nonce}"
-    paths.write_bytes(loc, claim, fmt.dumps([f"metadata.{nonce}.json", *(f"{item}.{nonce}" for item in items)]))
-    committed = read_commit(loc)
+    paths.write_bytes(loc, claim, fmt.dumps([f"metadata.ckpt-{nonce}.json", *(f"{i}.ckpt-{nonce}" for i in items)]))
+    committed = read_commit_quietly(loc)  # a damaged marker is replaced, and none of its names trusted
     why = None if overwrite else _collision(committed, items, add)
     if why is not None:  # committed by another save since refuse_committed, or an item is taken
         paths.delete_entry(loc, claim)
@@ -257,7 +259,9 @@ def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: s
     if decision["plain"]:
         commit = fmt.Commit(metadata=METADATA, items={item: item for item in items})
     else:
-        commit = fmt.Commit(metadata=f"metadata.{nonce}.json", items={item: f"{item}.{nonce}" for item in items})
+        commit = fmt.Commit(
+            metadata=f"metadata.ckpt-{nonce}.json", items={item: f"{item}.ckpt-{nonce}" for item in items}
+        )
     return SaveLayout(commit=commit, claim=f"{CLAIM_PREFIX}{nonce}", stale=tuple(decision["stale"]), add=add)
 
 
@@ -298,6 +302,10 @@ def _merged(
     current = try_open(loc) if layout.add else None
     if current is None:
         return layout.commit, metadata, set()
+    if current.metadata.step != metadata.step:
+        raise CheckpointExistsError(
+            f"{loc.url} holds step {current.metadata.step}; an item of step {metadata.step} cannot join it"
+        )
     old = current.commit
     kept = {item: d for item, d in old.items.items() if item not in layout.commit.items}
     checksums = {k: v for k, v in old.checksums.items() if k.split("/")[0] in kept.values()}

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from ckpt_callbacks import distributed, paths, planning
@@ -60,6 +61,8 @@ class SaveOptions:
             raise ValueError(f"pack_bytes must be a byte count >= 0 (0: no packing), got {self.pack_bytes!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.dtype is not None and not jax.numpy.issubdtype(np.dtype(self.dtype), jax.numpy.floating):
+            raise ValueError(f"dtype={self.dtype!r}: floating leaves are cast to it, so it must be a floating dtype")
         if self.snapshot not in ("auto", "device", "host"):
             raise ValueError(f"snapshot must be 'auto', 'device' or 'host', got {self.snapshot!r}")
         if not 0 <= self.device_headroom < 1:
@@ -103,6 +106,7 @@ class SaveHandle:
         self._error: BaseException | None = None
         self._stats: SaveStats | None = None
         self._thread: threading.Thread | None = None
+        self.reported = False  # whether wait() has raised the failure to someone
 
     def _run(self, work: Any) -> None:
         start = time.perf_counter()
@@ -139,9 +143,16 @@ class SaveHandle:
         if not self._done.wait(timeout):
             raise TimeoutError(f"save to {self.path} still running after {timeout}s")
         if self._error is not None:
+            self.reported = True  # a manager holding this handle does not raise it a second time
             raise self._error
         assert self._stats is not None
         return self._stats
+
+    def outcome(self) -> SaveStats | None:
+        """Blocks until done; the stats if committed, None if it failed (raises nothing, and
+        leaves the failure to be raised by ``wait``)."""
+        self._done.wait()
+        return self._stats if self._error is None else None
 
     @property
     def stats(self) -> SaveStats | None:

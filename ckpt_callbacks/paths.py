@@ -15,6 +15,9 @@ namespaces, so everything goes through one process-wide TensorStore context.
 
 from __future__ import annotations
 
+# Imported now, not lazily: a save finishing while the interpreter exits lists and deletes, and
+# these modules cannot be imported then (they register exit hooks).
+import concurrent.futures.thread  # noqa: F401
 import dataclasses
 import functools
 import os
@@ -23,6 +26,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import fsspec
+import fsspec.implementations.local
 import tensorstore as ts
 
 from ckpt_callbacks.errors import CheckpointPathError, CheckpointStorageError
@@ -44,7 +49,8 @@ def as_storage_error(error: BaseException, where: str = "") -> BaseException:
         return error
     quoted = _QUOTED.search(str(error))
     code = int(match.group(1))
-    converted = CheckpointStorageError(code, f"{os.strerror(code)} ({error})", quoted.group(1) if quoted else where)
+    filename = quoted.group(1).split("\x00")[0] if quoted else where  # TensorStore renders keys after a NUL
+    converted = CheckpointStorageError(code, f"{os.strerror(code)} ({error})", filename)
     converted.__cause__ = error
     return converted
 
@@ -102,15 +108,20 @@ def parse(url: str | os.PathLike[str] | Location) -> Location:
             )
         return Location(scheme="file", path=os.path.abspath(os.path.expanduser(text)))
     if scheme == "file":
-        return Location(scheme="file", path=os.path.abspath(rest))
+        host, slash, _ = rest.partition("/")
+        if host not in ("", "localhost") or not slash:
+            raise CheckpointPathError(
+                f"{text!r}: a file URL names no host (file:///abs/path or file://localhost/abs/path), found {host!r}"
+            )
+        return Location(scheme="file", path=os.path.abspath(rest[len(host) :]))
     parts = [p for p in rest.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise CheckpointPathError(f"'.' and '..' are not allowed in {text!r}")
     if scheme == "memory":
         return Location(scheme="memory", path="/".join(parts))
     if scheme in ("s3", "gs"):
-        if not parts:
-            raise CheckpointPathError(f"{text!r} names no bucket")
+        if not parts or not rest.split("/")[0]:
+            raise CheckpointPathError(f"{text!r} names no bucket (expected {scheme}://BUCKET/path)")
         return Location(scheme=scheme, bucket=parts[0], path="/".join(parts[1:]))
     raise CheckpointPathError(f"unsupported URL scheme {scheme!r} in {text!r}; expected one of {SCHEMES}")
 
@@ -159,8 +170,6 @@ def write_bytes(loc: Location, name: str, data: bytes) -> None:
 
 def _fs(loc: Location) -> Any:
     """The fsspec filesystem of ``loc``; object stores without listing caches (TensorStore writes behind their back)."""
-    import fsspec
-
     if loc.scheme == "gs":
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         endpoint = os.environ.get("STORAGE_EMULATOR_HOST")

@@ -32,15 +32,17 @@ def as_step(value: Any) -> int:
     if isinstance(value, bool):
         raise TypeError(f"step {value!r} is a bool; expected an integer")
     try:
-        return operator.index(value)
+        step = operator.index(value)
     except TypeError:
-        pass
-    if isinstance(value, float) or type(value).__name__.startswith("float"):
+        if not (isinstance(value, float) or type(value).__name__.startswith("float")):
+            raise TypeError(f"step {value!r} of type {type(value).__name__}; expected an integer") from None
         as_float = float(value)
-        if as_float.is_integer():
-            return int(as_float)
-        raise TypeError(f"step {value!r} is not a whole number; expected an integer")
-    raise TypeError(f"step {value!r} of type {type(value).__name__}; expected an integer")
+        if not as_float.is_integer():
+            raise TypeError(f"step {value!r} is not a whole number; expected an integer") from None
+        step = int(as_float)
+    if not 0 <= step < 2**63:
+        raise ValueError(f"step {step} is out of range; expected 0 <= step < 2**63")
+    return step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +169,10 @@ def metric_of(checkpoint: CheckpointLike, metric: str) -> float | None:
     value = metrics.get(metric) if isinstance(metrics, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
     return value if math.isfinite(value) else None  # NaN and inf never rank
 
 

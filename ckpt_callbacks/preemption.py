@@ -79,9 +79,15 @@ class Preemption:
         os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, see _on_sigterm
 
     def uninstall(self) -> None:
-        if self._installed and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+        """Restores the previous handler. A SIGTERM whose default action (terminate) was deferred
+        for a checkpoint that never came (no step followed) terminates the process now."""
+        if not self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._previous)
+        self._installed = False
+        if self._terminate_after_save and self._flag.is_set():
+            log.warning("SIGTERM arrived after the last step: no checkpoint was due; terminating now")
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def agree(

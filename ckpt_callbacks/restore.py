@@ -17,6 +17,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +37,8 @@ from ckpt_callbacks.errors import (
     ShardingRuleError,
 )
 from ckpt_callbacks.rules import Rules, check_spec, spec_for
+
+log = logging.getLogger("ckpt_callbacks")
 
 # Bytes of chunk reads in flight at once: bounds host memory beyond the restored arrays.
 READ_WINDOW_BYTES = 512 << 20
@@ -212,6 +216,29 @@ def _target_dtype(record: fmt.LeafRecord, template_leaf: Any, dtype: Any) -> np.
     return original
 
 
+def _warn_if_gathered(records: Sequence[fmt.LeafRecord], arrays: Any, targets: Sequence[Target], where: str) -> None:
+    """Nothing silent: leaves saved sharded over several devices that land on one device
+    (no mesh, shardings or template given) are logged, with what to pass instead."""
+    if jax.device_count() == 1:
+        return
+    gathered = [
+        records[i].key
+        for (i, _), t in zip(arrays, targets, strict=True)
+        if isinstance(t.sharding, SingleDeviceSharding)
+        and records[i].mesh is not None
+        and math.prod(records[i].mesh.get("axis_sizes") or [1]) > 1
+        and any(p is not None for p in (records[i].partition_spec or ()))
+    ]
+    if gathered:
+        log.warning(
+            "restore %s: %d leaves saved sharded (e.g. %s) land on one device; pass mesh= (and rules=), "
+            "shardings= or a template with shardings to place them",
+            where,
+            len(gathered),
+            gathered[:3],
+        )
+
+
 def _check_representable(record: fmt.LeafRecord, target: Target, where: str) -> None:
     """Refuses a jax target dtype that jax would silently narrow (64-bit types without x64)."""
     if target.sharding is None or target.dtype is None:
@@ -304,11 +331,11 @@ def _match_template(
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=lambda x: x is None)
     t_leaves = [(fmt.path_of(p), leaf) for p, leaf in flat]
-    by_key = {fmt.key_string(path): path for path, _ in t_leaves}
+    by_key = {restructure.match_key(path): path for path, _ in t_leaves}
     missing = reshape.get("missing")
     fill = restructure.flat_values(missing) if missing is not None else None
     changes = restructure.plan(
-        [records[i].key for i in chosen],
+        [restructure.match_key(records[i].path) for i in chosen],
         list(by_key),
         rename=reshape.get("rename") or (),
         missing=fill,
@@ -316,7 +343,7 @@ def _match_template(
         where=where,
     )
     changes.log(where)
-    index = {records[i].key: i for i in chosen}
+    index = {restructure.match_key(records[i].path): i for i in chosen}
     on_disk = {by_key[new]: index[old] for old, new in changes.target.items()}
     problems = [f"missing on disk: {key!r}" for key in changes.missing]
     usable: dict[fmt.KeyPath, int] = {}
@@ -332,7 +359,8 @@ def _match_template(
             f"{where}: checkpoint and template disagree ({len(problems)}):\n  " + "\n  ".join(problems)
         )
     if fill is not None:
-        t_leaves = [(p, fill[fmt.key_string(p)] if fmt.key_string(p) in changes.filled else v) for p, v in t_leaves]
+        filled = set(changes.filled)
+        t_leaves = [(p, fill[k] if (k := restructure.match_key(p)) in filled else v) for p, v in t_leaves]
     placeholders = [
         fmt.key_string(p) for p, leaf in t_leaves if p not in usable and isinstance(leaf, jax.ShapeDtypeStruct)
     ]
@@ -427,6 +455,7 @@ def restore(
     ]
     for (i, _), target in zip(arrays, targets, strict=True):
         _check_representable(records[i], target, loc.url)
+    _warn_if_gathered(records, arrays, targets, loc.url)
     window = READ_WINDOW_BYTES if max_host_bytes is None else max(1, int(max_host_bytes))
     values = dict(zip((i for i, _ in arrays), read([records[i] for i, _ in arrays], targets, window), strict=True))
     for i, leaf in pairs:

@@ -103,7 +103,13 @@ def plan(
     return Changes(used, renamed, filled, dropped, absent, unexpected)
 
 
+def match_key(path: fmt.KeyPath) -> str:
+    """The '/'-joined key a leaf is matched and renamed by; a '/' inside one key component is
+    written %2F (and '%' as %25), so ``{"a/b": x}`` and ``{"a": {"b": y}}`` never collide."""
+    return "/".join(str(k).replace("%", "%25").replace("/", "%2F") for k in path)
+
+
 def flat_values(tree: Any) -> dict[str, Any]:
-    """A tree's leaves by '/'-joined key path (None counts as a leaf)."""
+    """A tree's leaves by ``match_key`` (None counts as a leaf)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-    return {fmt.key_string(fmt.path_of(p)): leaf for p, leaf in flat}
+    return {match_key(fmt.path_of(p)): leaf for p, leaf in flat}

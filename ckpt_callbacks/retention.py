@@ -30,9 +30,15 @@ log = logging.getLogger("ckpt_callbacks")
 
 
 def _metric_value(step: int, name: str, value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+    """A metric as a float (Python, numpy or jax scalars); non-finite ones as None (logged)."""
+    if isinstance(value, bool | str | bytes) or np.ndim(value) != 0:
         raise TypeError(f"metric {name!r} at step {step} is {value!r}; expected a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metric {name!r} at step {step} is {value!r}; expected a number") from e
     if math.isfinite(number):
         return number
     log.warning("metric %r at step %d is %s: recorded as null, it never ranks for best-k", name, step, number)
@@ -91,10 +97,10 @@ class Retention:
             return None
         try:
             data = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             data = e
         if isinstance(data, dict) and all(isinstance(k, str) for k in data):
-            return data
+            return {k: v for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         if step not in self._warned:
             self._warned.add(step)
             where = self.metrics_dir.join(layout.metrics_name(step)).url

@@ -202,6 +202,9 @@ def _start_save(
     loc = paths.parse(path)
     for item in items:
         layout.check_item_name(item)
+    named = layout.step_of(loc.name)
+    if named is not None and metadata.step is not None and named != metadata.step:
+        raise ValueError(f"{loc.url}: step {metadata.step} saved into a directory named for step {named}")
     tag = f"save{next(_SAVE_COUNTER)}"
     try:
         layout.refuse_committed(loc, options.overwrite, tag, list(items) if add else None)

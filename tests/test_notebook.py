@@ -24,10 +24,7 @@ def _outputs(notebook, name: str) -> str:
 
 def _images(notebook) -> int:
     return sum(
-        "image/png" in o.get("data", {})
-        for c in notebook.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
+        "image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import layout, paths
-from conftest import assert_tree_equal, run_python
+from conftest import assert_tree_equal, put, run_python
 
 # ----------------------------------------------------------------------------- user files
 
@@ -353,3 +354,128 @@ def test_datetime_clocks_are_accepted(tmp_path):
             saved.append(step)
     ck.close()
     assert saved == [4, 7]  # 60 s after the first call (25 s), then 60 s after each save
+
+
+# ----------------------------------------------------------------------------- found by a hostile review
+
+
+@pytest.mark.parametrize("name", ["notes.20240101", "eval-results.deadbeef", "metadata.20240115.json"])
+def test_user_files_that_look_like_dated_versions_survive(tmp_path, name):
+    base = tmp_path / "ck"
+    target = base / "run-1"
+    target.mkdir(parents=True)
+    (target / name).write_text("mine")
+    (target / "tensorboard.20240101").mkdir()
+    (target / "tensorboard.20240101" / "events").write_text("mine")
+    cc.save(str(target), {"w": np.zeros(2)}, step=1)
+    cc.save(str(target), {"w": np.ones(2)}, step=1, overwrite=True)
+    ck = cc.Checkpointer(str(base), step_policies=[cc.CheckpointInterval(every=1)], keep=cc.KeepPolicy(keep_last=1))
+    ck.on_step({"w": np.ones(2)}, step=2)
+    ck.close()
+    assert sorted(p.name for p in target.iterdir()) == sorted([name, "tensorboard.20240101"])
+
+
+def test_a_forged_marker_cannot_get_a_user_file_deleted(tmp_path):
+    path = tmp_path / "run-1"
+    cc.save(str(path), {"w": np.zeros(2)}, step=1)
+    (path / "config.yaml").write_text("mine")
+    marker = json.loads((path / "COMMITTED").read_text())
+    for forged in ({**marker, "metadata": "config.yaml"}, {**marker, "items": {"state": "config.yaml"}}):
+        (path / "COMMITTED").write_text(json.dumps(forged))
+        with pytest.raises(cc.CheckpointFormatError, match="expected"):
+            cc.restore(str(path))
+        cc.save(str(path), {"w": np.ones(2)}, step=1, overwrite=True)
+        assert (path / "config.yaml").read_text() == "mine"
+        marker = json.loads((path / "COMMITTED").read_text())
+
+
+def test_saves_that_could_never_restore_are_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="step 9 saved into a directory named for step 8"):
+        cc.save(str(tmp_path / "run-8"), {"w": np.ones(1)}, step=9)
+    for step in (2**63, 1e20, -1):
+        with pytest.raises(ValueError, match="out of range"):
+            cc.save(str(tmp_path / "x"), {"w": np.ones(1)}, step=step)
+    for dtype in ("int8", "bool", "uint32"):
+        with pytest.raises(ValueError, match="must be a floating dtype"):
+            cc.save(str(tmp_path / "y"), {"w": np.ones(1)}, dtype=dtype)
+    for item in ("COMMITTED", "x" * 101):
+        with pytest.raises(ValueError, match="item name"):
+            cc.save_items(str(tmp_path / "z"), {item: {"w": np.ones(1)}})
+    assert sorted(os.listdir(tmp_path)) == []
+    ck = cc.Checkpointer(str(tmp_path / "base"), handle_sigterm=False)
+    ck.save_checkpoint({"w": np.ones(1)}, "run-6", step=6).wait()
+    with pytest.raises(ValueError, match="step 5 saved into a directory named for step 6"):
+        ck.save_pytree({"x": np.ones(1)}, "extra", step=5, destination="run-6")
+    assert cc.restore(str(tmp_path / "base" / "run-6"))["w"].tolist() == [1.0]
+    ck.close()
+
+
+@pytest.mark.parametrize("damage", [b"[" * 100_000 + b"]" * 100_000, b'{"loss": ' + b"9" * 400 + b"}"])
+def test_metrics_files_that_break_the_parser_do_not_stop_retention(tmp_path, damage):
+    ck = _ck(str(tmp_path), keep_last=1, keep_best=1, metric="loss")
+    ck.on_step({"w": np.zeros(2)}, step=10)
+    ck.wait_until_finished()
+    paths.write_bytes(paths.parse(str(tmp_path)).join(layout.METRICS_DIR), layout.metrics_name(10), damage)
+    for step in (20, 30):
+        ck.on_step({"w": np.zeros(2)}, step=step)
+        ck.wait_until_finished()
+    ck.close()
+    assert ck.all_steps() == [30]
+
+
+def test_on_eval_takes_jax_scalars_and_huge_numbers(tmp_path):
+    cb = cc.CheckpointCallback(str(tmp_path), state_fn=lambda: {"w": jnp.ones(2)}, handle_sigterm=False)
+    cb.on_eval(10, metrics={"eval_loss": jnp.mean(jnp.arange(4.0)), "acc": np.float32(0.5), "big": 10**400})
+    assert cb.checkpointer.retention.metrics[10] == {"eval_loss": 1.5, "acc": 0.5, "big": None}
+    with pytest.raises(TypeError, match="expected a number"):
+        cb.on_eval(11, metrics={"eval_loss": jnp.ones(3)})
+    cb.close()
+
+
+def test_a_failure_already_raised_by_the_handle_is_not_raised_again(tmp_path):
+    blocker = tmp_path / "base"
+    blocker.write_text("")
+    ck = cc.Checkpointer(str(blocker), handle_sigterm=False)
+    with pytest.raises(OSError):
+        ck.save_checkpoint({"w": np.ones(1)}, "run-4", step=4).wait()
+    blocker.unlink()
+    ck.save_checkpoint({"w": np.ones(1)}, "run-5", step=5).wait()  # not run-4's error again
+    ck.close()
+    assert ck.all_steps() == [5]
+
+
+@pytest.mark.parametrize("bad", ["gs:///run-1", "s3:///run-1", "file://host/tmp/x"])
+def test_urls_without_a_bucket_or_with_a_host_are_refused(bad):
+    with pytest.raises(cc.CheckpointPathError):
+        cc.save(bad, {"w": np.ones(1)})
+
+
+def test_a_restore_that_gathers_sharded_leaves_onto_one_device_says_so(url, mesh42, caplog):
+
+    cc.save(url, {"w": put(jnp.ones((8, 4)), mesh42, jax.sharding.PartitionSpec("x"))})
+    cc.restore(url)
+    assert "1 leaves saved sharded (e.g. ['w']) land on one device" in caplog.text
+    caplog.clear()
+    cc.restore(url, mesh=mesh42)
+    assert "land on one device" not in caplog.text
+
+
+def test_save_async_then_a_normal_exit_still_commits(tmp_path):
+    out = run_python("tests/programs/exit_after_save_async.py", str(tmp_path / "run-1"), timeout=120)
+    assert out.returncode == 0 and "failed" not in out.stderr, out.stderr[-2000:]
+    assert cc.restore(str(tmp_path / "run-1"))["w"].shape == (512, 1024)
+
+
+def test_sigterm_after_the_last_step_still_terminates(tmp_path):
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "tests/programs/sigterm_after_loop.py", str(tmp_path / "b")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "EXITED NORMALLY" not in out
