@@ -163,8 +163,13 @@ def _check_sharding(rec: dict[str, Any], rank: int) -> None:
                     f"partition_spec[{i}]", f"expected null, a mesh axis name or a list of them, found {show(entry)}"
                 )
     mesh = rec.get("mesh")
-    if mesh is not None and not isinstance(mesh, dict):
-        raise _Bad("mesh", f"expected null or an object, found {show(mesh)}")
+    if mesh is not None:
+        names: Any = mesh.get("axis_names") if isinstance(mesh, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _Bad("mesh", f"expected {{'axis_names': [str, ...], 'axis_sizes': [int, ...]}}, found {show(mesh)}")
+        sizes = _ints(mesh.get("axis_sizes"), "mesh.axis_sizes")
+        if len(sizes) != len(names):
+            raise _Bad("mesh", f"{len(names)} axis names but {len(sizes)} axis sizes")
 
 
 def _check_array(rec: dict[str, Any], path: fmt.KeyPath, kind: Any) -> None:
