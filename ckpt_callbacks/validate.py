@@ -164,12 +164,12 @@ def _check_sharding(rec: dict[str, Any], rank: int) -> None:
                 )
     mesh = rec.get("mesh")
     if mesh is not None:
-        names: Any = mesh.get("axis_names") if isinstance(mesh, dict) else None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        axis_names = mesh.get("axis_names") if isinstance(mesh, dict) else None
+        if not isinstance(axis_names, list) or not all(isinstance(n, str) for n in axis_names):
             raise _Bad("mesh", f"expected {{'axis_names': [str, ...], 'axis_sizes': [int, ...]}}, found {show(mesh)}")
         sizes = _ints(mesh.get("axis_sizes"), "mesh.axis_sizes")
-        if len(sizes) != len(names):
-            raise _Bad("mesh", f"{len(names)} axis names but {len(sizes)} axis sizes")
+        if len(sizes) != len(axis_names):
+            raise _Bad("mesh", f"{len(axis_names)} axis names but {len(sizes)} axis sizes")
 
 
 def _check_array(rec: dict[str, Any], path: fmt.KeyPath, kind: Any) -> None:
