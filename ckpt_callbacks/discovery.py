@@ -24,7 +24,8 @@ from typing import Any
 from ckpt_callbacks import layout, paths
 from ckpt_callbacks.chunk_reads import PackFiles
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
-from ckpt_callbacks.restore import Target, read_leaves
+from ckpt_callbacks.restore import read_leaves
+from ckpt_callbacks.targets import Target
 
 log = logging.getLogger("ckpt_callbacks")
 

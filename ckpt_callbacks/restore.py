@@ -15,17 +15,15 @@ any of them, jax leaves land on the first local device and numpy leaves come bac
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import tensorstore as ts
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import layout, orbax_format, paths, planning, restructure
@@ -34,9 +32,19 @@ from ckpt_callbacks.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     RestoreMismatchError,
-    ShardingRuleError,
 )
-from ckpt_callbacks.rules import Rules, check_spec, spec_for
+from ckpt_callbacks.rules import Rules
+from ckpt_callbacks.targets import (
+    Target,
+    check_representable,
+    data_sharding,
+    scalar_into,
+    sharding_map,
+    target_dtype,
+    target_sharding,
+    warn_if_gathered,
+    weak_like,
+)
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -45,35 +53,13 @@ READ_WINDOW_BYTES = 512 << 20
 Opener = Callable[[fmt.LeafRecord], Any]  # a leaf's array -> its TensorStore open future
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """How one leaf comes back: its sharding (None: a numpy array) and dtype."""
-
-    sharding: Sharding | None
-    dtype: np.dtype | None = None
-
-
-def _data_sharding(record: fmt.LeafRecord, sharding: Sharding) -> Sharding:
-    """The sharding of a PRNG key leaf's stored key data (trailing key dims unsharded)."""
-    if record.kind != "prng_key":
-        return sharding
-    if isinstance(sharding, NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (len(record.data_shape) - len(sharding.spec))
-        return NamedSharding(sharding.mesh, PartitionSpec(*spec))
-    if isinstance(sharding, SingleDeviceSharding):
-        return sharding
-    raise ShardingRuleError(
-        f"leaf {record.key!r}: PRNG keys restore onto NamedSharding or a single device, got {type(sharding).__name__}"
-    )
-
-
 def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.Region, np.ndarray]) -> Any:
     dtype = target.dtype
     if record.kind == "array" and dtype is not None:
         regions = {r: (a if a.dtype == dtype else a.astype(dtype)) for r, a in regions.items()}
     if target.sharding is None:
         return regions[tuple((0, n) for n in record.data_shape)]
-    sharding = _data_sharding(record, target.sharding)
+    sharding = data_sharding(record, target.sharding)
     shape = record.data_shape
 
     def region_of(index: Any) -> np.ndarray:
@@ -129,7 +115,7 @@ def read_leaves(
             if target.sharding is None:
                 regions = [tuple((0, n) for n in shape)]
             else:
-                index_map = _data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
+                index_map = data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
                 regions = sorted({planning.normalize_index(x, shape) for x in index_map.values() if x is not None})
             source: ts.TensorStore | PackFiles = packs
             future = opened[i]
@@ -171,94 +157,6 @@ def _select(records: Sequence[fmt.LeafRecord], keys: Sequence[str] | None, where
     return sorted(chosen)
 
 
-def _sharding_map(shardings: Any) -> dict[fmt.KeyPath, Sharding] | Sharding | None:
-    if shardings is None or isinstance(shardings, Sharding):
-        return shardings
-    flat, _ = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, Sharding) or x is None)
-    return {fmt.path_of(p): s for p, s in flat if s is not None}
-
-
-def _target_sharding(
-    record: fmt.LeafRecord, template_leaf: Any, given: Any, mesh: Mesh | None, rules: Rules | None
-) -> Sharding | None:
-    if isinstance(given, Sharding):
-        return given
-    if isinstance(given, dict) and record.path in given:
-        return given[record.path]
-    sharding = getattr(template_leaf, "sharding", None)
-    if isinstance(sharding, Sharding):
-        return sharding
-    if isinstance(template_leaf, np.ndarray):
-        return None
-    if template_leaf is None and record.source == "numpy":
-        return None
-    if mesh is not None:
-        if rules is not None:
-            spec = spec_for(record.key, record.shape, rules)
-        elif record.partition_spec is not None:
-            spec = PartitionSpec(*record.partition_spec)
-        else:
-            spec = PartitionSpec()
-        check_spec(record.key, record.shape, spec, mesh)
-        return NamedSharding(mesh, spec)
-    return SingleDeviceSharding(jax.local_devices()[0])
-
-
-def _target_dtype(record: fmt.LeafRecord, template_leaf: Any, dtype: Any) -> np.dtype | None:
-    if record.kind == "prng_key":
-        return None
-    template_dtype = getattr(template_leaf, "dtype", None)
-    if template_dtype is not None:
-        return np.dtype(template_dtype)
-    original = fmt.dtype_from_name(record.dtype)
-    if dtype is not None and jax.numpy.issubdtype(original, jax.numpy.floating):
-        return np.dtype(dtype)
-    return original
-
-
-def _warn_if_gathered(records: Sequence[fmt.LeafRecord], arrays: Any, targets: Sequence[Target], where: str) -> None:
-    """Nothing silent: leaves saved sharded over several devices that land on one device
-    (no mesh, shardings or template given) are logged, with what to pass instead."""
-    if jax.device_count() == 1:
-        return
-    gathered = [
-        records[i].key
-        for (i, _), t in zip(arrays, targets, strict=True)
-        if isinstance(t.sharding, SingleDeviceSharding)
-        and records[i].mesh is not None
-        and math.prod(records[i].mesh.get("axis_sizes") or [1]) > 1
-        and any(p is not None for p in (records[i].partition_spec or ()))
-    ]
-    if gathered:
-        log.warning(
-            "restore %s: %d leaves saved sharded (e.g. %s) land on one device; pass mesh= (and rules=), "
-            "shardings= or a template with shardings to place them",
-            where,
-            len(gathered),
-            gathered[:3],
-        )
-
-
-def _check_representable(record: fmt.LeafRecord, target: Target, where: str) -> None:
-    """Refuses a jax target dtype that jax would silently narrow (64-bit types without x64)."""
-    if target.sharding is None or target.dtype is None:
-        return
-    if jax.dtypes.canonicalize_dtype(target.dtype) != target.dtype:
-        raise RestoreMismatchError(
-            f"{where}: leaf {record.key!r} is {target.dtype} but jax_enable_x64 is off, so a jax.Array would "
-            f"silently become {jax.dtypes.canonicalize_dtype(target.dtype)}; restore it as numpy (a numpy "
-            "template leaf), cast it with dtype=, or enable x64"
-        )
-
-
-def _scalar_into(value: Any, template_leaf: Any) -> Any:
-    if isinstance(template_leaf, jax.Array | jax.ShapeDtypeStruct):
-        return jax.numpy.asarray(value, dtype=template_leaf.dtype)
-    if isinstance(template_leaf, np.ndarray):
-        return np.asarray(value, dtype=template_leaf.dtype)
-    return value
-
-
 def _template_problem(record: fmt.LeafRecord, leaf: Any) -> str | None:
     """Why the leaf saved as ``record`` cannot come back as template leaf ``leaf`` (None: it can)."""
     at = repr(record.key)
@@ -294,25 +192,6 @@ def _template_problem(record: fmt.LeafRecord, leaf: Any) -> str | None:
             return None
         return f"kind mismatch at {at}: {saved} on disk, {wanted}"
     return None
-
-
-@functools.cache
-def _weaken() -> Any:
-    from jax._src.lax.lax import _convert_element_type  # no public API sets weak_type
-
-    return jax.jit(lambda x: _convert_element_type(x, x.dtype, weak_type=True))
-
-
-def _weak_like(value: Any, leaf: Any) -> Any:
-    """``value`` weakly typed where the template leaf is (a ``step`` made from a Python int):
-    jit specialises on weak types, so a resumed step must see the types the first run saw to
-    compute bit for bit the same."""
-    if getattr(leaf, "weak_type", False) and isinstance(value, jax.Array) and not value.weak_type:
-        try:
-            return _weaken()(value)
-        except (ImportError, TypeError):  # a jax without it: strongly typed, values still exact
-            return value
-    return value
 
 
 def _match_template(
@@ -441,7 +320,7 @@ def restore(
     loc, manifest, read = _source(path, item)
     records = manifest.leaves
     chosen = _select(records, keys, loc.url)
-    given = _sharding_map(shardings)
+    given = sharding_map(shardings)
     if template is not None:
         reshape = {"rename": rename, "missing": missing, "drop": drop}
         t_leaves, treedef, on_disk = _match_template(records, chosen, template, strict, where=loc.url, reshape=reshape)
@@ -449,24 +328,24 @@ def restore(
     else:
         pairs = [(i, None) for i in chosen]
     arrays = [(i, leaf) for i, leaf in pairs if records[i].kind != "scalar"]
-    targets = [
-        Target(_target_sharding(records[i], leaf, given, mesh, rules), _target_dtype(records[i], leaf, dtype))
+    places = [
+        Target(target_sharding(records[i], leaf, given, mesh, rules), target_dtype(records[i], leaf, dtype))
         for i, leaf in arrays
     ]
-    for (i, _), target in zip(arrays, targets, strict=True):
-        _check_representable(records[i], target, loc.url)
-    _warn_if_gathered(records, arrays, targets, loc.url)
+    for (i, _), place in zip(arrays, places, strict=True):
+        check_representable(records[i], place, loc.url)
+    warn_if_gathered(records, arrays, places, loc.url)
     window = READ_WINDOW_BYTES if max_host_bytes is None else max(1, int(max_host_bytes))
-    values = dict(zip((i for i, _ in arrays), read([records[i] for i, _ in arrays], targets, window), strict=True))
+    values = dict(zip((i for i, _ in arrays), read([records[i] for i, _ in arrays], places, window), strict=True))
     for i, leaf in pairs:
         if records[i].kind == "scalar":
-            values[i] = _scalar_into(fmt.decode_scalar(records[i].value, records[i].value_type), leaf)
+            values[i] = scalar_into(fmt.decode_scalar(records[i].value, records[i].value_type), leaf)
         elif leaf is not None and isinstance(leaf, bool | int | float) and not hasattr(leaf, "shape"):
             values[i] = type(leaf)(np.asarray(values[i]).item())
     if template is None:
         leaves = [values.get(i) for i in range(len(records))]
         return fmt.unflatten(manifest.tree, leaves, keep=None if keys is None else set(chosen))
     result = [
-        _weak_like(values[on_disk[p]], leaf) if p in on_disk and on_disk[p] in values else leaf for p, leaf in t_leaves
+        weak_like(values[on_disk[p]], leaf) if p in on_disk and on_disk[p] in values else leaf for p, leaf in t_leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, result)

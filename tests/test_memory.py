@@ -14,10 +14,11 @@ import sys
 import pytest
 
 
-def _run(tmp_path, gib: float, budget: int) -> dict:
+def _probe(program: str, *args: str) -> dict:
+    """Runs ``tests/programs/<program>`` in a fresh process; its last line of output, as JSON."""
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     out = subprocess.run(
-        [sys.executable, "tests/programs/memory_probe.py", str(tmp_path / "ckpt"), str(gib), str(budget)],
+        [sys.executable, f"tests/programs/{program}", *args],
         check=False,
         capture_output=True,
         text=True,
@@ -25,7 +26,11 @@ def _run(tmp_path, gib: float, budget: int) -> dict:
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
+
+
+def _run(tmp_path, gib: float, budget: int) -> dict:
+    result = _probe("memory_probe.py", str(tmp_path / "ckpt"), str(gib), str(budget))
     print(
         f"\n{gib} GiB save, budget={budget or None}: wrote {result['bytes_written'] / 2**20:.0f} MiB, "
         f"peak extra RSS {result['peak_extra'] / 2**20:.0f} MiB (first save {result['first_peak_extra'] / 2**20:.0f}) "
@@ -50,28 +55,14 @@ def test_peak_rss_within_max_host_bytes(tmp_path, budget_mib):
     assert result["peak_extra"] <= budget
 
 
-def _restore_probe(*args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    out = subprocess.run(
-        [sys.executable, "tests/programs/restore_probe.py", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
-
-
 def test_restore_host_staging_within_max_host_bytes(tmp_path):
     """Each restore in a fresh process; host memory beyond the restored arrays (which on CPU are
     host memory too) is bounded by max_host_bytes, not by the checkpoint's size."""
     path = str(tmp_path / "ckpt")
-    _restore_probe("save", path, "0.5")
+    _probe("restore_probe.py", "save", path, "0.5")
     budget = 16 << 20
-    default = _restore_probe("restore", path, "0")
-    bounded = _restore_probe("restore", path, str(budget))
+    default = _probe("restore_probe.py", "restore", path, "0")
+    bounded = _probe("restore_probe.py", "restore", path, str(budget))
     extra_default = default["peak_extra"] - default["restored"]
     extra_bounded = bounded["peak_extra"] - bounded["restored"]
     print(

@@ -6,7 +6,6 @@ python memory_probe.py PATH GIB BUDGET_BYTES   (BUDGET_BYTES 0: no max_host_byte
 import json
 import os
 import sys
-import threading
 import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -15,15 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from rss import PeakRSS
 
 import ckpt_callbacks as cc
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
 
 
 def main(path: str, gib: float, budget: int | None) -> None:
@@ -36,27 +29,15 @@ def main(path: str, gib: float, budget: int | None) -> None:
         tree[f"layer{i}"] = jax.device_put(jnp.full((rows, 4096), i, jnp.float32), NamedSharding(mesh, spec))
     jax.block_until_ready(tree)
     time.sleep(0.5)
-    base = rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     # Two saves of the same tree, as in a training run; extra RSS is measured against the RSS
     # before the first, so memory an allocator keeps after the first save still counts.
-    first_stats = cc.save_async(path + "-first", tree, max_host_bytes=budget).wait()
-    first_peak = peak[0] - base
-    stats = cc.save_async(path, tree, max_host_bytes=budget).wait()
-    stop.set()
-    sampler.join()
+    with PeakRSS() as peak:
+        first_stats = cc.save_async(path + "-first", tree, max_host_bytes=budget).wait()
+        first_peak = peak.extra
+        stats = cc.save_async(path, tree, max_host_bytes=budget).wait()
     result = {
         "bytes_written": stats.bytes_written,
-        "peak_extra": peak[0] - base,
+        "peak_extra": peak.extra,
         "first_peak_extra": first_peak,
         "blocking_s": stats.blocking_s,
         "total_s": stats.total_s,

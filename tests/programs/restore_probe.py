@@ -10,8 +10,6 @@ restore takes) and samples RSS every 2 ms; on CPU the restored arrays are host m
 import json
 import os
 import sys
-import threading
-import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
@@ -19,15 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from rss import PeakRSS
 
 import ckpt_callbacks as cc
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
 
 
 def save(path: str, gib: float) -> None:
@@ -44,23 +36,11 @@ def save(path: str, gib: float) -> None:
 def restore(path: str, budget: int | None) -> None:
     mesh = jax.make_mesh((4, 2), ("x", "y"))
     sharding = NamedSharding(mesh, P("x", "y"))
-    base = rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    restored = cc.restore(path, shardings=sharding, max_host_bytes=budget)
-    jax.block_until_ready(restored)
-    stop.set()
-    sampler.join()
+    with PeakRSS() as peak:
+        restored = cc.restore(path, shardings=sharding, max_host_bytes=budget)
+        jax.block_until_ready(restored)
     restored_bytes = sum(x.nbytes for x in restored.values())
-    print(json.dumps({"restored": restored_bytes, "peak_extra": peak[0] - base}))
+    print(json.dumps({"restored": restored_bytes, "peak_extra": peak.extra}))
 
 
 if __name__ == "__main__":
