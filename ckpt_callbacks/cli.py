@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -232,8 +233,10 @@ def simulate(policy: SavePolicy, steps: int, step_time: float, *, final: bool = 
 
 
 def _plan(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.step_time <= 0:
-        raise ValueError(f"--steps {args.steps} --step-time {args.step_time}: expected a positive step count and time")
+    if args.steps < 1 or not 0 < args.step_time < math.inf:
+        raise ValueError(
+            f"--steps {args.steps} --step-time {args.step_time}: expected positive steps and a finite positive time"
+        )
     if not args.every and args.save_interval is None:
         raise ValueError(
             "nothing would ever be saved: give --every N (and --until STEP) and/or --save-interval SECONDS"

@@ -204,7 +204,17 @@ def list_dirs(loc: Location) -> list[str]:
     for entry in fs.ls(root, detail=True):
         if entry["type"] == "directory":
             names.append(posixpath.basename(entry["name"].rstrip("/")))
-    return sorted(names)
+    return sorted(n for n in names if _encodable(n))
+
+
+def _encodable(name: str) -> bool:
+    """Whether a listed name is valid UTF-8 (a stray non-UTF-8 directory is never a checkpoint
+    of ours, and TensorStore cannot take it as a key)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def has_any(loc: Location) -> bool:
@@ -241,7 +251,7 @@ def list_entries(loc: Location) -> list[str]:
         fs = _fs(loc)
         root = _fs_path(loc)
         names = {posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)} if fs.exists(root) else set()
-    return sorted(n for n in names if not n.endswith(_LOCK_SUFFIX))
+    return sorted(n for n in names if not n.endswith(_LOCK_SUFFIX) and _encodable(n))
 
 
 def delete_entry(loc: Location, name: str) -> None:

@@ -314,3 +314,21 @@ def test_interrupt_exits_130():
         timeout=300,
     )
     assert out.returncode == 130 and "Traceback" not in out.stderr, out
+
+
+def test_hostile_inputs_give_one_line_errors_not_tracebacks(tmp_path):
+    """Found by a hostile review: a non-UTF-8 directory name in a base, an infinite step time,
+    and non-finite numbers in --json output."""
+    base = tmp_path / "base"
+    base.mkdir()
+    os.mkdir(os.fsencode(str(base)) + b"/\xfe\xfd")
+    out = subprocess.run([EXE, "list", str(base)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    for bad in ("inf", "nan"):
+        out = subprocess.run(
+            [EXE, "plan", "--steps", "100", "--step-time", bad, "--save-interval", "5"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
