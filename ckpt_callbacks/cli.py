@@ -37,6 +37,7 @@ from ckpt_callbacks.policy import CheckpointInterval, KeepPolicy, SavePolicy, me
 from ckpt_callbacks.resume import CheckpointReader
 
 Command = Callable[[argparse.Namespace], int]
+_MAX_PLAN_STEPS = 10_000_000  # about 20 s of simulated decisions
 
 
 def _saved(timestamp: float) -> str:
@@ -124,6 +125,8 @@ def base_rows(base: str, metric: str | None = None, mode: str = "min") -> list[d
     rows = checkpoint_rows(base, metric, mode)
     if not rows and not exists(loc):
         raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: no such directory")
+    if not rows and loc.scheme == "file" and not os.path.isdir(loc.path):
+        raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: it is a file, not a directory")
     if not rows and (ckpt := layout.try_open(loc)) is not None:
         raise CheckpointNotFoundError(
             f"{loc.url} is a checkpoint (step {ckpt.metadata.step}), not a base directory of checkpoints; "
@@ -233,6 +236,8 @@ def simulate(policy: SavePolicy, steps: int, step_time: float, *, final: bool = 
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.steps > _MAX_PLAN_STEPS:
+        raise ValueError(f"--steps {args.steps}: plan simulates every step, at most {_MAX_PLAN_STEPS:,}")
     if args.steps < 1 or not 0 < args.step_time < math.inf:
         raise ValueError(
             f"--steps {args.steps} --step-time {args.step_time}: expected positive steps and a finite positive time"

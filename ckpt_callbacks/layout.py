@@ -224,7 +224,10 @@ def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: b
     """Process 0: claim, list, and choose (see ``choose_layout``)."""
     nonce = uuid.uuid4().hex[:8]
     claim = f"{CLAIM_PREFIX}{nonce}"
-    paths.write_bytes(loc, claim, fmt.dumps([f"metadata.ckpt-{nonce}.json", *(f"{i}.ckpt-{nonce}" for i in items)]))
+    # The claim names every name this save may use, plain ones too (it decides after listing):
+    # another save never takes them for leftovers while this one writes.
+    names = [METADATA, *items, f"metadata.ckpt-{nonce}.json", *(f"{i}.ckpt-{nonce}" for i in items)]
+    paths.write_bytes(loc, claim, fmt.dumps(names))
     committed = read_commit_quietly(loc)  # a damaged marker is replaced, and none of its names trusted
     why = None if overwrite else _collision(committed, items, add)
     if why is not None:  # committed by another save since refuse_committed, or an item is taken

@@ -332,3 +332,13 @@ def test_hostile_inputs_give_one_line_errors_not_tracebacks(tmp_path):
             check=False,
         )
         assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_a_file_as_base_and_too_many_plan_steps_are_refused(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for command in ("list", "prune"):
+        out = _cli(command, str(afile), *(["--keep-last", "1"] if command == "prune" else []))
+        assert out.returncode == 2 and "it is a file, not a directory" in out.stderr, out.stderr
+    out = _cli("plan", "--steps", "1000000000", "--every", "1000000")
+    assert out.returncode == 2 and "plan simulates every step, at most 10,000,000" in out.stderr

@@ -7,6 +7,7 @@ damaged metrics files, non-native byte order, numpy steps, malformed paths, exit
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -479,3 +480,17 @@ def test_sigterm_after_the_last_step_still_terminates(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM and "EXITED NORMALLY" not in out
+
+
+def test_two_first_saves_racing_on_an_empty_directory_repeatedly(tmp_path):
+    """The race a full-suite run caught once: the first save takes the plain names after its
+    claim; the second must not take the first's plain item directory for a leftover."""
+    trees = [{"big": np.full((100_000,), v, np.int32), "v": v} for v in (1, 2)]
+    for attempt in range(15):
+        path = str(tmp_path / f"p{attempt}")
+        handles = [cc.save_async(path, tree, step=1, pack_bytes=1 << 12) for tree in trees]
+        for handle in handles:
+            with contextlib.suppress(cc.CheckpointExistsError):
+                handle.wait()
+        restored = cc.restore(path)
+        assert_tree_equal(restored, trees[restored["v"] - 1])
