@@ -303,7 +303,7 @@ def test_interrupt_exits_130():
         "import os, signal, sys, threading\n"
         "from ckpt_callbacks import cli\n"
         "threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
-        "sys.exit(cli.main(['plan', '--every', '1', '--steps', '1000000000']))\n"
+        "sys.exit(cli.main(['plan', '--every', '1', '--steps', '10000000']))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
