@@ -22,22 +22,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckpt_callbacks import cli_checks, discovery, layout, orbax_format, paths
+from ckpt_callbacks import cli_checks, cli_plan, discovery, layout, orbax_format, paths
 from ckpt_callbacks import cli_format as show
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.cli_checks import found_instead, leaf_json, shown
+from ckpt_callbacks.cli_plan import keep_text
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
-from ckpt_callbacks.policy import CheckpointInterval, KeepPolicy, SavePolicy, metric_of
+from ckpt_callbacks.policy import KeepPolicy, metric_of
 from ckpt_callbacks.resume import CheckpointReader
 
 Command = Callable[[argparse.Namespace], int]
-_MAX_PLAN_STEPS = 10_000_000  # about 20 s of simulated decisions
 
 
 def _saved(timestamp: float) -> str:
@@ -200,95 +199,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _intervals(every: Sequence[int], until: Sequence[int]) -> tuple[CheckpointInterval, ...]:
-    if len(until) not in (len(every), len(every) - 1):
-        raise ValueError(
-            f"{len(every)} --every and {len(until)} --until: give one --until per --every "
-            "(the last --every may have none: for ever)"
-        )
-    pairs = [CheckpointInterval(e, u) for e, u in zip(every, [*until, None], strict=False)]
-    return tuple(sorted(pairs, key=lambda p: (p.until is None, p.until or 0)))
-
-
-def simulate(policy: SavePolicy, steps: int, step_time: float, *, final: bool = True) -> list[dict[str, Any]]:
-    """The saves a Checkpointer with ``policy`` makes when called at steps 1..``steps`` (time =
-    step x ``step_time``), then ``on_train_end(steps)`` (``final``): the policy is pure, so no run.
-
-    >>> policy = SavePolicy(step_policies=(CheckpointInterval(4),), save_interval=datetime.timedelta(seconds=5))
-    >>> [(s["step"], s["temporary"]) for s in simulate(policy, 10, 1.0)]
-    [(4, False), (8, False), (10, False)]
-    """
-    saves: list[dict[str, Any]] = []
-    last_step: int | None = None
-    last_time = step_time  # the Checkpointer's clock starts at its first call
-    for step in range(1, steps + 1):
-        now = step * step_time
-        previous = step - 1 if step > 1 else None
-        decision = policy.decide(
-            step, now=now, last_save_step=last_step, last_save_time=last_time, previous_step=previous
-        )
-        if decision.save:
-            saves.append({"step": step, "time_s": now, "temporary": decision.temporary, "reason": decision.reason})
-            last_step, last_time = step, now
-    if final and last_step != steps:
-        saves.append({"step": steps, "time_s": steps * step_time, "temporary": False, "reason": "on_train_end"})
-    return saves
-
-
-def _plan(args: argparse.Namespace) -> int:
-    if args.steps > _MAX_PLAN_STEPS:
-        raise ValueError(f"--steps {args.steps}: plan simulates every step, at most {_MAX_PLAN_STEPS:,}")
-    if args.steps < 1 or not 0 < args.step_time < math.inf:
-        raise ValueError(
-            f"--steps {args.steps} --step-time {args.step_time}: expected positive steps and a finite positive time"
-        )
-    if not args.every and args.save_interval is None:
-        raise ValueError(
-            "nothing would ever be saved: give --every N (and --until STEP) and/or --save-interval SECONDS"
-        )
-    interval = None if args.save_interval is None else datetime.timedelta(seconds=args.save_interval)
-    policy = SavePolicy(step_policies=_intervals(args.every, args.until), save_interval=interval)
-    keep = KeepPolicy(keep_last=args.keep_last, keep_every=args.keep_every)
-    saves = simulate(policy, args.steps, args.step_time, final=not args.no_final)
-    infos = [
-        discovery.CheckpointInfo(
-            path=layout.run_name(s["step"]), step=s["step"], timestamp=s["time_s"], is_temporary=s["temporary"]
-        )
-        for s in saves
-    ]
-    doomed = {c.step for c in keep.to_delete(infos)}
-    for s in saves:
-        s["kept"] = s["step"] not in doomed
-    every = ", then ".join(
-        f"every {p.every} steps" + (f" until step {p.until}" if p.until is not None else "")
-        for p in policy.step_policies
-    )
-    temporary = f"a temporary {args.save_interval:g} s after the last save" if interval else "no temporaries"
-    run = f"steps 1..{args.steps} at {args.step_time:g} s/step" + (
-        "" if args.no_final else f", then on_train_end({args.steps})"
-    )
-    data = {
-        "policy": f"save {every or 'on no step schedule'}; {temporary}",
-        "run": run,
-        "keep": _keep_text(keep),
-        "saves": saves,
-    }
-    if args.json:
-        show.print_json(data)
-    else:
-        show.show_plan(show.console(), data)
-    return 0
-
-
-def _keep_text(keep: KeepPolicy) -> str:
-    rules = [
-        f"--keep-{n} {getattr(keep, f'keep_{n}')}" for n in ("last", "every", "best") if getattr(keep, f"keep_{n}")
-    ]
-    if keep.keep_best:
-        rules.append(f"--metric {keep.metric} --mode {keep.mode}")
-    return " ".join(rules) or "every permanent checkpoint and the newest temporary (no --keep-* rule)"
-
-
 def _prune(args: argparse.Namespace) -> int:
     keep = KeepPolicy(
         keep_last=args.keep_last,
@@ -312,7 +222,7 @@ def _prune(args: argparse.Namespace) -> int:
             if info.step is not None:  # its recorded metrics, as retention deletes them
                 paths.delete_entry(base.join(layout.METRICS_DIR), layout.metrics_name(info.step))
             deleted.append(row["path"])
-    data = {"base": args.base, "policy": _keep_text(keep), "dry_run": not args.yes}
+    data = {"base": args.base, "policy": keep_text(keep), "dry_run": not args.yes}
     data |= {"best": bool(args.metric), "checkpoints": rows, "deleted": deleted}
     if args.json:
         show.print_json(data)
@@ -400,7 +310,7 @@ def _add_policies(sub: Any) -> None:
         p.add_argument(f"--keep-{name}", type=int, metavar="N", help=f"keep {text} permanent checkpoints")
     _metric_options(p, "for --keep-best")
     p.add_argument("--yes", action="store_true", help="delete (only the library's own files)")
-    p = _add(sub, "plan", _plan)
+    p = _add(sub, "plan", cli_plan.plan_command)
     p.add_argument("--every", type=int, action="append", default=[], metavar="N", help="save every N steps (repeat)")
     p.add_argument("--until", type=int, action="append", default=[], metavar="STEP", help="... up to STEP (repeat)")
     p.add_argument("--save-interval", type=float, metavar="SECONDS", help="a temporary checkpoint after SECONDS")
