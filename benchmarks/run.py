@@ -92,28 +92,36 @@ def files_in(path: str) -> int:
     return sum(len(files) for _, _, files in os.walk(path))
 
 
-def model_tree(gib: float, mesh: Mesh) -> dict[str, jax.Array]:
-    """About `gib` GiB in 40 leaves of mixed shapes, sharded over a (4, 2) mesh, some replicated."""
+def model_layout(gib: float) -> list[tuple[str, tuple[int, int], P]]:
+    """About `gib` GiB in 40 float32 leaves of mixed shapes for a (4, 2) mesh, some replicated."""
     unit = max(1, int(gib * 2**30 / 4 / 40 / 1024 / 64)) * 64  # rows per leaf of width 1024 (float32)
+    kinds = [
+        ((unit, 1024), P("x", "y")),
+        ((1024, unit), P("y", "x")),
+        ((unit * 2, 512), P("x")),
+        ((unit // 2, 2048), P(None, "x")),
+        ((unit, 1024), P()),  # replicated
+    ]
+    return [(f"layer_{i:02d}", *kinds[i % 5]) for i in range(40)]
+
+
+def random_tree(layout: list[tuple[str, tuple[int, ...], P]], mesh: Mesh) -> dict[str, jax.Array]:
     tree = {}
-    for i in range(40):
-        kind = i % 5
-        if kind == 0:
-            shape, spec = (unit, 1024), P("x", "y")
-        elif kind == 1:
-            shape, spec = (1024, unit), P("y", "x")
-        elif kind == 2:
-            shape, spec = (unit * 2, 512), P("x")
-        elif kind == 3:
-            shape, spec = (unit // 2, 2048), P(None, "x")
-        else:
-            shape, spec = (unit, 1024), P()  # replicated
-        key = jax.random.key(i)
-        tree[f"layer_{i:02d}"] = jax.jit(
+    for i, (name, shape, spec) in enumerate(layout):
+        tree[name] = jax.jit(
             lambda k, s=shape: jax.random.normal(k, s, jnp.float32), out_shardings=NamedSharding(mesh, spec)
-        )(key)
+        )(jax.random.key(i))
     jax.block_until_ready(tree)
     return tree
+
+
+def model_tree(gib: float, mesh: Mesh) -> dict[str, jax.Array]:
+    return random_tree(model_layout(gib), mesh)
+
+
+def chunky_tree(mesh: Mesh, leaves: int = 450) -> dict[str, jax.Array]:
+    """One process's share of a large model on many devices: `leaves` x 8 shards of 170 KiB each."""
+    return random_tree([(f"w{i:03d}", (4 * 170, 2 * 256), P("x", "y")) for i in range(leaves)], mesh)
 
 
 def small_tree(n: int, total_bytes: int) -> dict[str, jax.Array]:
@@ -174,7 +182,7 @@ class Bench:
         return med
 
 
-def raw_cases(b: Bench, tree: dict[str, jax.Array], nbytes: int) -> list[dict[str, Any]]:
+def raw_cases(b: Bench, tree: dict[str, jax.Array], nbytes: int, tag: str = "") -> list[dict[str, Any]]:
     """The limit: numpy tofile + fsync of each unique shard (8 threads), and reading it back."""
     shards = []
     for name, leaf in tree.items():
@@ -206,9 +214,10 @@ def raw_cases(b: Bench, tree: dict[str, jax.Array], nbytes: int) -> list[dict[st
 
     written = b.fresh("raw-read")
     write(written)
+    label = f"raw {tag}".strip()
     return [
-        b.run("raw: tofile+fsync (limit)", lambda: b.fresh("raw"), write, nbytes),
-        b.run("raw: fromfile (limit)", lambda: written, read, nbytes),
+        b.run(f"{label}: tofile+fsync (limit)", lambda: b.fresh("raw"), write, nbytes),
+        b.run(f"{label}: fromfile (limit)", lambda: written, read, nbytes),
     ]
 
 
@@ -294,6 +303,59 @@ def ours_cases(
     return rows
 
 
+def fresh_cases(b: Bench, tree: Any, gib: float, leaves: int, mib: float) -> list[dict[str, Any]]:
+    """Cases in a fresh process each (benchmarks/fresh.py), `b.repeats` processes per case, median:
+    first vs repeated save_async blocking of workload (b), and restore time and peak memory."""
+    import fresh
+    import orbax.checkpoint as ocp
+
+    out = []
+    for lib in ("ours", "orbax"):
+        runs = [
+            fresh.spawn("first-save", lib, str(leaves), str(mib), b.fresh(f"first-{lib}")) for _ in range(b.repeats)
+        ]
+        for key, label in (("first_s", "first"), ("repeat_s", "repeated")):
+            seconds = [r[key] for r in runs]
+            out.append(
+                {
+                    "name": f"fresh: {lib} {label} save_async",
+                    "seconds": statistics.median(seconds),
+                    "blocking_s": statistics.median(seconds),
+                    "all_seconds": seconds,
+                    "peak_rss": 0.0,
+                    "gb_per_s": 0.0,
+                }
+            )
+    ours, theirs = b.fresh("fresh-ours"), b.fresh("fresh-orbax")
+    cc.save(ours, tree)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(theirs, tree)
+    ckptr.close()
+    nbytes = nbytes_unique(tree)
+    for case, path, label in (
+        ("ours-same", ours, "ours restore, same mesh"),
+        ("ours-other", ours, "ours restore, other mesh"),
+        ("orbax", theirs, "orbax restore"),
+    ):
+        runs = []
+        for _ in range(b.repeats):
+            b.prepare()
+            runs.append(fresh.spawn("restore", case, path, str(gib)))
+        row = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_rss", "restored")}
+        row.update(
+            name=f"fresh: {label}", gb_per_s=nbytes / GB / row["seconds"], all_seconds=[r["seconds"] for r in runs]
+        )
+        print(
+            f"  {row['name']:42s} {row['seconds']:8.3f}s peak extra RSS {row['peak_rss'] / 2**20:7.0f} MiB "
+            f"({row['peak_rss'] / row['restored']:.2f}x the bytes restored)",
+            flush=True,
+        )
+        out.append(row)
+    for row in out[:4]:
+        print(f"  {row['name']:42s} blocking {row['seconds']:.3f}s", flush=True)
+    return out
+
+
 def loop_overhead(steps: int) -> dict[str, float]:
     """Microseconds per call on non-saving steps: bare loop, Checkpointer.on_step, the callback."""
     state = {"w": jnp.ones(4)}
@@ -323,6 +385,9 @@ def ratios(rows: dict[str, dict[str, Any]], small: dict[str, dict[str, Any]] | N
     def t(name: str) -> float:
         return rows[name]["seconds"]
 
+    def vs(name: str, theirs: str, ours: str, target: str) -> tuple[str, float, str]:
+        return name, t(theirs) / t(ours), target
+
     out = [
         ("save throughput vs orbax sync save", t("orbax model: sync save") / t("ckpt_callbacks model: save"), ">= 2.0"),
         ("save throughput vs raw limit", t("raw: tofile+fsync (limit)") / t("ckpt_callbacks model: save"), ">= 0.8"),
@@ -332,15 +397,46 @@ def ratios(rows: dict[str, dict[str, Any]], small: dict[str, dict[str, Any]] | N
             / rows["orbax model: async save (total)"]["blocking_s"],
             "<= 0.5",
         ),
-        (
+        vs(
             "restore (same mesh) vs orbax",
-            t("orbax model: restore (target shardings)") / t("ckpt_callbacks model: restore, same mesh"),
+            "orbax model: restore (target shardings)",
+            "ckpt_callbacks model: restore, same mesh",
             ">= 1.5",
         ),
-        (
+        vs(
             "restore (other mesh) vs orbax",
-            t("orbax model: restore (target shardings)") / t("ckpt_callbacks model: restore, other mesh"),
+            "orbax model: restore (target shardings)",
+            "ckpt_callbacks model: restore, other mesh",
             ">= 1.5",
+        ),
+    ]
+    out += [
+        vs(
+            "restore (same mesh) vs raw fromfile",
+            "raw: fromfile (limit)",
+            "ckpt_callbacks model: restore, same mesh",
+            ">= 0.8",
+        ),
+        vs(
+            "3,600 chunks of 170 KiB: save vs raw limit",
+            "raw chunks: tofile+fsync (limit)",
+            "ckpt_callbacks chunks: save",
+            ">= 0.8",
+        ),
+        (
+            "first save_async of 2,000 small leaves (fresh process): blocking vs orbax",
+            rows["fresh: ours first save_async"]["seconds"] / rows["fresh: orbax first save_async"]["seconds"],
+            "<= 0.5",
+        ),
+        (
+            "repeated save_async of 2,000 small leaves: blocking vs orbax",
+            rows["fresh: ours repeated save_async"]["seconds"] / rows["fresh: orbax repeated save_async"]["seconds"],
+            "<= 0.5",
+        ),
+        (
+            "restore peak extra RSS vs orbax (fresh process, same mesh)",
+            rows["fresh: ours restore, same mesh"]["peak_rss"] / rows["fresh: orbax restore"]["peak_rss"],
+            "<= 1.0",
         ),
     ]
     if small:
@@ -395,10 +491,21 @@ def case_table(rows: list[dict[str, Any]], *, files: bool, digits: int = 3) -> l
     for row in rows:
         blocking = f"{row['blocking_s']:.{digits}f}" if "blocking_s" in row else ""
         cells = [row["name"], f"{row['seconds']:.3f}", f"{row['gb_per_s']:.2f}", blocking]
-        cells.append(f"{row['peak_rss'] / 2**20:.0f}")
+        # a restore's RSS in a process that saved before is an allocator artifact: see the fresh table
+        cells.append("fresh table" if "restore" in row["name"] else f"{row['peak_rss'] / 2**20:.0f}")
         if files:
             cells.append(str(int(row["files"])) if "files" in row else "")
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def fresh_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Cases run in a fresh process each: save_async blocking, restore time and peak memory."""
+    lines = ["| fresh process per run | seconds | peak extra RSS MiB | peak / bytes restored |", "|---|---|---|---|"]
+    for row in rows:
+        restored = row.get("restored")
+        memory = f"{row['peak_rss'] / 2**20:.0f} | {row['peak_rss'] / restored:.2f}" if restored else "| "
+        lines.append(f"| {row['name']} | {row['seconds']:.3f} | {memory} |")
     return lines
 
 
@@ -421,7 +528,9 @@ def write_outputs(out_dir: pathlib.Path, report: dict[str, Any]) -> None:
         "before each timed operation.",
         "",
     ]
-    lines += case_table(report["model"] + report.get("small", []), files=True)
+    lines += case_table(report["model"] + report.get("small", []) + report.get("chunks", []), files=True)
+    if report.get("fresh"):
+        lines += ["", *fresh_table(report["fresh"])]
     lines += ["", *target_table(report["ratios"])]
     if report.get("loop_save"):
         steps = report["loop_save"][0]["steps"]
@@ -509,6 +618,14 @@ def main(argv: list[str] | None = None) -> int:
             + orbax_cases(b, tree, targets, nbytes, "model")
             + ours_cases(b, tree, mesh, other, nbytes, "model")
         )
+        fresh_rows = fresh_cases(b, tree, args.gib, args.small_leaves, args.small_mib)
+        chunky = chunky_tree(mesh, 10 if args.smoke else 450)
+        chunk_bytes = nbytes_unique(chunky)
+        print(f"workload (d): {chunk_bytes / GB:.3f} GB in {len(chunky) * 8} chunks of 170 KiB", flush=True)
+        chunk_rows = raw_cases(b, chunky, chunk_bytes, "chunks") + ours_cases(
+            b, chunky, mesh, None, chunk_bytes, "chunks", sync=True
+        )
+        del chunky
         print("training loop with a save in flight (per snapshot mode, and orbax):", flush=True)
         loop_rows = loop_bench.loop_cases(tree, root, repeats=args.repeats, seconds=0.5 if args.smoke else 4.0)
         del tree
@@ -528,11 +645,14 @@ def main(argv: list[str] | None = None) -> int:
             "model_bytes": nbytes,
             "caches_dropped": b.dropped,
             "model": model_rows,
+            "chunks": chunk_rows,
+            "fresh": fresh_rows,
             "small": small_rows,
             "loop": loop,
             "loop_save": loop_rows,
         }
         by_name = {r["name"]: r for r in model_rows}
+        by_name.update({r["name"]: r for r in chunk_rows + fresh_rows})
         report["ratios"] = ratios(by_name, {r["name"]: r for r in small_rows}) + loop_bench.loop_ratios(loop_rows)
         write_outputs(pathlib.Path(args.out), report)
         if args.scaling and not args.smoke:

@@ -22,11 +22,16 @@ from ckpt_callbacks.errors import CheckpointNotFoundError as CheckpointNotFoundE
 from ckpt_callbacks.errors import CheckpointPathError as CheckpointPathError
 from ckpt_callbacks.errors import CheckpointStorageError as CheckpointStorageError
 from ckpt_callbacks.errors import CorruptCheckpointError as CorruptCheckpointError
+from ckpt_callbacks.errors import PeerSaveError as PeerSaveError
 from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
 from ckpt_callbacks.errors import StorageNotSharedError as StorageNotSharedError
+from ckpt_callbacks.errors import StorageTimeoutError as StorageTimeoutError
 from ckpt_callbacks.layout import Checkpoint as Checkpoint
 from ckpt_callbacks.layout import open_checkpoint as open_checkpoint
+from ckpt_callbacks.layout_plan import LayoutCounts as LayoutCounts
+from ckpt_callbacks.layout_plan import LeafShape as LeafShape
+from ckpt_callbacks.layout_plan import plan_layout as plan_layout
 from ckpt_callbacks.options import SaveHandle as SaveHandle
 from ckpt_callbacks.options import SaveOptions as SaveOptions
 from ckpt_callbacks.options import SaveStats as SaveStats
@@ -42,5 +47,6 @@ from ckpt_callbacks.serializer import save as save
 from ckpt_callbacks.serializer import save_async as save_async
 from ckpt_callbacks.serializer import save_items as save_items
 from ckpt_callbacks.serializer import save_items_async as save_items_async
+from ckpt_callbacks.storage import StorageOptions as StorageOptions
 
 __version__ = "0.1.0"

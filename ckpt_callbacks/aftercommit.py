@@ -1,8 +1,11 @@
-"""What runs after each save commits, in one background thread: telemetry, retention, exit.
+"""What runs after each save commits, in background threads: telemetry, retention, exit.
 
 The training loop hands over a save's handle and goes on; this worker waits for the commit,
-records the save's telemetry (and sends it to a clu-style writer), runs retention on process 0
-and, for a preemption checkpoint under the default SIGTERM action, ends the process.
+records the save's telemetry (and sends it to a clu-style writer), asks for a retention pass
+on process 0 and, for a preemption checkpoint under the default SIGTERM action, ends the
+process once that pass is done. Retention runs in a thread of its own: a long delete (a
+checkpoint of many objects on a slow store) never holds back the next save, its ``on_commit``
+hooks or its telemetry. Commits that arrive during a pass make one more pass, not one each.
 A failed save is not handled here: its handle raises to the loop at the next save or wait.
 """
 
@@ -37,6 +40,57 @@ def telemetry(stats: SaveStats) -> dict[str, float]:
     }
 
 
+class Coalescing:
+    """Runs ``fn`` in a daemon thread when asked; asks made while it runs make one more run."""
+
+    def __init__(self, fn: Callable[[], None], name: str) -> None:
+        self._fn = fn
+        self._name = name
+        self._cond = threading.Condition()
+        self._asked = self._busy = self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def ask(self) -> None:
+        with self._cond:
+            self._asked = True
+            if self._thread is None:
+                self._stop = False
+                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def join(self) -> None:
+        """Blocks until no run is asked for or in progress."""
+        with self._cond:
+            while self._asked or self._busy:
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Finishes the runs asked for, then stops the thread."""
+        with self._cond:
+            thread, self._thread, self._stop = self._thread, None, True
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._asked and not self._stop:
+                    self._cond.wait()
+                if not self._asked:
+                    return
+                self._asked, self._busy = False, True
+            try:
+                self._fn()
+            except Exception as e:  # a pass that failed is logged; the next commit asks again
+                log.warning("%s failed: %s: %s", self._name, type(e).__name__, e)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
 class AfterCommit:
     """A daemon worker over a queue of (handle, step, then): ``then`` runs once committed."""
 
@@ -47,7 +101,7 @@ class AfterCommit:
         on_commit: Sequence[Callable[[str, int, dict[str, Any]], Any]] = (),
     ) -> None:
         self._writer = writer
-        self._retention = retention
+        self._retention = Coalescing(retention, "ckpt-retention")
         self._on_commit = list(on_commit)
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -60,14 +114,16 @@ class AfterCommit:
         self._jobs.put((handle, step, then))
 
     def join(self) -> None:
-        """Blocks until every submitted save has been handled."""
+        """Blocks until every submitted save has been handled and retention has caught up."""
         self._jobs.join()
+        self._retention.join()
 
     def close(self) -> None:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+        self._retention.close()
 
     def _work(self) -> None:
         while True:
@@ -96,8 +152,9 @@ class AfterCommit:
             except Exception as e:  # telemetry must not break saving
                 log.warning("writer.write_scalars failed: %s", e)
         if distributed.is_primary():
-            self._retention()
-        if then is not None:
+            self._retention.ask()
+        if then is not None:  # a preemption checkpoint: the process ends once retention has run
+            self._retention.join()
             then()
 
 

@@ -68,7 +68,8 @@ class Checkpointer(CheckpointReader):
         tests. A ``t`` given to a call is used instead, for that decision and its record.
       writer: gets per-save telemetry through ``write_scalars(step, dict)``.
       options: ``SaveOptions`` for every save; its fields (``dtype``, ``max_host_bytes``,
-        ``pack_bytes``, ``timeout_s``) may also be given as keywords.
+        ``pack_bytes``, ``timeout_s``, ``storage``) may also be given as keywords; ``storage``
+        (retries and timeouts of requests) also applies to its restores, listings and deletes.
       handle_sigterm: on the first ``on_step``, chain a SIGTERM handler that makes the next
         ``on_step`` save a permanent checkpoint (see ``ckpt_callbacks.preemption``).
       sync_every_steps: with several processes, process 0's clock and the preemption flags
@@ -96,9 +97,9 @@ class Checkpointer(CheckpointReader):
     ) -> None:
         if sync_every_steps < 1:
             raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
-        super().__init__(base_path, keep=keep, item=item)
-        self.policy = SavePolicy(step_policies=tuple(step_policies), save_interval=_seconds(save_interval))
         self.options = dataclasses.replace(options or SaveOptions(), **option_overrides)
+        super().__init__(base_path, keep=keep, item=item, storage=self.options.storage)
+        self.policy = SavePolicy(step_policies=tuple(step_policies), save_interval=_seconds(save_interval))
         self._clock = clock or time.time
         self._sync_every = sync_every_steps
         self._last_save_step: int | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -22,7 +23,7 @@ import tensorstore as ts
 
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import paths, planning
-from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError
+from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError, StorageTimeoutError
 
 
 @functools.cache
@@ -34,7 +35,7 @@ def host_memory() -> int:
         return 1 << 50
 
 
-def _chunk_regions(
+def chunk_regions(
     region: planning.Region, chunks: Sequence[int], shape: Sequence[int]
 ) -> list[tuple[tuple[int, ...], planning.Region]]:
     grids = [range(a // c, -(-b // c)) for (a, b), c in zip(region, chunks, strict=True)]
@@ -42,6 +43,19 @@ def _chunk_regions(
     for grid, c, n in zip(grids, chunks, shape, strict=True):
         out = [((*idx, g), (*reg, (g * c, min((g + 1) * c, n)))) for idx, reg in out for g in grid]
     return out
+
+
+def claimed_bytes(record: fmt.LeafRecord, regions: Sequence[planning.Region], where: str) -> int:
+    """Bytes of host memory reading ``regions`` of a leaf takes; more than this host has is an error
+    (a manifest's shapes are not trusted with an allocation)."""
+    itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
+    claimed = sum(math.prod(b - a for a, b in region) for region in regions) * itemsize
+    if claimed > host_memory():
+        raise CheckpointFormatError(
+            f"{where}: leaf {record.key!r}: the manifest's shape {list(record.data_shape)} needs {claimed} "
+            f"bytes of host memory to read, more than this host has ({host_memory()})"
+        )
+    return claimed
 
 
 class PackFiles:
@@ -59,10 +73,17 @@ class PackFiles:
             self.files[name] = self.kvstore.read(name)
         return _PackedChunk(self, name, offset, shape, dtype)
 
-    def data(self, name: str) -> bytes:
+    def data(self, name: str, timeout: float | None = None) -> bytes:
         data = self.files[name]
         if not isinstance(data, bytes):
-            result = data.result()
+            try:
+                result = data.result(timeout=timeout)
+            except TimeoutError as e:
+                data.cancel()
+                where = self.loc.join(name).url
+                raise StorageTimeoutError(
+                    errno.ETIMEDOUT, f"pack file {where}: no answer within op_timeout_s={timeout:g}s", where
+                ) from e
             if result.state != "value":
                 raise CorruptCheckpointError(f"pack file {self.loc.join(name).url} is missing")
             data = self.files[name] = bytes(result.value)
@@ -84,9 +105,9 @@ class _PackedChunk:
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    def result(self) -> np.ndarray:
+    def result(self, timeout: float | None = None) -> np.ndarray:
         count = math.prod(self.shape)
-        data = self.packs.data(self.name)
+        data = self.packs.data(self.name, timeout)
         end = self.offset + count * self.dtype.itemsize
         if end > len(data):  # checked before numpy sees the claim
             raise CorruptCheckpointError(
@@ -116,19 +137,16 @@ class LeafRead:
         where: str,
         *,
         checksums: bool = True,
+        timeout: float | None = None,
     ) -> None:
         self.record, self.regions, self.where, self.checksums = record, regions, where, checksums
+        self.timeout = timeout  # the longest wait on one read (a store that stalls fails the restore)
         self.reads: dict[planning.Region, Any] = {}  # read region -> future, then array
         self.source: dict[tuple[int, ...], tuple[planning.Region, planning.Region]] = {}  # chunk -> (its region, read)
         self.checked: set[tuple[int, ...]] = set()
         packed = isinstance(source, PackFiles)
         itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
-        claimed = sum(math.prod(b - a for a, b in region) for region in regions) * itemsize
-        if claimed > host_memory():
-            raise CheckpointFormatError(
-                f"{where}: leaf {record.key!r}: the manifest's shape {list(record.data_shape)} needs {claimed} "
-                f"bytes of host memory to read, more than this host has ({host_memory()})"
-            )
+        claimed = claimed_bytes(record, regions, where)
         if not checksums:
             if isinstance(source, PackFiles):
                 raise ValueError(f"leaf {record.key!r}: packed chunks are always read with checksums")
@@ -136,7 +154,7 @@ class LeafRead:
             self.nbytes = claimed
             return
         for region in regions:
-            parts = _chunk_regions(region, record.chunks, record.data_shape)
+            parts = chunk_regions(region, record.chunks, record.data_shape)
             whole = not packed and len(parts) > 1 and _covers(parts, region)
             whole = whole and not any(idx in self.source for idx, _ in parts)
             for idx, creg in parts:
@@ -183,7 +201,16 @@ class LeafRead:
         data = self.reads[read]
         if not isinstance(data, np.ndarray):
             try:
-                data = self.reads[read] = data.result()
+                data = self.reads[read] = data.result(timeout=self.timeout)
+            except StorageTimeoutError:
+                raise
+            except TimeoutError as e:
+                data.cancel()
+                raise StorageTimeoutError(
+                    errno.ETIMEDOUT,
+                    f"{self._what(read, idx)}: no answer within op_timeout_s={self.timeout:g}s",
+                    self.where,
+                ) from e
             except Exception as e:
                 raise CorruptCheckpointError(f"{self._what(read, idx)} could not be read: {e}") from e
         return data
@@ -215,7 +242,7 @@ class LeafRead:
 
     def _checked(self, region: planning.Region) -> np.ndarray:
         """One region, every chunk of it checked against its crc32c."""
-        parts = _chunk_regions(region, self.record.chunks, self.record.data_shape)
+        parts = chunk_regions(region, self.record.chunks, self.record.data_shape)
         if region in self.reads:  # read whole (one chunk, or whole chunks): check each, no copy
             for idx, _ in parts:
                 self._chunk(idx)

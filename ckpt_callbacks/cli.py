@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckpt_callbacks import cli_checks, cli_plan, discovery, layout, orbax_format, paths
+from ckpt_callbacks import cli_checks, cli_layout, cli_plan, deletes, discovery, layout, orbax_format, paths
 from ckpt_callbacks import cli_format as show
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.cli_checks import found_instead, leaf_json, shown
@@ -218,7 +218,7 @@ def _prune(args: argparse.Namespace) -> int:
     deleted = []
     for info, row in zip(infos, rows, strict=True):
         if args.yes and info.path in doomed:
-            layout.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
+            deletes.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
             if info.step is not None:  # its recorded metrics, as retention deletes them
                 paths.delete_entry(base.join(layout.METRICS_DIR), layout.metrics_name(info.step))
             deleted.append(row["path"])
@@ -337,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_reading(sub)
     _add_policies(sub)
+    cli_layout.add_parser(sub)
     return top
 
 

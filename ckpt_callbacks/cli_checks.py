@@ -17,7 +17,7 @@ import tensorstore as ts
 
 from ckpt_callbacks import cli_format as show
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import layout, orbax_format, paths
+from ckpt_callbacks import layout, orbax_format, paths, process_files
 from ckpt_callbacks.chunk_reads import PackFiles
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckpt_callbacks.restore import read_leaves
@@ -42,7 +42,7 @@ def leaf_json(r: fmt.LeafRecord) -> dict[str, Any]:
         "partition_spec": spec,
         "chunk_shape": list(r.chunks),
         "chunks": math.prod(-(-n // c) for n, c in zip(r.data_shape, r.chunks, strict=True)),
-        "packed": bool(r.pack),
+        "packed": bool(r.pack or r.writers),
         "bytes": r.nbytes,
     }
 
@@ -107,7 +107,9 @@ def _leaf_problem(item_loc: paths.Location, record: fmt.LeafRecord, error: Check
     return problem
 
 
-def _open_for_check(loc: paths.Location, shown: str) -> tuple[dict[str, Any], list[tuple[paths.Location, list[Any]]]]:
+def _open_for_check(
+    loc: paths.Location, shown: str
+) -> tuple[dict[str, Any], list[tuple[paths.Location, list[Any], Any]]]:
     """A checkpoint's report (problems of its marker, metadata, manifests) and the array leaves to re-read."""
     report: dict[str, Any] = {"path": shown, "leaves": 0, "chunks": 0, "bytes_read": 0, "problems": []}
     try:
@@ -118,16 +120,18 @@ def _open_for_check(loc: paths.Location, shown: str) -> tuple[dict[str, Any], li
     items = []
     for item in ckpt.items:
         try:
-            items.append((ckpt.item_loc(item), [r for r in ckpt.manifest(item).leaves if r.kind != "scalar"]))
+            records, packs = process_files.item_source(ckpt.item_loc(item), ckpt.manifest(item))
+            items.append((ckpt.item_loc(item), [r for r in records if r.kind != "scalar"], packs))
         except CheckpointError as e:
             report["problems"].append(_problem(e))
     return report, items
 
 
-def _check(report: dict[str, Any], items: list[tuple[paths.Location, list[Any]]], advance: Callable[..., Any]) -> None:
+def _check(
+    report: dict[str, Any], items: list[tuple[paths.Location, list[Any], Any]], advance: Callable[..., Any]
+) -> None:
     """Re-reads every array leaf (each chunk against its crc32c), as ``discovery.verify`` does."""
-    for item_loc, records in items:
-        packs = PackFiles(item_loc)  # each pack file read once, however many leaves it holds
+    for item_loc, records, packs in items:  # each pack file read once, however many leaves it holds
         for record in records:
             advance(0, f"{report['path']}: {record.key}")
             report["leaves"] += 1
@@ -159,7 +163,7 @@ def verify_command(args: argparse.Namespace) -> int:
     targets, is_base = _to_verify(args.path)
     out = show.console()
     opened = [_open_for_check(loc, shown(args.path, loc) if is_base else loc.url) for loc in targets]
-    total = sum(r.nbytes for _, items in opened for _, records in items for r in records)
+    total = sum(r.nbytes for _, items in opened for _, records, _ in items for r in records)
     with show.progress(out, quiet=args.json) as bar:
         task = bar.add_task("verifying", total=total)
         for report, items in opened:
@@ -188,10 +192,12 @@ def _side(path: str, item: str) -> tuple[dict[str, Any], dict[str, fmt.LeafRecor
             raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}: {found_instead(loc)}") from None
         about: dict[str, Any] = {"path": path, "step": None}
         records, item_loc, opener = found.manifest.leaves, found.loc, found.open_array
+        packs = PackFiles(item_loc)
     else:
         about = {"path": path, "step": ckpt.metadata.step}
-        records, item_loc, opener = ckpt.manifest(item).leaves, ckpt.item_loc(item), None  # type: ignore[assignment]
-    packs = PackFiles(item_loc)
+        item_loc, opener = ckpt.item_loc(item), None  # type: ignore[assignment]
+        listed, packs = process_files.item_source(item_loc, ckpt.manifest(item))
+        records = tuple(listed)
 
     def read(record: fmt.LeafRecord) -> Any:
         return read_leaves(item_loc, [record], [Target(None, None)], packs=packs, open_unchecked=opener)[0]

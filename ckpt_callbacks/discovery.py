@@ -21,8 +21,7 @@ import logging
 import os
 from typing import Any
 
-from ckpt_callbacks import layout, paths
-from ckpt_callbacks.chunk_reads import PackFiles
+from ckpt_callbacks import layout, paths, process_files
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 from ckpt_callbacks.restore import read_leaves
 from ckpt_callbacks.targets import Target
@@ -129,8 +128,12 @@ def verify(path: Any) -> VerifyReport:
             problems.append(str(e))
             continue
         item_loc = ckpt.item_loc(item)
-        packs = PackFiles(item_loc)  # each pack file read once, however many leaves it holds
-        for record in manifest.leaves:
+        try:  # each pack file read once; in the process layout, every index file (checked) first
+            records, packs = process_files.item_source(item_loc, manifest)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        for record in records:
             if record.kind == "scalar":
                 continue
             leaves += 1

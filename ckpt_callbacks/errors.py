@@ -52,3 +52,11 @@ class CheckpointStorageError(CheckpointError, OSError, ValueError):
 
 class StorageNotSharedError(CheckpointError, OSError):
     """Processes of one run do not see the same storage (a local path on several hosts)."""
+
+
+class StorageTimeoutError(CheckpointStorageError, TimeoutError):
+    """A storage operation did not finish within its bound (``StorageOptions.op_timeout_s``)."""
+
+
+class PeerSaveError(CheckpointStorageError):
+    """Another process of a multi-process save failed, so no process commits; names that process."""

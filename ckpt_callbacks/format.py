@@ -102,6 +102,9 @@ class LeafRecord:
     # A small leaf's chunks live in pack files in the item directory, not in a zarr3 array:
     # chunk key -> (pack file, byte offset of the chunk's C-order little-endian bytes).
     pack: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    # Layout "process": the writer of each chunk as blocks [p0, dp, run, reps] (see process_index);
+    # the chunks' files and crc32c are in the writers' index files, not here.
+    writers: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in typing.get_args(LeafKind):
@@ -138,6 +141,10 @@ class LeafRecord:
             out["pack"] = {k: list(v) for k, v in self.pack.items()}
         else:
             out.pop("pack")
+        if self.writers:
+            out["writers"] = [list(b) for b in self.writers]
+        else:
+            out.pop("writers")
         return out
 
     @classmethod
@@ -152,6 +159,7 @@ class LeafRecord:
         fields["partition_spec"] = None if spec is None else tuple(tuple(p) if isinstance(p, list) else p for p in spec)
         fields["crc32c"] = dict(data["crc32c"])
         fields["pack"] = {k: (v[0], v[1]) for k, v in data.get("pack", {}).items()}
+        fields["writers"] = tuple(tuple(b) for b in data.get("writers", ()))
         return cls(**fields)
 
 
@@ -195,14 +203,16 @@ class Manifest:
 
     tree: dict[str, Any]
     leaves: tuple[LeafRecord, ...]
+    layout: dict[str, Any] | None = None  # layout "process": its processes and index files
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "tree": self.tree,
             "leaves": [leaf.to_json() for leaf in self.leaves],
         }
+        return out if self.layout is None else {**out, "layout": self.layout}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
@@ -211,7 +221,8 @@ class Manifest:
 
         check_version(data, where)
         validate.check_manifest(data, where)
-        manifest = cls(tree=data["tree"], leaves=tuple(LeafRecord.from_json(x) for x in data["leaves"]))
+        leaves = tuple(LeafRecord.from_json(x) for x in data["leaves"])
+        manifest = cls(tree=data["tree"], leaves=leaves, layout=data.get("layout"))
         validate.check_pack_overlap(manifest.leaves, where)
         return manifest
 

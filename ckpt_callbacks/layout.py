@@ -13,7 +13,8 @@ so bit rot in metadata or manifests is caught like bit rot in chunks. Both the s
 (``serializer``) and the read path (``restore``, ``discovery``) meet here, and only here.
 
 Which names are ours: ``COMMITTED``, ``metadata.json`` and ``metadata.ckpt-<nonce>.json``, item
-directories (``<item>``, ``<item>.ckpt-<nonce>``) and save claims (``.claim.<nonce>``). The library
+directories (``<item>``, ``<item>.ckpt-<nonce>``), save claims (``.claim.<nonce>``) and the record
+of a delete in progress (``.deleting``, see ``ckpt_callbacks.deletes``). The library
 deletes nothing else: a user's ``config.yaml`` beside a checkpoint survives saves, overwrites
 and retention.
 """
@@ -38,6 +39,7 @@ from ckpt_callbacks.errors import (
     CorruptCheckpointError,
     StorageNotSharedError,
 )
+from ckpt_callbacks.storage import StorageOptions
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -46,11 +48,13 @@ METADATA = "metadata.json"
 MANIFEST = "manifest.json"
 METRICS_DIR = "metrics"
 CLAIM_PREFIX = ".claim."
+DELETING = ".deleting"  # written before a delete removes the marker: the entries it still owes
 _RUN = re.compile(r"run-([0-9]+)")
 _NONCE = r"[0-9a-f]{8}"
 _ITEM = re.compile(r"[A-Za-z0-9_-]+")
 _OURS = re.compile(
     rf"{re.escape(COMMIT_MARKER)}|{fmt.METADATA_NAME.pattern}|\.claim\.{_NONCE}|[A-Za-z0-9_-]+\.ckpt-{_NONCE}"
+    rf"|{re.escape(DELETING)}"
 )
 
 
@@ -158,11 +162,14 @@ def try_open(loc: paths.Location) -> Checkpoint | None:
     return Checkpoint(loc, commit, metadata)
 
 
-def open_checkpoint(path: Any) -> Checkpoint:
-    """Opens the committed checkpoint at ``path`` (a URL, a ``Location`` or a ``Checkpoint``)."""
+def open_checkpoint(path: Any, *, storage: StorageOptions | None = None) -> Checkpoint:
+    """Opens the committed checkpoint at ``path`` (a URL, a ``Location`` or a ``Checkpoint``).
+
+    ``storage``: retries and timeouts of its reads (``restore`` of the result uses them too).
+    """
     if isinstance(path, Checkpoint):
         return path
-    loc = paths.parse(path)
+    loc = paths.parse(path, storage)
     ckpt = try_open(loc)
     if ckpt is None:
         hint = " (it holds files but no commit marker: a save that did not finish)" if paths.has_any(loc) else ""
@@ -194,8 +201,15 @@ def _claimed_names(loc: paths.Location, claim: str) -> set[str]:
         return set()
 
 
-def _is_ours(name: str, items: Collection[str]) -> bool:
+def is_ours(name: str, items: Collection[str]) -> bool:
+    """Whether entry ``name`` of a checkpoint directory is one the library writes (``items``:
+    the item names it holds, whose plain directories are ours too)."""
     return bool(_OURS.fullmatch(name)) or name in items
+
+
+def is_entry_name(name: str) -> bool:
+    """Whether ``name`` could be an entry a save writes (an item directory or one of ours)."""
+    return bool(_ITEM.fullmatch(name) or _OURS.fullmatch(name))
 
 
 def _collision(committed: fmt.Commit | None, items: list[str], add: bool) -> str | None:
@@ -239,7 +253,7 @@ def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: b
     if add and committed is not None:  # the items this save does not replace stay
         busy |= {committed.metadata, *(d for item, d in committed.items.items() if item not in items)}
     known = set(items) | (set(committed.items) if committed else set())
-    stale = [n for n in entries if _is_ours(n, known) and n not in busy and not n.startswith(CLAIM_PREFIX)]
+    stale = [n for n in entries if is_ours(n, known) and n not in busy and not n.startswith(CLAIM_PREFIX)]
     plain = not others and not stale and not (add and committed is not None)
     return {"refused": None, "plain": plain, "nonce": nonce, "stale": stale}
 
@@ -355,21 +369,3 @@ def _delete_quietly(loc: paths.Location, names: list[str]) -> None:
             paths.delete_entry(loc, name)
         except Exception as e:  # best effort: the new checkpoint is already committed
             log.warning("could not delete stale %s: %s", loc.join(name).url, e)
-
-
-def delete_checkpoint(loc: paths.Location, commit: fmt.Commit | None = None) -> None:
-    """Deletes a checkpoint: the marker first (a half-deleted checkpoint is no checkpoint),
-    then our own entries; the directory goes only if nothing else is left in it.
-
-    ``commit``: its marker as read before (a retried delete finds no marker any more).
-    """
-    commit = commit or read_commit_quietly(loc)
-    paths.delete_entry(loc, COMMIT_MARKER)
-    items = set(commit.items) if commit else set()
-    named = {commit.metadata, *commit.items.values()} if commit else set()
-    entries = paths.list_entries(loc)
-    ours = [n for n in entries if n in named or _is_ours(n, items)]
-    for name in ours:
-        paths.delete_entry(loc, name)
-    if len(ours) == len(entries):
-        paths.delete_tree(loc)

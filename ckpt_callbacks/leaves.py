@@ -127,14 +127,20 @@ def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
     )
 
 
-def plan(leaves: list[Leaf], max_chunk_bytes: int, pack_bytes: int = planning.PACK_MAX_LEAF_BYTES) -> None:
+def plan(
+    leaves: list[Leaf],
+    max_chunk_bytes: int,
+    pack_bytes: int = planning.PACK_MAX_LEAF_BYTES,
+    file_bytes: int | None = None,
+) -> None:
     """Fills each leaf's chunk grid, pack layout and this process's write units.
 
     The plan is computed from shardings alone, so it is the same on every process. Leaves of
-    at most ``pack_bytes`` are packed (see ``planning.pack_layout``).
+    at most ``pack_bytes`` are packed (see ``planning.pack_layout``); with ``file_bytes`` (the
+    "process" layout) every array leaf is, into files of at most that size.
     """
     me, nproc = distributed.process_index(), distributed.process_count()
-    max_file = min(planning.PACK_MAX_FILE_BYTES, max_chunk_bytes)
+    max_file = min(planning.PACK_MAX_FILE_BYTES, max_chunk_bytes) if file_bytes is None else file_bytes
     packed: list[tuple[Leaf, planning.WriteUnit, tuple[int, int]]] = []  # (leaf, unit, (process, bytes))
     for index, leaf in enumerate(leaves):
         record = leaf.record
@@ -153,7 +159,7 @@ def plan(leaves: list[Leaf], max_chunk_bytes: int, pack_bytes: int = planning.PA
             owners = [index % nproc] * len(plan.units)
         leaf.record = dataclasses.replace(record, chunks=plan.chunks)
         leaf.units = [u for u, owner in zip(plan.units, owners, strict=True) if owner == me]
-        if plan.units and record.nbytes <= min(pack_bytes, max_file):
+        if plan.units and (file_bytes is not None or record.nbytes <= min(pack_bytes, max_file)):
             packed.extend(
                 (leaf, u, (owner, math.prod(u.shape) * itemsize)) for u, owner in zip(plan.units, owners, strict=True)
             )
@@ -163,14 +169,14 @@ def plan(leaves: list[Leaf], max_chunk_bytes: int, pack_bytes: int = planning.PA
 
 
 def check_dirs(leaves: list[Leaf]) -> None:
-    seen: dict[str, str] = {}
+    seen: dict[str, fmt.KeyPath] = {}
     for leaf in leaves:
         if leaf.record.kind == "scalar":
             continue
-        other = seen.setdefault(leaf.record.array, leaf.record.key)
-        if other != leaf.record.key:
+        other = seen.setdefault(leaf.record.array, leaf.record.path)
+        if other != leaf.record.path:  # paths, not key strings: int key 1 and str key "1" differ
             raise ValueError(
-                f"leaves {other!r} and {leaf.record.key!r} map to one directory "
+                f"leaves {list(other)!r} and {list(leaf.record.path)!r} map to one directory "
                 f"{leaf.record.array!r}; rename one of the keys"
             )
 
@@ -204,11 +210,20 @@ def _native(value: np.ndarray) -> np.ndarray:
     return value if value.dtype == little else value.astype(little)
 
 
-def plan_tree(flat: list[tuple[fmt.KeyPath, Any]], cast: Any, max_chunk_bytes: int, pack_bytes: int) -> list[Leaf]:
+def plan_tree(
+    flat: list[tuple[fmt.KeyPath, Any]], cast: Any, max_chunk_bytes: int, pack_bytes: int, file_bytes: int | None = None
+) -> list[Leaf]:
     """``describe``, ``check_dirs`` and ``plan`` for a flattened tree, reusing the plan of a tree
     with the same signature (paths, shapes, dtypes, shardings, settings) saved before."""
     try:
-        key: Any = (cast, max_chunk_bytes, pack_bytes, distributed.process_index(), distributed.process_count())
+        key: Any = (
+            cast,
+            max_chunk_bytes,
+            pack_bytes,
+            file_bytes,
+            distributed.process_index(),
+            distributed.process_count(),
+        )
         key += tuple(_signature(path, value) for path, value in flat)
         cached = _PLANS.get(key)
     except TypeError:  # an unhashable sharding: plan every time
@@ -216,7 +231,7 @@ def plan_tree(flat: list[tuple[fmt.KeyPath, Any]], cast: Any, max_chunk_bytes: i
     if cached is None:
         leaves = [describe(path, value, cast) for path, value in flat]
         check_dirs(leaves)
-        plan(leaves, max_chunk_bytes, pack_bytes)
+        plan(leaves, max_chunk_bytes, pack_bytes, file_bytes)
         if key is not None:
             _PLANS[key] = [(leaf.record, list(leaf.units)) for leaf in leaves]
             while len(_PLANS) > _PLANS_KEPT:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ckpt_callbacks import distributed, paths, planning
 from ckpt_callbacks.snapshot import MemoryStats, SnapshotMode
+from ckpt_callbacks.storage import StorageOptions
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -42,6 +43,13 @@ class SaveOptions:
       device_headroom: with ``"auto"``, the fraction of each device's memory kept free.
       memory_stats: ``device -> dict`` with ``bytes_limit`` and ``bytes_in_use`` (default:
         ``device.memory_stats()``); inject one to test the ``"auto"`` branches.
+      storage: retries with backoff, request concurrency and the bound on each storage
+        operation (``StorageOptions``); None: those of the path if it is a ``Location`` carrying
+        them, else the defaults. A write past ``storage.op_timeout_s`` fails the save.
+      layout: ``"zarr3"`` (one zarr3 array per large leaf, one object per chunk) or
+        ``"process"`` (each process's chunks in its own data files of at most 1 GiB plus one
+        index file: objects grow with processes, not leaves x shards; see
+        ``ckpt_callbacks.process_files``). ``pack_bytes`` applies to ``"zarr3"`` only.
     """
 
     dtype: Any = None
@@ -52,6 +60,8 @@ class SaveOptions:
     snapshot: SnapshotMode = "auto"
     device_headroom: float = 0.1
     memory_stats: MemoryStats | None = None
+    storage: StorageOptions | None = None
+    layout: str = "zarr3"
 
     def __post_init__(self) -> None:
         budget = self.max_host_bytes
@@ -63,8 +73,12 @@ class SaveOptions:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.dtype is not None and not jax.numpy.issubdtype(np.dtype(self.dtype), jax.numpy.floating):
             raise ValueError(f"dtype={self.dtype!r}: floating leaves are cast to it, so it must be a floating dtype")
+        if self.layout not in ("zarr3", "process"):
+            raise ValueError(f"layout must be 'zarr3' or 'process', got {self.layout!r}")
         if self.snapshot not in ("auto", "device", "host"):
             raise ValueError(f"snapshot must be 'auto', 'device' or 'host', got {self.snapshot!r}")
+        if self.storage is not None and not isinstance(self.storage, StorageOptions):
+            raise ValueError(f"storage must be a StorageOptions or None, got {self.storage!r}")
         if not 0 <= self.device_headroom < 1:
             raise ValueError(f"device_headroom must be a fraction in [0, 1), got {self.device_headroom!r}")
 

@@ -30,7 +30,10 @@ import fsspec
 import fsspec.implementations.local
 import tensorstore as ts
 
+from ckpt_callbacks import storage
 from ckpt_callbacks.errors import CheckpointPathError, CheckpointStorageError
+from ckpt_callbacks.storage import DEFAULT as DEFAULT_STORAGE
+from ckpt_callbacks.storage import StorageOptions
 
 SCHEMES = ("file", "memory", "s3", "gs")
 _LOCK_SUFFIX = ".__lock"
@@ -41,12 +44,13 @@ _QUOTED = re.compile(r'"([^"]+)"')
 
 def as_storage_error(error: BaseException, where: str = "") -> BaseException:
     """TensorStore's ``ValueError`` for an operating-system failure (disk full, read-only,
-    permission) as a ``CheckpointStorageError`` with its errno and path; others unchanged."""
+    permission), or of a request that failed after its retries, as a ``CheckpointStorageError``
+    with its errno and path; others unchanged."""
     if not isinstance(error, ValueError) or isinstance(error, CheckpointStorageError):
         return error
     match = _OS_ERROR.search(str(error))
     if match is None:
-        return error
+        return storage.request_failed(error, where)
     quoted = _QUOTED.search(str(error))
     code = int(match.group(1))
     filename = quoted.group(1).split("\x00")[0] if quoted else where  # TensorStore renders keys after a NUL
@@ -57,11 +61,16 @@ def as_storage_error(error: BaseException, where: str = "") -> BaseException:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Location:
-    """A directory on one backend; ``path`` never ends in '/'."""
+    """A directory on one backend; ``path`` never ends in '/'.
+
+    ``storage``: retries and timeouts of every request under it (kept by ``join``; None: the
+    defaults of ``StorageOptions``).
+    """
 
     scheme: str
     bucket: str = ""
     path: str = ""
+    storage: StorageOptions | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -91,11 +100,24 @@ class Location:
     def __str__(self) -> str:
         return self.url
 
+    @property
+    def options(self) -> StorageOptions:
+        return self.storage or DEFAULT_STORAGE
 
-def parse(url: str | os.PathLike[str] | Location) -> Location:
-    """Parses a local path, ``file://``, ``memory://``, ``s3://`` or ``gs://`` URL."""
+    def with_storage(self, options: StorageOptions | None) -> Location:
+        """This location with ``options`` for its requests (unchanged if None)."""
+        return self if options is None else dataclasses.replace(self, storage=options)
+
+
+def parse(url: str | os.PathLike[str] | Location, storage: StorageOptions | None = None) -> Location:
+    """Parses a local path, ``file://``, ``memory://``, ``s3://`` or ``gs://`` URL; ``storage``
+    sets its requests' retries and timeouts (a ``Location`` given keeps its own unless set)."""
     if isinstance(url, Location):
-        return url
+        return url.with_storage(storage)
+    return _parse(url).with_storage(storage)
+
+
+def _parse(url: str | os.PathLike[str]) -> Location:
     text = os.fspath(url)
     scheme, sep, rest = text.partition("://")
     if not sep:
@@ -127,7 +149,8 @@ def parse(url: str | os.PathLike[str] | Location) -> Location:
 
 
 def kvstore_spec(loc: Location, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The TensorStore kvstore spec of a directory (pure; S3 endpoint/region from ``env``)."""
+    """The TensorStore kvstore spec of a directory (pure; S3 endpoint/region from ``env``), with
+    the request retries of ``loc.storage`` inline for S3 and GCS."""
     env = os.environ if env is None else env
     prefix = loc.path + "/" if loc.path else ""
     if loc.scheme == "file":
@@ -135,6 +158,7 @@ def kvstore_spec(loc: Location, env: Mapping[str, str] | None = None) -> dict[st
     if loc.scheme == "memory":
         return {"driver": "memory", "path": prefix}
     spec: dict[str, Any] = {"driver": "gcs" if loc.scheme == "gs" else "s3", "bucket": loc.bucket, "path": prefix}
+    spec.update(storage.tensorstore_resources(loc.scheme, loc.options))
     if loc.scheme == "s3":
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         if endpoint:
@@ -158,14 +182,19 @@ def _kvstore(loc: Location) -> ts.KvStore:
 
 
 def read_bytes(loc: Location, name: str) -> bytes | None:
-    """The bytes of file ``name`` under ``loc``, or None if it does not exist."""
-    result = _kvstore(loc).read(name).result()
+    """The bytes of file ``name`` under ``loc``, or None if it does not exist.
+
+    Raises ``CheckpointStorageError`` (``StorageTimeoutError`` after ``op_timeout_s``) naming
+    the file if the store keeps failing.
+    """
+    result = storage.wait(_kvstore(loc).read(name), loc.options, loc.join(name).url, "read")
     return bytes(result.value) if result.state == "value" else None
 
 
 def write_bytes(loc: Location, name: str, data: bytes) -> None:
-    """Writes file ``name`` under ``loc`` atomically (readers see old or new, never part)."""
-    _kvstore(loc).write(name, data).result()
+    """Writes file ``name`` under ``loc`` atomically (readers see old or new, never part);
+    failures as ``read_bytes``."""
+    storage.wait(_kvstore(loc).write(name, data), loc.options, loc.join(name).url, "write")
 
 
 def _fs(loc: Location) -> Any:
@@ -174,18 +203,43 @@ def _fs(loc: Location) -> Any:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
         emulator = {"endpoint_url": endpoint, "token": "anon"} if endpoint else {}
-        return fsspec.filesystem("gs", use_listings_cache=False, **emulator)
+        return fsspec.filesystem(
+            "gs", use_listings_cache=False, **emulator, **storage.fsspec_options("gs", loc.options)
+        )
     if loc.scheme == "s3":
         spec = kvstore_spec(loc)
         client_kwargs = {
             k: v for k, v in (("endpoint_url", spec.get("endpoint")), ("region_name", spec.get("aws_region"))) if v
         }
-        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False)
+        options = storage.fsspec_options("s3", loc.options)
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False, **options)
     return fsspec.filesystem("file")
+
+
+class _Fs:
+    """The fsspec filesystem of a location; on object stores each call is retried with backoff
+    and bounded by ``op_timeout_s`` (``storage.retrying``)."""
+
+    def __init__(self, loc: Location) -> None:
+        self.fs = _fs(loc)
+        self.loc = loc
+
+    def __call__(self, method: str, path: str, **kwargs: Any) -> Any:
+        call = getattr(self.fs, method)
+        if self.loc.scheme not in ("s3", "gs"):
+            return call(path, **kwargs)
+        return storage.retrying(lambda left: call(path, **kwargs, timeout=left), self.loc.options, self.loc.url, method)
 
 
 def _fs_path(loc: Location) -> str:
     return loc.path if loc.scheme == "file" else f"{loc.bucket}/{loc.path}".rstrip("/")
+
+
+def fsspec_view(loc: Location) -> tuple[Any, str]:
+    """The fsspec filesystem of ``loc`` (not ``memory://``) and ``loc``'s path in it."""
+    if loc.scheme == "memory":
+        raise CheckpointPathError(f"{loc.url}: memory:// has no fsspec view (it lives in TensorStore's context)")
+    return _fs(loc), _fs_path(loc)
 
 
 def _memory_keys(loc: Location) -> list[str]:
@@ -196,12 +250,12 @@ def list_dirs(loc: Location) -> list[str]:
     """Names of the immediate subdirectories of ``loc`` (one delimited listing)."""
     if loc.scheme == "memory":
         return sorted({k.split("/", 1)[0] for k in _memory_keys(loc) if "/" in k})
-    fs = _fs(loc)
+    fs = _Fs(loc)
     root = _fs_path(loc)
-    if not fs.exists(root):
+    if not fs("exists", root):
         return []
     names = []
-    for entry in fs.ls(root, detail=True):
+    for entry in fs("ls", root, detail=True):
         if entry["type"] == "directory":
             names.append(posixpath.basename(entry["name"].rstrip("/")))
     return sorted(n for n in names if _encodable(n))
@@ -221,9 +275,9 @@ def has_any(loc: Location) -> bool:
     """Whether anything at all is stored under ``loc``."""
     if loc.scheme == "memory":
         return bool(_memory_keys(loc))
-    fs = _fs(loc)
+    fs = _Fs(loc)
     root = _fs_path(loc)
-    return bool(fs.exists(root) and fs.ls(root))
+    return bool(fs("exists", root) and fs("ls", root))
 
 
 def delete_tree(loc: Location) -> None:
@@ -233,10 +287,10 @@ def delete_tree(loc: Location) -> None:
         kv = ts.KvStore.open({"driver": "memory"}, context=context()).result()
         kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0" if prefix else "")).result()
         return
-    fs = _fs(loc)
+    fs = _Fs(loc)
     root = _fs_path(loc)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    if fs("exists", root):
+        fs("rm", root, recursive=True)
 
 
 def list_entries(loc: Location) -> list[str]:
@@ -248,9 +302,10 @@ def list_entries(loc: Location) -> list[str]:
     if loc.scheme == "memory":
         names = {k.split("/", 1)[0] for k in _memory_keys(loc)}
     else:
-        fs = _fs(loc)
+        fs = _Fs(loc)
         root = _fs_path(loc)
-        names = {posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)} if fs.exists(root) else set()
+        listed = fs("ls", root, detail=False) if fs("exists", root) else []
+        names = {posixpath.basename(e.rstrip("/")) for e in listed}
     return sorted(n for n in names if not n.endswith(_LOCK_SUFFIX) and _encodable(n))
 
 

@@ -25,15 +25,17 @@ import numpy as np
 import tensorstore as ts
 from jax.sharding import Mesh
 
+from ckpt_callbacks import direct_reads, layout, orbax_format, paths, planning, process_files, restructure
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import layout, orbax_format, paths, planning, restructure
 from ckpt_callbacks.chunk_reads import LeafRead, PackFiles, settle
+from ckpt_callbacks.direct_reads import DirectRead
 from ckpt_callbacks.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     RestoreMismatchError,
 )
 from ckpt_callbacks.rules import Rules
+from ckpt_callbacks.storage import StorageOptions
 from ckpt_callbacks.targets import (
     Target,
     check_representable,
@@ -98,9 +100,13 @@ def read_leaves(
     """
     kvstore = paths.kvstore_spec(loc)
     packs = PackFiles(loc) if packs is None else packs
-    opened = [None if r.pack else _open_array(kvstore, r, loc.url, open_unchecked) for r in records]
+    direct = [open_unchecked is None and direct_reads.applies(loc, r) for r in records]
+    opened = [
+        None if r.pack or d else _open_array(kvstore, r, loc.url, open_unchecked)
+        for r, d in zip(records, direct, strict=True)
+    ]
     out: list[Any] = [None] * len(records)
-    inflight: collections.deque[tuple[int, LeafRead]] = collections.deque()
+    inflight: collections.deque[tuple[int, LeafRead | DirectRead]] = collections.deque()
     pending = 0
 
     def drain_one() -> None:
@@ -117,14 +123,22 @@ def read_leaves(
             else:
                 index_map = data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
                 regions = sorted({planning.normalize_index(x, shape) for x in index_map.values() if x is not None})
-            source: ts.TensorStore | PackFiles = packs
-            future = opened[i]
-            if future is not None:
-                try:
-                    source = future.result()
-                except Exception as e:
-                    raise CorruptCheckpointError(f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}") from e
-            read = LeafRead(source, record, regions, loc.url, checksums=open_unchecked is None)
+            read: LeafRead | DirectRead
+            if direct[i]:
+                read = DirectRead(loc, record, regions, loc.url)
+            else:
+                source: ts.TensorStore | PackFiles = packs
+                future = opened[i]
+                if future is not None:
+                    try:
+                        source = future.result()
+                    except Exception as e:
+                        raise CorruptCheckpointError(
+                            f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}"
+                        ) from e
+                read = LeafRead(
+                    source, record, regions, loc.url, checksums=open_unchecked is None, timeout=loc.options.op_timeout_s
+                )
             inflight.append((i, read))
             pending += read.nbytes
             while pending > window and len(inflight) > 1:
@@ -251,17 +265,28 @@ def _match_template(
     return t_leaves, treedef, usable
 
 
-def _source(path: Any, item: str) -> tuple[paths.Location, fmt.Manifest, Callable[..., list[Any]]]:
+def _source(
+    path: Any, item: str, storage: StorageOptions | None = None
+) -> tuple[paths.Location, fmt.Manifest, Callable[..., list[Any]]]:
     """(where, manifest, reader of array leaves) of our checkpoint at ``path``, or else of an
     orbax PyTree checkpoint there (read without orbax; see ``orbax_format``)."""
     try:
-        ckpt = layout.open_checkpoint(path)
+        ckpt = layout.open_checkpoint(path, storage=storage)
     except CheckpointNotFoundError:
-        found = None if isinstance(path, layout.Checkpoint) else orbax_format.open_item(paths.parse(path), item)
+        found = (
+            None if isinstance(path, layout.Checkpoint) else orbax_format.open_item(paths.parse(path, storage), item)
+        )
         if found is None:
             raise
         return found.loc, found.manifest, functools.partial(read_leaves, found.loc, open_unchecked=found.open_array)
-    return ckpt.loc, ckpt.manifest(item), functools.partial(read_leaves, ckpt.item_loc(item))
+    manifest = ckpt.manifest(item)
+    if manifest.layout is not None:  # layout "process": chunks located through the writers' indexes
+        return (
+            ckpt.loc,
+            manifest,
+            functools.partial(process_files.read_leaves, ckpt.item_loc(item), manifest, read=read_leaves),
+        )
+    return ckpt.loc, manifest, functools.partial(read_leaves, ckpt.item_loc(item))
 
 
 def restore(
@@ -279,6 +304,7 @@ def restore(
     missing: Any = None,
     drop: bool | Sequence[str] = False,
     max_host_bytes: int | None = None,
+    storage: StorageOptions | None = None,
 ) -> Any:
     """Restores a committed checkpoint.
 
@@ -312,12 +338,16 @@ def restore(
       max_host_bytes: bound on the bytes read into host memory and not yet handed to their
         devices (default 512 MiB): chunk reads of later leaves overlap the host-to-device
         transfers of earlier ones within it. A single leaf's share for this process larger
-        than the bound is still read whole.
+        than the bound is still read whole. On local disk chunks are read straight into the
+        restored arrays (see ``direct_reads``), so nothing is staged beyond them.
+      storage: retries of S3/GCS requests and the longest wait on any one read
+        (``StorageOptions.op_timeout_s``): a store that stops answering fails the restore with
+        ``StorageTimeoutError`` instead of hanging it.
 
     Returns:
       The template's structure if one is given, else nested dicts, lists and tuples.
     """
-    loc, manifest, read = _source(path, item)
+    loc, manifest, read = _source(path, item, storage)
     records = manifest.leaves
     chosen = _select(records, keys, loc.url)
     given = sharding_map(shardings)

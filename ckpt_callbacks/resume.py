@@ -28,6 +28,7 @@ from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.errors import CheckpointNotFoundError, ShardingRuleError
 from ckpt_callbacks.policy import KeepPolicy, as_step, metric_of
 from ckpt_callbacks.retention import Retention
+from ckpt_callbacks.storage import StorageOptions
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -126,11 +127,19 @@ class CheckpointReader:
       base_path: base URL (relative local paths are resolved once, here, and logged).
       keep: the ``KeepPolicy`` whose ``metric``/``mode`` rank ``best_checkpoint``.
       item: the item ``restore`` reads by default.
+      storage: retries and timeouts of requests to S3/GCS (``StorageOptions``; None: defaults).
     """
 
-    def __init__(self, base_path: Any, *, keep: KeepPolicy | None = None, item: str = "state") -> None:
+    def __init__(
+        self,
+        base_path: Any,
+        *,
+        keep: KeepPolicy | None = None,
+        item: str = "state",
+        storage: StorageOptions | None = None,
+    ) -> None:
         layout.check_item_name(item)
-        self.base = _parse_base(base_path)
+        self.base = _parse_base(base_path).with_storage(storage)
         self.keep = keep if keep is not None else KeepPolicy()
         self.item = item
         self.retention = Retention(self.base, self.keep)

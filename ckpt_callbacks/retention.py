@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt_callbacks import distributed, layout, paths
+from ckpt_callbacks import deletes, distributed, layout, paths
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.policy import KeepPolicy, metric_of
 
@@ -141,12 +141,29 @@ class Retention:
             log.warning("retention: could not list %s: %s", self.base.url, e)
             return
         retry, self._undeleted = list(self._undeleted.values()), {}
+        self._finish_deletes({paths.parse(c.path).name for c in listed})
         for info in retry + doomed:
             try:
-                layout.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
+                deletes.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
                 if info.step is not None:
                     paths.delete_entry(self.metrics_dir, layout.metrics_name(info.step))
                 log.info("retention: deleted %s", info.path)
             except Exception as e:  # never raised into the loop; retried by the next pass
                 self._undeleted[info.path] = info
                 log.warning("retention: could not delete %s (will retry): %s", info.path, e)
+
+    def _finish_deletes(self, committed: set[str]) -> None:
+        """Completes deletes that a killed process left part-way (``run-*`` directories with a
+        ``.deleting`` record and no marker): one read per uncommitted directory."""
+        try:
+            names = [n for n in paths.list_dirs(self.base) if n not in committed and layout.step_of(n) is not None]
+        except Exception as e:
+            log.warning("retention: could not list %s: %s", self.base.url, e)
+            return
+        for name in names:
+            loc = self.base.join(name)
+            try:
+                if deletes.finish_delete(loc):
+                    log.info("retention: finished the interrupted delete of %s", loc.url)
+            except Exception as e:  # retried by the next pass
+                log.warning("retention: could not finish deleting %s (will retry): %s", loc.url, e)

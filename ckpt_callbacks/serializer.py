@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import itertools
 import logging
 import time
@@ -24,8 +25,9 @@ from typing import Any
 import jax
 import tensorstore as ts
 
-from ckpt_callbacks import distributed, layout, paths, planning
+from ckpt_callbacks import distributed, layout, paths, planning, process_files, storage
 from ckpt_callbacks import format as fmt
+from ckpt_callbacks.errors import PeerSaveError
 from ckpt_callbacks.leaves import Leaf, plan_tree
 from ckpt_callbacks.options import SaveHandle, SaveOptions
 from ckpt_callbacks.policy import as_step
@@ -89,7 +91,8 @@ def _plan(items: Mapping[str, Any], options: SaveOptions) -> _Plan:
     pairs: list[tuple[Leaf, planning.WriteUnit]] = []
     for item, tree in items.items():
         structure, flat = fmt.flatten(tree)
-        leaves = plan_tree(flat, options.cast, options.max_chunk_bytes, options.pack_bytes)
+        files = process_files.file_bytes(options.max_host_bytes) if options.layout == "process" else None
+        leaves = plan_tree(flat, options.cast, options.max_chunk_bytes, options.pack_bytes, files)
         for index, leaf in enumerate(leaves):
             leaf.item, leaf.index = item, index
             pairs.extend((leaf, unit) for unit in leaf.units)
@@ -138,7 +141,7 @@ def _create_arrays(loc: paths.Location, commit: fmt.Commit, plan: _Plan) -> None
                 spec = fmt.zarr_spec(kvstore, leaf.record)
                 futures.append(ts.open(spec, create=True, open=True, context=paths.context()))
     for future in futures:
-        future.result()
+        storage.wait(future, loc.options, loc.url, "create array")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,26 +165,63 @@ class _Save:
         return names
 
     def finish(self, names: layout.SaveLayout | None, last: Snapshot) -> int:
-        """Names (unless chosen already), the last batch, checksums to process 0, barrier,
-        commit, barrier. Returns the bytes this process wrote."""
-        timeout_s = self.options.timeout_s
+        """Names (unless chosen already), the last batch, then ``agree``. Returns the bytes this
+        process wrote; raises its own failure, or ``PeerSaveError`` naming the process whose
+        writes failed (then no process commits)."""
         if names is None:
             names = self.choose()
+        failure: BaseException | None = None
         try:
             self.writer.write(last)
             self.writer.check_complete(self.loc.url)
-            crcs = {i: {str(k): v for k, v in c.items()} for i, c in self.writer.crcs.items()}
-            gathered = distributed.gather_json(f"{self.tag}/crc", crcs, timeout_s)
-            distributed.barrier(f"{self.tag}/written", timeout_s)
-            if gathered is not None:
-                _create_arrays(self.loc, names.commit, self.plan)
-                layout.write_commit(self.loc, names, self.plan.manifests(gathered), self.metadata)
+            if self.options.layout == "process":  # each process its own index; process 0 gets sizes and crc32c
+                item_locs = {item: self.loc.join(names.commit.items[item]) for item in self.items}
+                sent: Any = process_files.write_indexes(item_locs, self.plan.leaves_of, self.writer.crcs)
+            else:
+                sent = {i: {str(k): v for k, v in c.items()} for i, c in self.writer.crcs.items()}
+            report = {"sent": sent}
+        except Exception as e:  # told to the others first, so they fail now instead of timing out
+            failure = paths.as_storage_error(e, self.loc.url)
+            report = {"error": f"{type(failure).__name__}: {failure}"[:2000]}
+        try:
+            verdict, own = self.agree(names, report)
         except BaseException:
             if distributed.is_primary():
                 layout.release(self.loc, names)
             raise
-        distributed.barrier(f"{self.tag}/committed", timeout_s)
+        error = failure if failure is not None else own
+        if error is not None:
+            raise error from None
+        if verdict is not None:
+            raise PeerSaveError(errno.EIO, f"save failed on {verdict}; no process committed", self.loc.url)
         return self.writer.nbytes
+
+    def agree(self, names: layout.SaveLayout, report: dict[str, Any]) -> tuple[str | None, BaseException | None]:
+        """Every process's report (what it wrote, or its error) to process 0, which commits only
+        if every process wrote; then its verdict (None: committed) to every process. Also returns
+        process 0's own commit failure."""
+        timeout_s = self.options.timeout_s
+        gathered = distributed.gather_json(f"{self.tag}/crc", report, timeout_s)
+        verdict, own = None, None
+        if gathered is not None:
+            verdict = ", ".join(f"process {pid} ({r['error']})" for pid, r in enumerate(gathered) if "error" in r)
+            try:
+                if not verdict:
+                    self.commit(names, [r["sent"] for r in gathered])
+            except Exception as e:
+                own = paths.as_storage_error(e, self.loc.url)
+                verdict = f"process 0 ({type(own).__name__}: {own})"[:2000]
+            if verdict:
+                layout.release(self.loc, names)
+        return distributed.broadcast_json(f"{self.tag}/verdict", verdict or None, timeout_s), own
+
+    def commit(self, names: layout.SaveLayout, gathered: list[Any]) -> None:
+        """Process 0, once every process wrote: array metadata, manifests, metadata, marker."""
+        _create_arrays(self.loc, names.commit, self.plan)
+        plan = self.plan
+        per_process = self.options.layout == "process"
+        made = process_files.manifests(plan.structures, plan.leaves_of, gathered) if per_process else None
+        layout.write_commit(self.loc, names, made or plan.manifests(gathered), self.metadata)
 
 
 def _start_save(
@@ -199,7 +239,7 @@ def _start_save(
     should not wait for), unless batches must be written before returning.
     """
     start = time.perf_counter()
-    loc = paths.parse(path)
+    loc = paths.parse(path, options.storage)
     for item in items:
         layout.check_item_name(item)
     named = layout.step_of(loc.name)
@@ -215,7 +255,9 @@ def _start_save(
         loc=loc,
         items=list(items),
         plan=plan,
-        writer=Writer(_window(plan.nbytes, options.max_host_bytes), plan.pack_files()),
+        writer=Writer(
+            _window(plan.nbytes, options.max_host_bytes), plan.pack_files(), options=loc.options, where=loc.url
+        ),
         metadata=metadata,
         options=options,
         tag=tag,

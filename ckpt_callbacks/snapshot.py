@@ -45,6 +45,8 @@ def unit_source(leaf: Leaf, unit: planning.WriteUnit) -> Any:
     """The array a unit is cut from: a numpy leaf itself, or the shard on the unit's device."""
     if leaf.record.source == "numpy":
         return leaf.source
+    if isinstance(leaf.source.sharding, jax.sharding.SingleDeviceSharding):
+        return leaf.source  # its one shard
     return next(s.data for s in leaf.source.addressable_shards if s.device == unit.device)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import paths, planning
+from ckpt_callbacks import paths, planning, storage
 from ckpt_callbacks.leaves import Leaf
 from ckpt_callbacks.planning import slices
 from ckpt_callbacks.snapshot import Snapshot, unit_bytes
@@ -24,8 +24,18 @@ DEFAULT_WINDOW_BYTES = 512 << 20
 class Writer:
     """Streams snapshots to TensorStore with a bounded number of bytes in flight."""
 
-    def __init__(self, window: int, packs: dict[tuple[str, str], tuple[int, int]] | None = None) -> None:
-        """``packs``: (item, pack file) -> (size, chunks this process puts in it)."""
+    def __init__(
+        self,
+        window: int,
+        packs: dict[tuple[str, str], tuple[int, int]] | None = None,
+        *,
+        options: storage.StorageOptions | None = None,
+        where: str = "",
+    ) -> None:
+        """``packs``: (item, pack file) -> (size, chunks this process puts in it). Each wait on
+        storage is bounded by ``options.op_timeout_s``; errors name ``where`` (the save's path)."""
+        self.options = options or storage.DEFAULT
+        self.where = where
         self.item_kvstores: dict[str, dict[str, Any]] = {}
         self.window = window
         self.arrays: dict[tuple[str, int], ts.TensorStore] = {}
@@ -51,7 +61,8 @@ class Writer:
         if key not in self.arrays:
             spec = fmt.zarr_spec(self.item_kvstores[leaf.item], leaf.record)
             # Metadata (zarr.json) is written once by process 0 at commit, so writers never race.
-            self.arrays[key] = ts.open(spec, open=True, assume_metadata=True, context=paths.context()).result()
+            opened = ts.open(spec, open=True, assume_metadata=True, context=paths.context())
+            self.arrays[key] = storage.wait(opened, self.options, self.where, "open")
         return self.arrays[key]
 
     def write(self, snapshot: Snapshot) -> None:
@@ -83,10 +94,10 @@ class Writer:
             pending += size
             while pending > self.window and inflight:
                 done, size = inflight.popleft()
-                done.result()
+                storage.wait(done, self.options, self.where, "write")
                 pending -= size
         for future, _ in inflight:
-            future.result()
+            storage.wait(future, self.options, self.where, "write")
         for table, key, crc in crcs:
             table[key] = crc if isinstance(crc, int) else crc.result()
         snapshot.release()
@@ -112,7 +123,8 @@ class Writer:
             return None, size
         del self.pack_buffers[(item, name)]
         if item not in self.kvstores:
-            self.kvstores[item] = ts.KvStore.open(self.item_kvstores[item], context=paths.context()).result()
+            opened = ts.KvStore.open(self.item_kvstores[item], context=paths.context())
+            self.kvstores[item] = storage.wait(opened, self.options, self.where, "open")
         return self.kvstores[item].write(name, buffer.tobytes()), size
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -22,11 +23,14 @@ KeyPath = tuple[str | int, ...]
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
 _MAX_COMPONENT = 120
+_PLAIN = re.compile(f"[A-Za-z0-9_-]{{1,{_MAX_COMPONENT}}}")  # spelled as itself
 
 
 def escape_component(key: str | int) -> str:
     """A file-name-safe, injective spelling of one key (no '/', '.', or empty names)."""
     text = str(key)
+    if _PLAIN.fullmatch(text):
+        return text
     if not text:
         return "%"
     out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
@@ -64,6 +68,11 @@ def _children(node: Any) -> list[tuple[Any, Any]] | None:
     """One level of a pytree: [(key entry, child)], or None when ``node`` is a leaf."""
     if node is None:
         return None
+    kind = type(node)
+    if kind is dict and all(type(k) is str for k in node):  # the common containers without a jax call per node
+        return [(jax.tree_util.DictKey(k), node[k]) for k in sorted(node)]
+    if kind is list or kind is tuple:
+        return [(jax.tree_util.SequenceKey(i), child) for i, child in enumerate(node)]
     flat, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
     if len(flat) == 1 and not flat[0][0] and flat[0][1] is node:
         return None

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ckpt_callbacks import format as fmt
+from ckpt_callbacks import process_index
 from ckpt_callbacks.errors import CheckpointFormatError
 
 MAX_DEPTH = 100  # nesting of the tree structure and of metadata extras
@@ -131,6 +132,9 @@ def _check_grid(rec: dict[str, Any], data_shape: tuple[int, ...]) -> None:
         raise _Bad("chunks", f"{list(chunks)} for stored shape {list(data_shape)} (each in [1, dim])")
     grid = [-(-n // c) for n, c in zip(data_shape, chunks, strict=True)]
     crcs = rec.get("crc32c")
+    if "writers" in rec:  # layout "process": the chunks' records are in the writers' index files
+        _check_writers(rec, math.prod(grid))
+        return
     if not isinstance(crcs, dict) or len(crcs) != math.prod(grid):
         found = f"{len(crcs)} entries" if isinstance(crcs, dict) else show(crcs)
         raise _Bad("crc32c", f"expected one checksum per chunk of grid {grid} ({math.prod(grid)}), found {found}")
@@ -149,6 +153,19 @@ def _check_grid(rec: dict[str, Any], data_shape: tuple[int, ...]) -> None:
         if not isinstance(where, list) or len(where) != 2 or not fmt.PACK_NAME.fullmatch(str(where[0])):
             raise _Bad(f"pack[{key!r}]", f"expected ['pack.<process>-<n>', offset], found {show(where)}")
         _int(where[1], f"pack[{key!r}] offset", 0, MAX_LEAF_BYTES)
+
+
+def _check_writers(rec: dict[str, Any], chunks: int) -> None:
+    if chunks > process_index.MAX_LEAF_CHUNKS:
+        raise _Bad(
+            "chunks", f"{chunks} chunks; a leaf in the process layout has at most {process_index.MAX_LEAF_CHUNKS}"
+        )
+    if rec.get("crc32c") != {} or "pack" in rec:
+        raise _Bad("crc32c", "a leaf with writers keeps its chunks' records in index files: expected {} and no pack")
+    try:
+        process_index.check_writers(rec["writers"], chunks)
+    except ValueError as e:
+        raise _Bad("writers", str(e)) from None
 
 
 def _check_sharding(rec: dict[str, Any], rank: int) -> None:
@@ -272,6 +289,13 @@ def check_manifest(data: dict[str, Any], where: str) -> None:
     for i, rec in enumerate(leaves):
         check_record(rec, i, where)
     check_tree(data["tree"], [tuple(rec["path"]) for rec in leaves], where)
+    writers = [rec["writers"] for rec in leaves if "writers" in rec]
+    if "layout" in data:
+        if any(rec["kind"] != "scalar" and rec["crc32c"] for rec in leaves):
+            raise CheckpointFormatError(f"{where}: a manifest with a 'layout' keeps no chunk checksums in its leaves")
+        process_index.check_layout(data["layout"], writers, where)
+    elif writers:
+        raise CheckpointFormatError(f"{where}: leaves name writers, but the manifest has no 'layout'")
 
 
 def check_pack_overlap(records: Sequence[fmt.LeafRecord], where: str) -> None:

@@ -43,11 +43,11 @@ def build_state(mesh):
     return state
 
 
-def save(path, mesh_shape, step=1, timeout_s=60.0, pack_bytes=1 << 20):
+def save(path, mesh_shape, step=1, timeout_s=60.0, pack_bytes=1 << 20, layout="zarr3"):
     mesh = _mesh(mesh_shape)
     state = build_state(mesh)
     assert not state["w"].is_fully_addressable or jax.process_count() == 1
-    stats = cc.save_async(path, state, step=step, timeout_s=timeout_s, pack_bytes=pack_bytes).wait()
+    stats = cc.save_async(path, state, step=step, timeout_s=timeout_s, pack_bytes=pack_bytes, layout=layout).wait()
     return {"pid": jax.process_index(), "bytes": stats.bytes_written}
 
 
@@ -169,3 +169,25 @@ def save_unshared(path):
     except Exception as e:
         return {"pid": jax.process_index(), "error": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - start}
     return {"pid": jax.process_index(), "error": None}
+
+
+FAILING_SAVE_TIMEOUT_S = 60.0
+
+
+def save_with_failing_process(path, proxy, scheme):
+    """Process 1 sends its storage traffic through ``proxy`` (which fails its writes) for run-2."""
+    mesh = _mesh((2, 2))
+    state = build_state(mesh)
+    opts = cc.StorageOptions(max_retries=2, initial_delay_s=0.01, max_delay_s=0.05, op_timeout_s=10.0)
+    cc.save(f"{path}/run-1", state, step=1, storage=opts)
+    if jax.process_index() == 1:
+        for var in (
+            ("AWS_ENDPOINT_URL_S3",) if scheme == "s3" else ("TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST")
+        ):
+            os.environ[var] = proxy
+    start = time.monotonic()
+    try:
+        cc.save(f"{path}/run-2", state, step=2, storage=opts, timeout_s=FAILING_SAVE_TIMEOUT_S)
+    except Exception as e:
+        return {"pid": jax.process_index(), "error": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - start}
+    return {"pid": jax.process_index(), "error": None, "after_s": time.monotonic() - start}

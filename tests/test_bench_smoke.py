@@ -23,7 +23,11 @@ def test_benchmark_smoke_run_writes_its_outputs(tmp_path):
         "ckpt_callbacks model: restore, other mesh",
         "orbax small: sync save",
     } <= names
-    assert len(report["ratios"]) == 8 and report["loop"]["callback_us"] > 0
+    assert len(report["ratios"]) == 13 and report["loop"]["callback_us"] > 0
+    assert {r["name"] for r in report["chunks"]} >= {"raw chunks: fromfile (limit)", "ckpt_callbacks chunks: save"}
+    fresh = {r["name"]: r for r in report["fresh"]}
+    assert fresh["fresh: ours first save_async"]["seconds"] > 0 and fresh["fresh: orbax restore"]["peak_rss"] > 0
+    assert fresh["fresh: ours restore, other mesh"]["restored"] == report["model_bytes"]
     loop_names = {row["name"] for row in report["loop_save"]}
     assert loop_names == {
         "ckpt_callbacks save_async, snapshot=auto",

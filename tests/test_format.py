@@ -115,8 +115,14 @@ def test_parse_urls():
         "bucket": "bkt",
         "path": "p/",
         "endpoint": "http://127.0.0.1:9",
+        "s3_request_retries": {"max_retries": 8, "initial_delay": "1000ms", "max_delay": "32000ms"},
     }
-    assert paths.kvstore_spec(paths.parse("gs://bkt/p/q")) == {"driver": "gcs", "bucket": "bkt", "path": "p/q/"}
+    assert paths.kvstore_spec(paths.parse("gs://bkt/p/q")) == {
+        "driver": "gcs",
+        "bucket": "bkt",
+        "path": "p/q/",
+        "gcs_request_retries": {"max_retries": 8, "initial_delay": "1000ms", "max_delay": "32000ms"},
+    }
     with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
         paths.parse("ftp://x/y")
     with pytest.raises(ValueError, match=r"'\.' and '\.\.' are not allowed"):

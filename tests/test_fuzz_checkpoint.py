@@ -79,12 +79,12 @@ def _files(url: str) -> dict[str, bytes]:
 class Backend:
     """A pristine checkpoint on one backend, copied afresh for every example."""
 
-    def __init__(self, scheme: str) -> None:
+    def __init__(self, scheme: str, layout: str = "zarr3") -> None:
         self.scheme = scheme
         self.root = tempfile.mkdtemp(prefix="fuzz-") if scheme == "file" else f"memory://fuzz/{scheme}"
         self.tree = _tree()
         self.pristine = self._url("pristine")
-        cc.save(self.pristine, self.tree, step=7, pack_bytes=1024)
+        cc.save(self.pristine, self.tree, step=7, pack_bytes=1024, layout=layout, max_host_bytes=1 << 14)
         self.files = _files(self.pristine)
         self.stored = sum(len(v) for v in self.files.values())
         self.json = {name: json.loads(self.files[name]) for name in (MANIFEST, METADATA, MARKER)}
@@ -256,6 +256,44 @@ def test_deleted_and_swapped_files_are_caught(backend, data):
             del kv[first]
         else:
             kv[first], kv[second] = backend.files[second], backend.files[first]
+        _check(backend, url)
+    finally:
+        backend.drop(url)
+
+
+@pytest.fixture(scope="module")
+def process_backend():
+    """The same tree in the "process" layout (data files of at most 4 KiB, so several)."""
+    made = Backend("file", layout="process")
+    assert any(name.startswith("state/index.") for name in made.files)
+    start_tracing()
+    yield made
+    made.close()
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_process_layout_damaged_index_data_or_manifest(process_backend, data):
+    backend = process_backend
+    url = backend.fresh()
+    try:
+        kind = data.draw(st.sampled_from(["json", "bytes", "bytes", "delete"]))
+        if kind == "json":
+            name, raw, forge = data.draw(json_mutation(backend))
+            _write(url, name, raw, forge)
+            _check(backend, url, _lenient(backend, name, raw) if forge else set())
+            return
+        name = data.draw(st.sampled_from(sorted(n for n in backend.files if "/index." in n or "/pack." in n)))
+        if kind == "delete":
+            del _kv(url)[name]
+        else:
+            raw = bytearray(backend.files[name])
+            spot = data.draw(st.integers(0, len(raw) - 1))
+            if data.draw(st.booleans()):
+                raw[spot] ^= 1 << data.draw(st.integers(0, 7))
+            else:
+                raw = raw[:spot]
+            _kv(url)[name] = bytes(raw)
         _check(backend, url)
     finally:
         backend.drop(url)

@@ -340,3 +340,59 @@ def test_restore_of_the_latest_reads_each_json_file_once_on_s3(s3_endpoint, monk
     json_gets = {p: n for p, n in gets.items() if p.endswith((".json", "/COMMITTED"))}
     # Each checkpoint's marker and metadata once (the listing), the restored one's manifest once.
     assert len(json_gets) == 7 and set(json_gets.values()) == {1}, json_gets
+
+
+def test_restored_arrays_are_independent_even_where_they_share_read_buffers(tmp_path, mesh42):
+    """On local disk a region is read once into an aligned buffer that JAX on CPU takes without a
+    copy, so the shards of a replicated leaf share it: donating the restored arrays to a jitted
+    step must change neither the other arrays, nor the numpy leaves, nor a second restore."""
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((64, 32)).astype(np.float32)
+    state = {"rep": put(full, mesh42, P()), "sharded": put(full, mesh42, P("x", "y")), "host": full.copy()}
+    cc.save(str(tmp_path / "c"), state)
+    first = cc.restore(str(tmp_path / "c"), mesh=mesh42)
+    keep = cc.restore(str(tmp_path / "c"), mesh=mesh42)
+    shards = [np.asarray(s.data) for s in first["rep"].addressable_shards]
+    step = jax.jit(lambda r, s: (r * 0 - 1, s * 0 - 1), donate_argnums=(0, 1))
+    out = step(first["rep"], first["sharded"])
+    jax.block_until_ready(out)
+    assert all((np.asarray(x) == -1).all() for x in out)
+    for shard in shards:
+        np.testing.assert_array_equal(shard, full)
+    assert_tree_equal(keep, state)
+    assert_tree_equal(cc.restore(str(tmp_path / "c"), mesh=mesh42), state)
+    host = keep["host"]
+    host[0, 0] = 123.0  # numpy leaves come back as ordinary writable arrays of their own
+    assert cc.restore(str(tmp_path / "c"), keys="host")["host"][0, 0] == full[0, 0]
+
+
+def test_a_fifo_or_directory_where_a_chunk_file_was_is_corruption_not_a_hang(tmp_path, mesh42):
+    path = tmp_path / "c"
+    cc.save(str(path), {"w": put(np.ones((64, 8192), np.float32), mesh42, P("x", "y"))})
+    chunk = path / "state" / "w" / "c" / "0" / "0"
+    chunk.unlink()
+    os.mkfifo(chunk)  # opening it for reading would block until a writer came
+    with pytest.raises(cc.CorruptCheckpointError, match=r"c/0/0 is not a regular file"):
+        cc.restore(str(path), mesh=mesh42)
+    chunk.unlink()
+    chunk.mkdir()
+    with pytest.raises(cc.CorruptCheckpointError, match=r"c/0/0 is not a regular file"):
+        cc.restore(str(path), mesh=mesh42)
+
+
+def test_a_checksum_mismatch_names_the_chunk_file(tmp_path, mesh42):
+    path = tmp_path / "c"
+    cc.save(str(path), {"w": put(np.ones((64, 8192), np.float32), mesh42, P("x", "y"))})
+    chunk = path / "state" / "w" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(cc.CorruptCheckpointError, match=rf"file {chunk}\): crc32c"):
+        cc.restore(str(path), mesh=mesh42)
+
+
+def test_keys_that_only_differ_in_type_are_refused_before_anything_is_written(tmp_path):
+    tree = {"m": collections.OrderedDict([(1, np.full((300, 1024), 1.0, np.float32)), ("1", np.zeros((300, 1024)))])}
+    with pytest.raises(ValueError, match=r"\['m', 1\] and \['m', '1'\] map to one directory"):
+        cc.save(str(tmp_path / "c"), tree, pack_bytes=0)
+    assert not (tmp_path / "c").exists()

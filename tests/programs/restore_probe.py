@@ -2,11 +2,16 @@
 
     python restore_probe.py save PATH GIB
     python restore_probe.py restore PATH BUDGET_BYTES   (BUDGET_BYTES 0: the default window)
+    python restore_probe.py memory GIB BUDGET_BYTES     (saves to memory://, then restores it)
 
-The restore runs in a fresh process (memory an allocator kept from a save would hide what the
-restore takes) and samples RSS every 2 ms; on CPU the restored arrays are host memory too.
+On local disk chunks are read straight into the restored arrays; ``memory`` takes the
+TensorStore read path, which stages chunks within the budget. The restore runs in a fresh
+process (memory an allocator kept from a save would hide what the restore takes) and samples
+RSS every 2 ms; on CPU the restored arrays are host memory too.
 """
 
+import ctypes
+import gc
 import json
 import os
 import sys
@@ -46,5 +51,10 @@ def restore(path: str, budget: int | None) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "save":
         save(sys.argv[2], float(sys.argv[3]))
+    elif sys.argv[1] == "memory":
+        save("memory://probe", float(sys.argv[2]))
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the saved tree's memory back to the OS before the baseline
+        restore("memory://probe", int(sys.argv[3]) or None)
     else:
         restore(sys.argv[2], int(sys.argv[3]) or None)
