@@ -48,6 +48,16 @@ def cases(reports: list[dict[str, Any]], key: str) -> list[str]:
     return lines
 
 
+def fresh(reports: list[dict[str, Any]]) -> list[str]:
+    """Cases run in a fresh process each: seconds, and for restores peak extra RSS over bytes."""
+    lines = ["| fresh process per run | seconds | peak extra RSS / bytes restored |", "|---|---|---|"]
+    for row in reports[0].get("fresh", []):
+        same = [r2 for r in reports for r2 in r.get("fresh", []) if r2["name"] == row["name"]]
+        memory = _fmt([r["peak_rss"] / r["restored"] for r in same]) if "restored" in row else ""
+        lines.append(f"| {row['name']} | {_fmt([r['seconds'] for r in same], 3)} | {memory} |")
+    return lines
+
+
 def loop(reports: list[dict[str, Any]]) -> list[str]:
     head = "| case | blocking s | first step after: excess ms | loop time lost s | extra device MiB |"
     lines = [head, "|---|---|---|---|---|"]
@@ -70,7 +80,12 @@ def main(argv: list[str]) -> int:
     names = ", ".join(pathlib.Path(p).name for p in argv)
     print(f"Median (range) over {len(reports)} runs: {names}\n")
     print("\n".join(targets(reports)), "\n")
-    print("\n".join(cases(reports, "model") + cases(reports, "small")[2:]), "\n")
+    rows = cases(reports, "model") + cases(reports, "small")[2:]
+    if all("chunks" in r for r in reports):
+        rows += cases(reports, "chunks")[2:]
+    print("\n".join(rows), "\n")
+    if all("fresh" in r for r in reports):
+        print("\n".join(fresh(reports)), "\n")
     print("\n".join(loop(reports)))
     return 0
 
