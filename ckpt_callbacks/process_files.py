@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from ckpt_callbacks import distributed, paths, planning
+from ckpt_callbacks import distributed, paths, planning, storage
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import process_index as pidx
 from ckpt_callbacks.chunk_reads import PackFiles, chunk_regions, settle
-from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError
+from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError, StorageTimeoutError
 
 FILE_BYTES = 1 << 30  # a data file closes before it would grow past this
 LAYOUTS = ("zarr3", "process")
@@ -214,7 +214,9 @@ def _located(
         for process, expected, future in reads:
             where = loc.join(index_name(process)).url
             try:
-                result = future.result()
+                result = storage.wait(future, loc.options, where, "index read")
+            except StorageTimeoutError:
+                raise
             except Exception as e:
                 raise CorruptCheckpointError(f"{where}: cannot be read: {e}") from e
             if result.state != "value":
@@ -279,7 +281,9 @@ def item_source(loc: paths.Location, manifest: fmt.Manifest) -> tuple[list[fmt.L
     for process, (future, (size, crc, files)) in enumerate(zip(futures, entries, strict=True)):
         where = loc.join(index_name(process)).url
         try:
-            result = future.result()
+            result = storage.wait(future, loc.options, where, "index read")
+        except StorageTimeoutError:
+            raise
         except Exception as e:
             raise CorruptCheckpointError(f"{where}: cannot be read: {e}") from e
         data = bytes(result.value) if result.state == "value" else None
