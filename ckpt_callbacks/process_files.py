@@ -110,6 +110,19 @@ def manifests(structures: dict[str, Any], leaves_of: dict[str, list[Any]], gathe
 
 
 # ----------------------------------------------------------------------------------------- reading
+def _index_bytes(future: Any, loc: paths.Location, where: str) -> bytes:
+    """An index read's bytes, within ``op_timeout_s``; a failed or missing read is corruption."""
+    try:
+        result = storage.wait(future, loc.options, where, "index read")
+    except StorageTimeoutError:
+        raise
+    except Exception as e:
+        raise CorruptCheckpointError(f"{where}: cannot be read: {e}") from e
+    if result.state != "value":
+        raise CorruptCheckpointError(f"{where}: named by the manifest but missing")
+    return bytes(result.value)
+
+
 @dataclasses.dataclass(frozen=True)
 class _RangedChunk:
     future: Any
@@ -213,18 +226,11 @@ def _located(
     try:
         for process, expected, future in reads:
             where = loc.join(index_name(process)).url
-            try:
-                result = storage.wait(future, loc.options, where, "index read")
-            except StorageTimeoutError:
-                raise
-            except Exception as e:
-                raise CorruptCheckpointError(f"{where}: cannot be read: {e}") from e
-            if result.state != "value":
-                raise CorruptCheckpointError(f"{where}: named by the manifest but missing")
+            data = _index_bytes(future, loc, where)
             if expected is None:
-                pidx.check_header(bytes(result.value), process, layout["indexes"][process][0], where)
+                pidx.check_header(data, process, layout["indexes"][process][0], where)
                 continue
-            records = pidx.decode_records(bytes(result.value), process, where)
+            records = pidx.decode_records(data, process, where)
             if len(records) != len(expected):
                 raise CorruptCheckpointError(f"{where}: {len(records)} records read, {len(expected)} expected")
             files = layout["indexes"][process][2]
@@ -280,15 +286,7 @@ def item_source(loc: paths.Location, manifest: fmt.Manifest) -> tuple[list[fmt.L
     found: dict[int, dict[str, tuple[str, int, int]]] = collections.defaultdict(dict)
     for process, (future, (size, crc, files)) in enumerate(zip(futures, entries, strict=True)):
         where = loc.join(index_name(process)).url
-        try:
-            result = storage.wait(future, loc.options, where, "index read")
-        except StorageTimeoutError:
-            raise
-        except Exception as e:
-            raise CorruptCheckpointError(f"{where}: cannot be read: {e}") from e
-        data = bytes(result.value) if result.state == "value" else None
-        if data is None:
-            raise CorruptCheckpointError(f"{where}: named by the manifest but missing")
+        data = _index_bytes(future, loc, where)
         if len(data) != size or pidx.index_checksum(data) != crc:
             raise CorruptCheckpointError(
                 f"{where}: {len(data)} bytes with crc32c {pidx.index_checksum(data):#010x}; the manifest says {size} "
