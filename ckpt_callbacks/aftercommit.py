@@ -99,8 +99,10 @@ class AfterCommit:
         writer: ScalarWriter | None,
         retention: Callable[[], None],
         on_commit: Sequence[Callable[[str, int, dict[str, Any]], Any]] = (),
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._writer = writer
+        self._on_failure = on_failure
         self._retention = Coalescing(retention, "ckpt-retention")
         self._on_commit = list(on_commit)
         self._jobs: queue.Queue[Any] = queue.Queue()
@@ -137,8 +139,10 @@ class AfterCommit:
 
     def _handle(self, handle: SaveHandle, step: int, then: Callable[[], None] | None) -> None:
         stats = handle.outcome()
-        if stats is None:
-            return  # a failure: raised to the caller by the next save or wait_until_finished
+        if stats is None:  # a failure: raised to the caller by the next save or wait_until_finished
+            if self._on_failure is not None and distributed.is_primary():
+                self._on_failure(handle.path)  # its files are cleaned up once they are provably dead
+            return
         for hook in self._on_commit:
             try:
                 hook(stats.path, step, dict(handle.metadata))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,10 +106,17 @@ class Checkpointer(CheckpointReader):
         self._last_save_step: int | None = None
         self._last_save_time: float | None = None
         self._previous_step: int | None = None
-        self._inflight: tuple[SaveHandle, int | None] | None = None  # and the last step saved before it
+        # The save in flight, the last step saved before it, and the thread that started it.
+        self._inflight: tuple[SaveHandle, int | None, int] | None = None
+        self._lock = threading.Lock()  # for _inflight: several threads may wait at once
         self._started: list[str] = []  # paths this run began saving to, recorded before each save starts
         self.preemption = Preemption(handle_sigterm)
-        self._after = AfterCommit(writer, lambda: self.retention.apply(committed_this_run=self._started), on_commit)
+        self._after = AfterCommit(
+            writer,
+            lambda: self.retention.apply(committed_this_run=self._started),
+            on_commit,
+            on_failure=self.retention.note_failed,
+        )
         self._closed = False
         self.saves = self._after.saves  # telemetry of every committed save, in order
         close_at_exit(self)
@@ -153,6 +161,7 @@ class Checkpointer(CheckpointReader):
         if not decision.save:
             return False
         extras = self.retention.with_recorded_metrics(step, extras)
+        self._wait_inflight()  # the previous save's failure is raised here, never taken for this step's
         try:
             self._save_now(
                 {self.item: state_fn()}, layout.run_name(step), step=step, extras=extras, now=now, decision=decision
@@ -191,7 +200,8 @@ class Checkpointer(CheckpointReader):
             loc, items, step=step, extras=extras, is_temporary=temporary, add=add, options=self.options
         )
         log.info("checkpoint at step %d (%s%s)", step, decision.reason, ", temporary" if decision.temporary else "")
-        self._inflight = (handle, self._last_save_step)
+        with self._lock:
+            self._inflight = (handle, self._last_save_step, threading.get_ident())
         self._last_save_step = step
         self._last_save_time = _timestamp(self._clock()) if now is None else now
         terminate = self.preemption.clear()
@@ -225,17 +235,30 @@ class Checkpointer(CheckpointReader):
         return self.retention.checkpoints()
 
     def _wait_inflight(self) -> None:
-        inflight, self._inflight = self._inflight, None
+        """Waits for the save in flight and raises its failure to every thread waiting. The
+        failure stays pending until raised in the thread that started the save (the loop: at
+        its next save or wait, unless its own ``handle.wait()`` raised it already)."""
+        with self._lock:
+            inflight = self._inflight
         if inflight is None:
             return
-        handle, saved_before = inflight
-        reported = handle.reported
+        handle, saved_before, owner = inflight
+        here = threading.get_ident()
+        already = here == owner and here in handle.raised_to
         try:
             handle.wait()
         except BaseException:
-            self._last_save_step = saved_before  # not committed: the step may be saved again
-            if not reported:  # raised to whoever waited on the handle already: not twice
+            if here == owner:
+                with self._lock:
+                    if self._inflight is inflight:
+                        self._inflight = None
+                        self._last_save_step = saved_before  # not committed: the step may be saved again
+            if not already:
                 raise
+            return
+        with self._lock:
+            if self._inflight is inflight:
+                self._inflight = None
 
     def wait_until_finished(self) -> None:
         """Blocks until the save in flight has committed and retention has run; raises failures."""

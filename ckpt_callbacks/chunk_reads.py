@@ -9,6 +9,7 @@ Arrays of a format that records no checksums (orbax) are read region by region, 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -66,16 +67,34 @@ class PackFiles:
         self.kvstore: ts.KvStore | None = None
         self.files: dict[str, Any] = {}  # name -> read future, then bytes
 
+    def start(self, name: str, byte_range: tuple[int, int] | None = None, *, size: int | None = None) -> Any:
+        """A read of a file in the item directory (whole, or bytes ``[a, b)``) as a future of
+        ``read_value``'s input. Local files are read here, never opened blocking (a FIFO in
+        place of a file is refused at once); others through TensorStore. ``size``: the size
+        the file must have (a local file of another is refused unread; elsewhere only that
+        many bytes are read)."""
+        url = self.loc.join(name).url
+        if self.loc.scheme == "file":
+            from ckpt_callbacks import direct_reads  # it builds on this module
+
+            path = os.path.join(self.loc.path, name)
+            if byte_range is None:
+                return direct_reads.submit(direct_reads.read_file, path, url, size)
+            return direct_reads.submit(direct_reads.read_range, path, byte_range[0], byte_range[1] - byte_range[0], url)
+        if self.kvstore is None:
+            self.kvstore = ts.KvStore.open(paths.kvstore_spec(self.loc), context=paths.context()).result()
+        if byte_range is None and size is not None:
+            byte_range = (0, size)
+        return self.kvstore.read(name, byte_range=None if byte_range is None else slice(*byte_range))
+
     def chunk(self, name: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> _PackedChunk:
         if name not in self.files:
-            if self.kvstore is None:
-                self.kvstore = ts.KvStore.open(paths.kvstore_spec(self.loc), context=paths.context()).result()
-            self.files[name] = self.kvstore.read(name)
+            self.files[name] = self.start(name)
         return _PackedChunk(self, name, offset, shape, dtype)
 
-    def data(self, name: str, timeout: float | None = None) -> bytes:
+    def data(self, name: str, timeout: float | None = None) -> bytes | bytearray:
         data = self.files[name]
-        if not isinstance(data, bytes):
+        if not isinstance(data, bytes | bytearray):
             try:
                 result = data.result(timeout=timeout)
             except TimeoutError as e:
@@ -84,15 +103,23 @@ class PackFiles:
                 raise StorageTimeoutError(
                     errno.ETIMEDOUT, f"pack file {where}: no answer within op_timeout_s={timeout:g}s", where
                 ) from e
-            if result.state != "value":
+            value = read_value(result)
+            if value is None:
                 raise CorruptCheckpointError(f"pack file {self.loc.join(name).url} is missing")
-            data = self.files[name] = bytes(result.value)
+            data = self.files[name] = value
         return data
 
     def cancel(self) -> None:
         """Cancels pack file reads still in flight and waits for them (see ``LeafRead.cancel``)."""
         for data in self.files.values():
             settle(data)
+
+
+def read_value(result: Any) -> bytes | bytearray | None:
+    """The bytes of a finished ``PackFiles.start`` read; None for a missing file."""
+    if result is None or isinstance(result, bytes | bytearray):
+        return result
+    return result.value if result.state == "value" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,8 +290,9 @@ def _covers(parts: list[tuple[tuple[int, ...], planning.Region]], region: planni
 
 
 def settle(future: Any) -> None:
-    """Cancels a TensorStore future (anything else is left alone) and waits until it is done."""
-    if isinstance(future, ts.Future):
+    """Cancels a TensorStore or local read's future (anything else is left alone) and waits
+    until it is done."""
+    if isinstance(future, ts.Future | concurrent.futures.Future):
         future.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):  # cancelled or failed: over either way
-            future.result()
+        with contextlib.suppress(Exception, asyncio.CancelledError, concurrent.futures.CancelledError):
+            future.result()  # cancelled or failed: over either way

@@ -25,9 +25,9 @@ import datetime
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from ckpt_callbacks import cli_checks, cli_layout, cli_plan, deletes, discovery, layout, orbax_format, paths
+from ckpt_callbacks import cli_checks, cli_layout, cli_plan, deletes, discovery, layout, leftovers, orbax_format, paths
 from ckpt_callbacks import cli_format as show
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.cli_checks import found_instead, leaf_json, shown
@@ -40,7 +40,10 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _saved(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # finite, but past year 9999 or the platform's time_t
+        return f"{timestamp:.6g} s"
 
 
 def _row(base: str, info: discovery.CheckpointInfo, rank: int | None = None) -> dict[str, Any]:
@@ -224,11 +227,26 @@ def _prune(args: argparse.Namespace) -> int:
             deleted.append(row["path"])
     data = {"base": args.base, "policy": keep_text(keep), "dry_run": not args.yes}
     data |= {"best": bool(args.metric), "checkpoints": rows, "deleted": deleted}
+    data["leftovers"] = _prune_leftovers(base, args.yes)
     if args.json:
         show.print_json(data)
     else:
         show.show_prune(show.console(), data)
     return 0
+
+
+def _prune_leftovers(base: paths.Location, delete: bool) -> list[dict[str, Any]]:
+    """Leftovers of saves that died (``ckpt_callbacks.leftovers``) in every ``run-*`` directory
+    under ``base``: listed, and deleted with ``--yes``."""
+    found = []
+    for name in paths.list_dirs(base):
+        if layout.step_of(name) is None:
+            continue
+        loc = base.join(name)
+        entries = leftovers.clean(loc) if delete else leftovers.find(loc)
+        if entries:
+            found.append({"path": loc.url, "entries": entries})
+    return found
 
 
 # What ``--help`` says of each command, and its examples.
@@ -321,10 +339,18 @@ def _add_policies(sub: Any) -> None:
         p.add_argument(f"--keep-{name}", type=int, metavar="N", help=f"retention at the end: --keep-{name} N")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2, as every other error (subcommands'
+    parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command's argument parser (``ckpt-callbacks --help``)."""
     doc = (__doc__ or "").split("\n\n")
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="ckpt-callbacks",
         description="List, inspect, verify, prune and compare checkpoints written by ckpt_callbacks\n"
         "(local paths, file://, s3://, gs://); plan a save policy before a run.",
@@ -360,6 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (CheckpointError, OSError, ValueError) as e:  # ValueError: TensorStore's storage errors, bad options
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, never a traceback, on whatever input
+        print(
+            f"error: internal error, please report it: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr
+        )
         return 2
 
 

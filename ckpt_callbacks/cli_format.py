@@ -73,7 +73,8 @@ def _finite(data: Any) -> Any:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+    # default=repr: what no JSON value spells (never written by a save) is shown, not a crash
+    sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False, default=repr) + "\n")
 
 
 def human_size(nbytes: int | None) -> str:
@@ -94,10 +95,29 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
+def metric_text(value: Any) -> str:
+    """A recorded metric in a table: 4 significant digits; null, a bool or a short string as in
+    JSON; anything else '?'.
+
+    >>> metric_text(0.123456), metric_text(10**400), metric_text("best"), metric_text([1, 2]), metric_text(None)
+    ('0.1235', '?', '"best"', '?', 'null')
+    """
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False) if len(value) <= 40 and value.isprintable() else "?"
+    if not isinstance(value, int | float):
+        return "?"
+    try:
+        return format(float(value), ".4g")
+    except OverflowError:  # an int beyond any float
+        return "?"
+
+
 def _metrics(metrics: dict[str, Any] | None) -> str:
     if not metrics:
         return ""
-    return " ".join(f"{k}={'null' if v is None else format(v, '.4g')}" for k, v in sorted(metrics.items()))
+    return " ".join(f"{k}={metric_text(v)}" for k, v in sorted(metrics.items()))
 
 
 def _status_cell(row: dict[str, Any]) -> Text:
@@ -236,6 +256,13 @@ def show_prune(out: Console, data: dict[str, Any]) -> None:
         out.print(f"dry run: {verb}, keep {len(rows) - len(doomed)}{hint}")
     else:
         out.print(f"deleted {plural(len(data['deleted']), 'checkpoint')} ({size}), kept {len(rows) - len(doomed)}")
+    left = data.get("leftovers") or []
+    if left:
+        count = plural(sum(len(d["entries"]) for d in left), "leftover entry", "leftover entries")
+        verb = "would delete" if data["dry_run"] else "deleted"
+        out.print(f"{verb} {count} of saves that died, in {plural(len(left), 'directory', 'directories')}:")
+        for d in left:
+            out.print(f"  {d['path']}: {', '.join(d['entries'])}", soft_wrap=True)
 
 
 def _clock(seconds: float) -> str:

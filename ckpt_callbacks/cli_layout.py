@@ -6,16 +6,25 @@
 A ``--leaves`` file is JSON: ``{"mesh": {"fsdp": 32}, "leaves": [{"path": "w", "shape": [8, 4],
 "dtype": "bfloat16", "spec": ["fsdp", null]}, ...]}`` (``mesh`` defaults to one ``fsdp`` axis
 over every device; a leaf without ``spec`` is sharded FSDP-style, see ``layout_plan.fsdp_spec``).
+A leaf past the format's bounds (2**50 bytes, dims in [0, 2**62]), and a tree whose plan takes
+more than ``layout_plan.MAX_PLAN_WORK`` steps, are refused before any of it is planned.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
+import stat
 from typing import Any
 
+from ckpt_callbacks import format as fmt
 from ckpt_callbacks import layout_plan, process_files
+from ckpt_callbacks.validate import show
+
+MAX_FILE_BYTES = 64 << 20  # of a --leaves file
 
 _HELP = (
     "Objects and bytes each process writes, and manifest and index sizes, in the zarr3 and the "
@@ -48,28 +57,74 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _load(path: str, devices: int) -> tuple[list[layout_plan.LeafShape], dict[str, int]]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    mesh = {str(k): int(v) for k, v in data.get("mesh", {"fsdp": devices}).items()}
-    leaves = []
-    for leaf in data["leaves"]:
-        shape = tuple(int(n) for n in leaf["shape"])
-        spec = leaf.get("spec")
-        spec = (
-            layout_plan.fsdp_spec(shape, devices, next(iter(mesh)))
-            if spec is None
-            else tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+def _read(path: str) -> Any:
+    """The JSON of a ``--leaves`` file: a regular file (a FIFO would block), of bounded size."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"--leaves {path}: not a regular file; expected a JSON file of leaves")
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise ValueError(f"--leaves {path}: more than {MAX_FILE_BYTES >> 20} MiB; expected a JSON file of leaves")
+    return fmt.loads(raw, f"--leaves {path}")
+
+
+def _fields(entry: Any, where: str, required: set[str], optional: set[str]) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a JSON object, found {show(entry)}")
+    missing, unknown = sorted(required - set(entry)), sorted(set(entry) - required - optional)
+    if missing or unknown:
+        problem = f"missing {missing}" if missing else f"unknown keys {show(unknown)}"
+        raise ValueError(f"{where}: {problem}; expected keys {sorted(required)}, optionally {sorted(optional)}")
+    return entry
+
+
+def _mesh(value: Any, where: str) -> dict[str, int]:
+    sizes = value.values() if isinstance(value, dict) else ()
+    if not isinstance(value, dict) or not value or not all(type(n) is int and n > 0 for n in sizes):
+        raise ValueError(
+            f"{where}: mesh {show(value)}; expected an object of axis name -> positive int, one axis or more"
         )
-        leaves.append(layout_plan.LeafShape(path=str(leaf["path"]), shape=shape, dtype=str(leaf["dtype"]), spec=spec))
+    return value
+
+
+def _leaf(entry: Any, where: str, devices: int, axis: str) -> layout_plan.LeafShape:
+    entry = _fields(entry, where, {"path", "shape", "dtype"}, {"spec"})
+    shape, spec = entry["shape"], entry.get("spec")
+    if not isinstance(entry["path"], str) or not isinstance(shape, list) or not isinstance(spec, list | None):
+        found = ", ".join(f"{k} {show(entry.get(k))}" for k in ("path", "shape", "spec"))
+        raise ValueError(f"{where}: expected a string path, a list shape and a list spec or none; found {found}")
+    entries = () if spec is None else tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+    leaf = layout_plan.LeafShape(path=entry["path"], shape=tuple(shape), dtype=entry["dtype"], spec=entries)
+    if spec is None:  # validated first: fsdp_spec computes with the dims
+        leaf = dataclasses.replace(leaf, spec=layout_plan.fsdp_spec(leaf.shape, devices, axis))
+    return leaf
+
+
+def _load(path: str, devices: int) -> tuple[list[layout_plan.LeafShape], dict[str, int]]:
+    data = _fields(_read(path), f"--leaves {path}", {"leaves"}, {"mesh"})
+    mesh = _mesh(data.get("mesh", {"fsdp": devices}), f"--leaves {path}")
+    if not isinstance(data["leaves"], list) or len(data["leaves"]) > layout_plan.MAX_LEAVES:
+        raise ValueError(f"--leaves {path}: 'leaves' is {show(data['leaves'])}; expected a list of leaf objects")
+    leaves = []
+    for i, entry in enumerate(data["leaves"]):
+        try:
+            leaves.append(_leaf(entry, f"leaves[{i}]", devices, next(iter(mesh))))
+        except ValueError as e:
+            raise ValueError(f"--leaves {path}: {e}") from None
     return leaves, mesh
 
 
 def plan_data(args: argparse.Namespace) -> dict[str, Any]:
     """What ``plan-layout`` prints, as JSON."""
     devices = args.hosts * args.devices_per_host
-    if args.hosts < 1 or args.devices_per_host < 1:
-        raise ValueError(f"--hosts {args.hosts} --devices-per-host {args.devices_per_host}: expected positive counts")
+    if args.hosts < 1 or args.devices_per_host < 1 or devices > layout_plan.MAX_DEVICES:
+        raise ValueError(
+            f"--hosts {args.hosts} --devices-per-host {args.devices_per_host}: expected positive counts, "
+            f"at most {layout_plan.MAX_DEVICES:,} devices in all"
+        )
+    if args.file_bytes < 1:
+        raise ValueError(f"--file-bytes {args.file_bytes}: expected a positive byte count")
     if args.example:
         leaves, mesh = layout_plan.EXAMPLES[args.example](devices, adam=args.adam), {"fsdp": devices}
         name = args.example + (" + Adam (fp32 mu, nu)" if args.adam else "")
@@ -78,7 +133,7 @@ def plan_data(args: argparse.Namespace) -> dict[str, Any]:
         name = args.leaves
     if math.prod(mesh.values()) != devices:
         raise ValueError(
-            f"mesh {mesh} has {math.prod(mesh.values())} devices; --hosts x --devices-per-host is {devices}"
+            f"mesh {show(mesh)} has {math.prod(mesh.values())} devices; --hosts x --devices-per-host is {devices}"
         )
     plans = [
         layout_plan.plan_layout(leaves, mesh, args.hosts, layout=kind, file_bytes=args.file_bytes)
@@ -96,8 +151,6 @@ def plan_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _itemsize(dtype: str) -> int:
-    from ckpt_callbacks import format as fmt
-
     return fmt.dtype_from_name(dtype).itemsize
 
 

@@ -16,6 +16,9 @@ from ckpt_callbacks import discovery, layout
 from ckpt_callbacks.policy import CheckpointInterval, KeepPolicy, SavePolicy
 
 _MAX_PLAN_STEPS = 10_000_000  # about 20 s of simulated decisions
+_MAX_PLAN_SAVES = 100_000  # rows of the plan
+_MAX_INTERVALS = 16  # each decision looks through them
+_MAX_SECONDS = 1e13  # a save interval, and the simulated run: 300,000 years, within a timedelta
 
 
 def _intervals(every: Sequence[int], until: Sequence[int]) -> tuple[CheckpointInterval, ...]:
@@ -28,9 +31,12 @@ def _intervals(every: Sequence[int], until: Sequence[int]) -> tuple[CheckpointIn
     return tuple(sorted(pairs, key=lambda p: (p.until is None, p.until or 0)))
 
 
-def simulate(policy: SavePolicy, steps: int, step_time: float, *, final: bool = True) -> list[dict[str, Any]]:
+def simulate(
+    policy: SavePolicy, steps: int, step_time: float, *, final: bool = True, max_saves: int | None = None
+) -> list[dict[str, Any]]:
     """The saves a Checkpointer with ``policy`` makes when called at steps 1..``steps`` (time =
     step x ``step_time``), then ``on_train_end(steps)`` (``final``): the policy is pure, so no run.
+    More than ``max_saves`` saves raise ``ValueError``.
 
     >>> policy = SavePolicy(step_policies=(CheckpointInterval(4),), save_interval=datetime.timedelta(seconds=5))
     >>> [(s["step"], s["temporary"]) for s in simulate(policy, 10, 1.0)]
@@ -46,6 +52,11 @@ def simulate(policy: SavePolicy, steps: int, step_time: float, *, final: bool = 
             step, now=now, last_save_step=last_step, last_save_time=last_time, previous_step=previous
         )
         if decision.save:
+            if max_saves is not None and len(saves) >= max_saves:
+                raise ValueError(
+                    f"the policy saves more than {max_saves:,} times by step {step} of {steps}: "
+                    "plan lists at most that many (save less often, or plan fewer --steps)"
+                )
             saves.append({"step": step, "time_s": now, "temporary": decision.temporary, "reason": decision.reason})
             last_step, last_time = step, now
     if final and last_step != steps:
@@ -53,21 +64,33 @@ def simulate(policy: SavePolicy, steps: int, step_time: float, *, final: bool = 
     return saves
 
 
-def plan_command(args: argparse.Namespace) -> int:
+def _check_run(args: argparse.Namespace) -> datetime.timedelta | None:
+    """Refuses a run plan cannot simulate; the save interval as a timedelta."""
     if args.steps > _MAX_PLAN_STEPS:
         raise ValueError(f"--steps {args.steps}: plan simulates every step, at most {_MAX_PLAN_STEPS:,}")
-    if args.steps < 1 or not 0 < args.step_time < math.inf:
+    if args.steps < 1 or not 0 < args.step_time < math.inf or args.steps * args.step_time > _MAX_SECONDS:
         raise ValueError(
-            f"--steps {args.steps} --step-time {args.step_time}: expected positive steps and a finite positive time"
+            f"--steps {args.steps} --step-time {args.step_time}: expected positive steps and a positive time, "
+            f"the run at most {_MAX_SECONDS:g} s (steps x step time)"
         )
+    if len(args.every) > _MAX_INTERVALS:
+        raise ValueError(f"{len(args.every)} --every: plan simulates at most {_MAX_INTERVALS} intervals")
     if not args.every and args.save_interval is None:
         raise ValueError(
             "nothing would ever be saved: give --every N (and --until STEP) and/or --save-interval SECONDS"
         )
-    interval = None if args.save_interval is None else datetime.timedelta(seconds=args.save_interval)
+    if args.save_interval is None:
+        return None
+    if not 1e-6 <= args.save_interval <= _MAX_SECONDS:  # NaN too; timedelta counts microseconds
+        raise ValueError(f"--save-interval {args.save_interval}: expected seconds in [1e-06, {_MAX_SECONDS:g}]")
+    return datetime.timedelta(seconds=args.save_interval)
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    interval = _check_run(args)
     policy = SavePolicy(step_policies=_intervals(args.every, args.until), save_interval=interval)
     keep = KeepPolicy(keep_last=args.keep_last, keep_every=args.keep_every)
-    saves = simulate(policy, args.steps, args.step_time, final=not args.no_final)
+    saves = simulate(policy, args.steps, args.step_time, final=not args.no_final, max_saves=_MAX_PLAN_SAVES)
     infos = [
         discovery.CheckpointInfo(
             path=layout.run_name(s["step"]), step=s["step"], timestamp=s["time_s"], is_temporary=s["temporary"]

@@ -32,13 +32,12 @@ from typing import Any
 from fsspec.asyn import sync
 
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import layout, paths
+from ckpt_callbacks import layout, paths, storage
 from ckpt_callbacks.errors import CheckpointFormatError, CheckpointStorageError
 
 S3_BATCH = 1000  # DeleteObjects' limit
 GCS_BATCH = 100  # the GCS batch endpoint's limit
 _CONCURRENT = 4  # batch requests in flight at once
-_RETRIES = 3  # tries of a GCS call answered 429 or 5xx
 _STATUS = re.compile(rb"HTTP/[0-9.]+ ([0-9]{3})")
 _PART_ID = re.compile(rb"content-id:\s*<response-item([0-9]+)>", re.IGNORECASE)
 
@@ -127,52 +126,86 @@ def _object_store(loc: paths.Location) -> bool:
 
 
 def list_keys(loc: paths.Location) -> list[str]:
-    """S3/GCS: every object under ``loc``, as keys relative to it, from one paginated listing."""
+    """S3/GCS: every object under ``loc``, as keys relative to it, from one paginated listing
+    (retried and bounded by ``loc.options``, as every fsspec call)."""
     fs, root = paths.fsspec_view(loc)
     prefix = root + "/"
-    return sorted(p[len(prefix) :] for p in fs.find(root) if p.startswith(prefix))
+    found = storage.retrying(lambda left: fs.find(root, timeout=left), loc.options, loc.url, "listing")
+    return sorted(p[len(prefix) :] for p in found if p.startswith(prefix))
+
+
+class _NotYetDeleted(OSError):
+    """Objects of a batch answered 429 or 5xx: a transient failure, the next attempt sends them."""
 
 
 def delete_keys(loc: paths.Location, keys: Sequence[str]) -> None:
     """S3/GCS: deletes objects ``keys`` (relative to ``loc``) in batched requests.
 
+    One operation of ``loc.options``: attempted at most ``max_retries + 1`` times, each attempt
+    sending only the objects not deleted yet, all within ``op_timeout_s``.
+
     Raises:
       CheckpointStorageError: some keys could not be deleted (the first is named, with the
         count); the others are gone. Keys already missing count as deleted.
+      StorageTimeoutError: the deletes did not finish within ``op_timeout_s``.
     """
     if not keys:
         return
     fs, root = paths.fsspec_view(loc)
-    names = [f"{root}/{k}" for k in keys]
     delete = _s3_batch if loc.scheme == "s3" else _gcs_batch
     size = S3_BATCH if loc.scheme == "s3" else GCS_BATCH
-    batches = [names[i : i + size] for i in range(0, len(names), size)]
-    failed = sync(fs.loop, _all, fs, delete, batches)
-    if failed:
-        path, why = failed[0]
+    pending = [f"{root}/{k}" for k in keys]
+    refused: list[tuple[str, str]] = []
+
+    def attempt(left: float) -> None:
+        nonlocal pending
+        batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+        failed = sync(fs.loop, _all, fs, delete, batches, timeout=left)
+        refused.extend((path, why) for path, why, again in failed if not again)
+        pending = [path for path, _, again in failed if again]
+        if pending:
+            why = next(why for _, why, again in failed if again)
+            raise _NotYetDeleted(errno.EAGAIN, f"{len(pending)} objects not deleted yet ({why})")
+
+    storage.retrying(attempt, loc.options, loc.url, "delete")
+    if refused:
+        path, why = refused[0]
         raise CheckpointStorageError(
-            errno.EIO, f"could not delete {len(failed)} of {len(keys)} objects under {loc.url} ({why})", path
+            errno.EIO, f"could not delete {len(refused)} of {len(keys)} objects under {loc.url} ({why})", path
         )
 
 
-async def _all(fs: Any, delete: Any, batches: list[list[str]]) -> list[tuple[str, str]]:
+async def _all(fs: Any, delete: Any, batches: list[list[str]]) -> list[tuple[str, str, bool]]:
+    """Each batch once: the objects not deleted, why, and whether that may pass (a transient
+    failure of a whole batch fails its objects; a permanent one is raised)."""
     limit = asyncio.Semaphore(_CONCURRENT)
 
-    async def one(batch: list[str]) -> list[tuple[str, str]]:
+    async def one(batch: list[str]) -> list[tuple[str, str, bool]]:
         async with limit:
             return await delete(fs, batch)
 
-    results = await asyncio.gather(*(one(b) for b in batches))
-    return [f for r in results for f in r]
+    results = await asyncio.gather(*(one(b) for b in batches), return_exceptions=True)
+    out = []
+    for batch, result in zip(batches, results, strict=True):
+        if not isinstance(result, BaseException):
+            out.extend(result)
+        elif storage.transient(result):
+            out.extend((path, f"{type(result).__name__}: {result}", True) for path in batch)
+        else:
+            raise result
+    return out
 
 
-async def _s3_batch(fs: Any, names: list[str]) -> list[tuple[str, str]]:
+_S3_TRANSIENT = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
+
+
+async def _s3_batch(fs: Any, names: list[str]) -> list[tuple[str, str, bool]]:
     """One ``DeleteObjects`` request; the keys it reports as not deleted, with S3's reason."""
     bucket = names[0].split("/", 1)[0]
     objects = [{"Key": n.split("/", 1)[1]} for n in names]
     out = await fs._call_s3("delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
     return [
-        (f"{bucket}/{e.get('Key')}", f"{e.get('Code')}: {e.get('Message')}")
+        (f"{bucket}/{e.get('Key')}", f"{e.get('Code')}: {e.get('Message')}", e.get("Code") in _S3_TRANSIENT)
         for e in out.get("Errors", [])
         if e.get("Code") != "NoSuchKey"
     ]
@@ -203,31 +236,20 @@ def _gcs_statuses(content: bytes, count: int) -> dict[int, int]:
     return {i: s for i, s in statuses.items() if 0 <= i < count}
 
 
-async def _gcs_batch(fs: Any, names: list[str]) -> list[tuple[str, str]]:
-    """One batch request (calls answered 429 or 5xx tried again); the objects not deleted."""
-    pending, failed = list(names), []
-    retry: list[tuple[str, int | None]] = []
-    for attempt in range(_RETRIES):
-        if attempt:
-            await asyncio.sleep(0.2 * 2**attempt)
-        boundary = f"batch_{uuid.uuid4().hex}"
-        _, content = await fs._call(
-            "POST",
-            fs.batch_url_base,
-            headers={"Content-Type": f"multipart/mixed; boundary={boundary}"},
-            data=_gcs_body(pending, boundary),
-        )
-        statuses = _gcs_statuses(bytes(content), len(pending))
-        retry = []
-        for i, name in enumerate(pending):
-            status = statuses.get(i)
-            if status in (200, 204, 404):
-                continue
-            if status is None or status == 429 or status >= 500:
-                retry.append((name, status))
-            else:
-                failed.append((name, f"HTTP {status}"))
-        pending = [name for name, _ in retry]
-        if not pending:
-            break
-    return failed + [(name, f"HTTP {status} after {_RETRIES} tries") for name, status in retry]
+async def _gcs_batch(fs: Any, names: list[str]) -> list[tuple[str, str, bool]]:
+    """One batch request; the objects not deleted (calls answered 429 or 5xx may pass)."""
+    boundary = f"batch_{uuid.uuid4().hex}"
+    _, content = await fs._call(
+        "POST",
+        fs.batch_url_base,
+        headers={"Content-Type": f"multipart/mixed; boundary={boundary}"},
+        data=_gcs_body(names, boundary),
+    )
+    statuses = _gcs_statuses(bytes(content), len(names))
+    failed = []
+    for i, name in enumerate(names):
+        status = statuses.get(i)
+        if status not in (200, 204, 404):
+            again = status is None or status == 429 or status >= 500
+            failed.append((name, "no answer" if status is None else f"HTTP {status}", again))
+    return failed

@@ -7,6 +7,9 @@ is computed right after its read, while its bytes are still hot in cache, on the
 reads run on a thread pool (both ``readinto`` and crc32c release the GIL).
 
 Other backends and formats go through TensorStore (``chunk_reads``); both check the same crc32c.
+Every local file a restore or ``verify`` reads (chunk files here; pack, data and index files
+through ``read_file`` and ``read_range``) is opened without blocking and refused unless it is
+a regular file: a FIFO in its place would otherwise hold the read until ``op_timeout_s``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import stat
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import crc32c
 import numpy as np
@@ -71,17 +75,18 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
 
 def applies(loc: paths.Location, record: fmt.LeafRecord) -> bool:
     """Whether a leaf's chunks can be read as plain files: our zarr3 array, on local disk."""
-    return loc.scheme == "file" and sys.byteorder == "little" and not record.pack and len(record.chunks) > 0
+    return loc.scheme == "file" and sys.byteorder == "little" and not record.pack
 
 
 def _chunk_file(array_dir: str, idx: tuple[int, ...]) -> str:
-    return os.path.join(array_dir, "c", *(str(i) for i in idx))  # zarr3 "default" chunk key encoding
+    return os.path.join(array_dir, "c", *(str(i) for i in idx))  # zarr3 "default" chunk key encoding ("c" if 0-d)
 
 
 def _prefix_layout(creg: planning.Region, idx: tuple[int, ...], chunks: tuple[int, ...]) -> bool:
     """Whether chunk ``idx``'s stored region ``creg`` is a C-order prefix of its file: only its
     first dimension may be cut by the array's edge."""
-    return all(b - a == c for (a, b), c in zip(creg[1:], chunks[1:], strict=True)) and creg[0][0] == idx[0] * chunks[0]
+    inner = all(b - a == c for (a, b), c in zip(creg[1:], chunks[1:], strict=True))
+    return inner and (not creg or creg[0][0] == idx[0] * chunks[0])  # a 0-d chunk is its whole file
 
 
 class DirectRead:
@@ -114,7 +119,8 @@ class DirectRead:
         dsts = []
         for region, host in into:
             inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg, strict=True))
-            dst = host[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))]
+            cut: tuple[Any, ...] = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region, strict=True))
+            dst = host[(*cut, Ellipsis)]  # a view, also of a 0-d array (``host[()]`` would be a copy)
             dsts.append((inter, dst))
         (inter, dst), *_ = dsts
         if (
@@ -147,32 +153,18 @@ class DirectRead:
         """Fills ``into`` (C-contiguous) with the first bytes of chunk ``idx``'s file; a missing
         file is a chunk of zeros (zarr3 stores no chunk equal to the fill value)."""
         path = _chunk_file(self.array_dir, idx)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block the open
-        except FileNotFoundError:
+        fd = open_regular(path, self._what(idx))
+        if fd is None:
             into.fill(0)
             return
-        except OSError as e:
-            raise CorruptCheckpointError(f"{self._what(idx)}: file {path} could not be opened: {e}") from e
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise CorruptCheckpointError(f"{self._what(idx)}: {path} is not a regular file")
-            if info.st_size != self.chunk_bytes:
+            size = os.fstat(fd).st_size
+            if size != self.chunk_bytes:
                 raise CorruptCheckpointError(
-                    f"{self._what(idx)}: file {path} holds {info.st_size} bytes, expected {self.chunk_bytes} "
+                    f"{self._what(idx)}: file {path} holds {size} bytes, expected {self.chunk_bytes} "
                     f"(chunk {list(self.record.chunks)} of {self.record.zarr_dtype})"
                 )
-            view, done = into.reshape(-1).view(np.uint8).data, 0
-            while done < len(view):
-                n = os.readv(fd, [view[done:]])
-                if not n:
-                    raise CorruptCheckpointError(f"{self._what(idx)}: file {path} ended after {done} bytes")
-                done += n
-        except CorruptCheckpointError:
-            raise
-        except OSError as e:
-            raise CorruptCheckpointError(f"{self._what(idx)}: file {path} could not be read: {e}") from e
+            _read_into(fd, path, 0, into.reshape(-1).view(np.uint8).data, self._what(idx))
         finally:
             os.close(fd)
 
@@ -188,3 +180,75 @@ class DirectRead:
         for future in self.futures:
             future.cancel()
         concurrent.futures.wait(self.futures)
+
+
+def open_regular(path: str, what: str) -> int | None:
+    """A read-only descriptor of the regular file at ``path`` (None if there is none), opened
+    without blocking: a FIFO, device or directory there is refused at once, naming ``what``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block the open
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CorruptCheckpointError(f"{what}: file {path} could not be opened: {e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise CorruptCheckpointError(f"{what}: file {path} could not be read: {e}") from e
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{what}: {path} is not a regular file (mode {stat.filemode(mode)})")
+    return fd
+
+
+def _read_into(fd: int, path: str, offset: int, view: memoryview, what: str) -> None:
+    done = 0
+    try:
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if not n:
+                raise CorruptCheckpointError(f"{what}: file {path} ended after {offset + done} bytes")
+            done += n
+    except OSError as e:
+        raise CorruptCheckpointError(f"{what}: file {path} could not be read: {e}") from e
+
+
+def read_file(path: str, what: str, size: int | None = None) -> bytearray | None:
+    """The bytes of the regular file at ``path`` (None if there is none); with ``size``, a file
+    of any other size is refused before anything is read."""
+    fd = open_regular(path, what)
+    if fd is None:
+        return None
+    try:
+        found = os.fstat(fd).st_size
+        if size is not None and found != size:
+            raise CorruptCheckpointError(f"{what}: file {path} holds {found} bytes, expected {size}")
+        out = bytearray(found)
+        _read_into(fd, path, 0, memoryview(out), what)
+        return out
+    finally:
+        os.close(fd)
+
+
+def read_range(path: str, offset: int, nbytes: int, what: str) -> bytearray:
+    """Bytes ``offset`` to ``offset + nbytes`` of the regular file at ``path``, all inside it."""
+    fd = open_regular(path, what)
+    if fd is None:
+        raise CorruptCheckpointError(f"{what}: file {path} is missing")
+    try:
+        size = os.fstat(fd).st_size
+        if offset + nbytes > size:
+            raise CorruptCheckpointError(
+                f"{what}: file {path} holds {size} bytes, the chunk is bytes {offset}-{offset + nbytes}"
+            )
+        out = bytearray(nbytes)
+        _read_into(fd, path, offset, memoryview(out), what)
+        return out
+    finally:
+        os.close(fd)
+
+
+def submit(fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+    """``fn(*args)`` on the read pool (a local file read, like a TensorStore read, in the background)."""
+    return _pool().submit(fn, *args)

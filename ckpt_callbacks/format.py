@@ -48,7 +48,7 @@ METADATA_NAME = re.compile(r"metadata(\.ckpt-[0-9a-f]{8})?\.json")
 LeafKind = Literal["array", "prng_key", "scalar"]
 LeafSource = Literal["", "jax", "numpy"]  # "" for scalars
 ITEM_NAME = re.compile(r"[A-Za-z0-9_-]+")
-# The dtypes a leaf can be stored in (what ``leaves._storable`` accepts): numeric numpy dtypes
+# The dtypes a leaf can be stored in (what ``leaves._check_dtype`` accepts): numeric numpy dtypes
 # and the ml_dtypes ones. No other name is ever turned into a dtype (no 'O', 'U2', 'V8', 'M8').
 _ML_DTYPES = (
     "bfloat16 float8_e3m4 float8_e4m3 float8_e4m3b11fnuz float8_e4m3fn float8_e4m3fnuz float8_e5m2 "

@@ -25,12 +25,12 @@ import dataclasses
 import logging
 import re
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from typing import Any
 
 import crc32c
 
-from ckpt_callbacks import distributed, paths
+from ckpt_callbacks import claims, distributed, paths
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.errors import (
     CheckpointExistsError,
@@ -90,7 +90,7 @@ def read_commit(loc: paths.Location) -> fmt.Commit | None:
     return fmt.Commit.from_json(fmt.loads(raw, where), where)
 
 
-def _read_committed_json(loc: paths.Location, commit: fmt.Commit, name: str) -> Any:
+def read_committed_json(loc: paths.Location, commit: fmt.Commit, name: str) -> Any:
     """A JSON file the marker names (``name`` relative to ``loc``), checked against its crc32c."""
     *dirs, base = name.split("/")
     where = f"{loc.url}/{name}"
@@ -138,7 +138,7 @@ class Checkpoint:
         if item not in self._manifests:
             item_loc = self.item_loc(item)
             name = f"{self.commit.items[item]}/{MANIFEST}"
-            data = _read_committed_json(self.loc, self.commit, name)
+            data = read_committed_json(self.loc, self.commit, name)
             self._manifests[item] = fmt.Manifest.from_json(data, item_loc.join(MANIFEST).url)
         return self._manifests[item]
 
@@ -149,7 +149,7 @@ def try_open(loc: paths.Location) -> Checkpoint | None:
     if commit is None:
         return None
     where = loc.join(commit.metadata).url
-    metadata = fmt.Metadata.from_json(_read_committed_json(loc, commit, commit.metadata), where)
+    metadata = fmt.Metadata.from_json(read_committed_json(loc, commit, commit.metadata), where)
     named = step_of(loc.name)
     if named is not None and metadata.step is not None and metadata.step != named:
         raise CheckpointFormatError(
@@ -190,15 +190,8 @@ class SaveLayout:
     claim: str
     stale: tuple[str, ...] = ()
     add: bool = False  # items added to the committed checkpoint, its other items kept
-
-
-def _claimed_names(loc: paths.Location, claim: str) -> set[str]:
-    raw = paths.read_bytes(loc, claim)
-    try:
-        names = fmt.loads(raw or b"[]", loc.join(claim).url)
-        return {str(n) for n in names} if isinstance(names, list) else set()
-    except CheckpointFormatError:
-        return set()
+    claimed: tuple[str, ...] = ()  # every name the claim names
+    lease_s: float = claims.DEFAULT_LEASE_S
 
 
 def is_ours(name: str, items: Collection[str]) -> bool:
@@ -234,14 +227,14 @@ def refuse_committed(loc: paths.Location, overwrite: bool, tag: str, add: list[s
         )
 
 
-def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: bool) -> dict[str, Any]:
+def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: bool, lease_s: float) -> dict[str, Any]:
     """Process 0: claim, list, and choose (see ``choose_layout``)."""
     nonce = uuid.uuid4().hex[:8]
     claim = f"{CLAIM_PREFIX}{nonce}"
     # The claim names every name this save may use, plain ones too (it decides after listing):
     # another save never takes them for leftovers while this one writes.
     names = [METADATA, *items, f"metadata.ckpt-{nonce}.json", *(f"{i}.ckpt-{nonce}" for i in items)]
-    paths.write_bytes(loc, claim, fmt.dumps(names))
+    paths.write_bytes(loc, claim, claims.new_claim(names, lease_s).to_bytes())
     committed = read_commit_quietly(loc)  # a damaged marker is replaced, and none of its names trusted
     why = None if overwrite else _collision(committed, items, add)
     if why is not None:  # committed by another save since refuse_committed, or an item is taken
@@ -249,16 +242,26 @@ def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: b
         return {"refused": why}
     entries = [n for n in paths.list_entries(loc) if n != claim]
     others = [n for n in entries if n.startswith(CLAIM_PREFIX)]
-    busy = set().union(*(_claimed_names(loc, c) for c in others)) if others else set()
+    busy, dead = claims.held(loc, others)
     if add and committed is not None:  # the items this save does not replace stay
         busy |= {committed.metadata, *(d for item, d in committed.items.items() if item not in items)}
-    known = set(items) | (set(committed.items) if committed else set())
-    stale = [n for n in entries if is_ours(n, known) and n not in busy and not n.startswith(CLAIM_PREFIX)]
+    known = set(items) | (set(committed.items) if committed else set()) | claims.item_names(loc, dead)
+    stale = [
+        n for n in entries if n in dead or (is_ours(n, known) and n not in busy and not n.startswith(CLAIM_PREFIX))
+    ]
     plain = not others and not stale and not (add and committed is not None)
-    return {"refused": None, "plain": plain, "nonce": nonce, "stale": stale}
+    return {"refused": None, "plain": plain, "nonce": nonce, "stale": stale, "claimed": names}
 
 
-def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: str, add: bool = False) -> SaveLayout:
+def choose_layout(
+    loc: paths.Location,
+    items: list[str],
+    overwrite: bool,
+    tag: str,
+    add: bool = False,
+    *,
+    lease_s: float = claims.DEFAULT_LEASE_S,
+) -> SaveLayout:
     """Names for one save, decided by process 0 and shared with every process.
 
     Process 0 first writes a claim naming what the save will write, then lists the directory.
@@ -268,7 +271,7 @@ def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: s
     whole. Plain-name readers (the seed's ``metadata.json``) see plain names on a first save.
     With ``add``, the items join the committed checkpoint (its other items are kept).
     """
-    decision = _decide_names(loc, items, overwrite, add) if distributed.is_primary() else None
+    decision = _decide_names(loc, items, overwrite, add, lease_s) if distributed.is_primary() else None
     decision = distributed.broadcast_json(f"{tag}/layout", decision)
     if decision["refused"]:
         raise CheckpointExistsError(f"{loc.url} {decision['refused']} (committed while this save started?)")
@@ -279,7 +282,14 @@ def choose_layout(loc: paths.Location, items: list[str], overwrite: bool, tag: s
         commit = fmt.Commit(
             metadata=f"metadata.ckpt-{nonce}.json", items={item: f"{item}.ckpt-{nonce}" for item in items}
         )
-    return SaveLayout(commit=commit, claim=f"{CLAIM_PREFIX}{nonce}", stale=tuple(decision["stale"]), add=add)
+    return SaveLayout(
+        commit=commit,
+        claim=f"{CLAIM_PREFIX}{nonce}",
+        stale=tuple(decision["stale"]),
+        add=add,
+        claimed=tuple(decision["claimed"]),
+        lease_s=lease_s,
+    )
 
 
 def check_shared(loc: paths.Location, layout: SaveLayout, tag: str, timeout_s: float) -> None:
@@ -303,57 +313,22 @@ def check_shared(loc: paths.Location, layout: SaveLayout, tag: str, timeout_s: f
         )
 
 
-def release(loc: paths.Location, layout: SaveLayout) -> None:
-    """Process 0, after a failed save: drops the claim (the written files stay until the next save)."""
+def release(loc: paths.Location, layout: SaveLayout, *, settled: bool = True) -> None:
+    """Process 0, after a failed save: drops the claim if every write of the save has settled
+    (a refusal); otherwise leaves it to age out (see ``ckpt_callbacks.claims``), so writes the
+    store may still apply never land in names another save reuses. The files stay until a
+    later save, retention or prune finds the claim dead."""
+    if not settled:
+        return
     try:
         paths.delete_entry(loc, layout.claim)
     except Exception as e:  # best effort: a leftover claim only makes the next save use suffixed names
         log.warning("could not delete %s: %s", loc.join(layout.claim).url, e)
 
 
-def _merged(
-    loc: paths.Location, layout: SaveLayout, metadata: fmt.Metadata
-) -> tuple[fmt.Commit, fmt.Metadata, set[str]]:
-    """For an added item: the commit and metadata of the checkpoint as it is now (read again,
-    right before committing), with this save's items added; and the entries they keep."""
-    current = try_open(loc) if layout.add else None
-    if current is None:
-        return layout.commit, metadata, set()
-    if current.metadata.step != metadata.step:
-        raise CheckpointExistsError(
-            f"{loc.url} holds step {current.metadata.step}; an item of step {metadata.step} cannot join it"
-        )
-    old = current.commit
-    kept = {item: d for item, d in old.items.items() if item not in layout.commit.items}
-    checksums = {k: v for k, v in old.checksums.items() if k.split("/")[0] in kept.values()}
-    commit = dataclasses.replace(layout.commit, items={**kept, **layout.commit.items}, checksums=checksums)
-    merged = dataclasses.replace(
-        metadata, items=tuple(commit.items), extras={**current.metadata.extras, **metadata.extras}
-    )
-    return commit, merged, set(kept.values())
-
-
-def write_commit(
-    loc: paths.Location, layout: SaveLayout, manifests: Mapping[str, fmt.Manifest], metadata: fmt.Metadata
-) -> None:
-    """Process 0: manifests, metadata, then the marker (with their crc32c); then stale entries go."""
-    commit, metadata, kept = _merged(loc, layout, metadata)
-    checksums = dict(commit.checksums)
-    for item, manifest in manifests.items():
-        raw = fmt.dumps(manifest.to_json())
-        paths.write_bytes(loc.join(commit.items[item]), MANIFEST, raw)
-        checksums[f"{commit.items[item]}/{MANIFEST}"] = crc32c.crc32c(raw)
-    raw = fmt.dumps(metadata.to_json())
-    paths.write_bytes(loc, commit.metadata, raw)
-    checksums[commit.metadata] = crc32c.crc32c(raw)
-    replaced = read_commit_quietly(loc)
-    marker = dataclasses.replace(commit, checksums=checksums)
-    paths.write_bytes(loc, COMMIT_MARKER, fmt.dumps(marker.to_json()))
-    keep = {commit.metadata, *commit.items.values(), *kept}
-    doomed = set(layout.stale)
-    if replaced is not None:
-        doomed |= {replaced.metadata, *replaced.items.values()}
-    _delete_quietly(loc, [*sorted(doomed - keep - {COMMIT_MARKER}), layout.claim])
+def renew(loc: paths.Location, layout: SaveLayout) -> None:
+    """Process 0, while its save runs: rewrites the claim, renewed now."""
+    paths.write_bytes(loc, layout.claim, claims.new_claim(list(layout.claimed), layout.lease_s).to_bytes())
 
 
 def read_commit_quietly(loc: paths.Location) -> fmt.Commit | None:
@@ -361,11 +336,3 @@ def read_commit_quietly(loc: paths.Location) -> fmt.Commit | None:
         return read_commit(loc)
     except CheckpointFormatError:
         return None
-
-
-def _delete_quietly(loc: paths.Location, names: list[str]) -> None:
-    for name in names:
-        try:
-            paths.delete_entry(loc, name)
-        except Exception as e:  # best effort: the new checkpoint is already committed
-            log.warning("could not delete stale %s: %s", loc.join(name).url, e)

@@ -45,10 +45,17 @@ def _zarr_dtype(dtype: np.dtype) -> str:
         return f"uint{dtype.itemsize * 8}"
 
 
-def _storable(dtype: np.dtype) -> bool:
-    if dtype.kind == "V":  # ml_dtypes (bfloat16, float8_*, int4) are 'V'; plain void/structured are not
-        return dtype.fields is None and dtype.type.__module__.startswith("ml_dtypes")
-    return dtype.kind in "biufc"
+def _check_dtype(where: str, dtype: Any, stored: Any) -> None:
+    """Refuses a leaf whose dtype (or ``dtype=`` cast) the format has no name for, before planning.
+
+    Its allow-list, not numpy's kinds: float128 and complex256 are numeric, but no reader knows them.
+    """
+    for name, value in (("dtype", dtype), ("stored dtype (the dtype= cast)", stored)):
+        found = np.dtype(value)
+        if found.name not in fmt.NUMERIC_DTYPES:
+            raise TypeError(
+                f"leaf {where!r}: {name} {found} cannot be saved; expected one of {sorted(fmt.NUMERIC_DTYPES)}"
+            )
 
 
 def _spec_json(sharding: Any, ndim: int) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
@@ -71,7 +78,10 @@ def _describe_jax(path: fmt.KeyPath, value: jax.Array, cast: Any) -> Leaf:
         source = jax.random.key_data(value)
         key_tail = source.shape[value.ndim :]
     elif cast is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype != cast:
+        _check_dtype(fmt.key_string(path) or "<root>", dtype, cast)  # before the cast is computed
         source, private = value.astype(cast), True
+    else:
+        _check_dtype(fmt.key_string(path) or "<root>", dtype, dtype)
     stored = np.dtype(source.dtype)
     record = fmt.LeafRecord(
         path=path,
@@ -101,13 +111,10 @@ def describe(path: fmt.KeyPath, value: Any, cast: Any) -> Leaf:
     if isinstance(value, jax.Array):
         return _describe_jax(path, value, cast)
     if isinstance(value, np.ndarray):
-        if not _storable(value.dtype):
-            raise TypeError(
-                f"leaf {where!r}: numpy dtype {value.dtype} cannot be saved; "
-                "expected a numeric, bool or ml_dtypes array"
-            )
+        casts = cast is not None and np.issubdtype(value.dtype, np.floating) and value.dtype != cast
+        _check_dtype(where, value.dtype, cast if casts else value.dtype)
         host_source = _native(value)  # stored and checksummed little-endian
-        if cast is not None and np.issubdtype(value.dtype, np.floating) and value.dtype != cast:
+        if casts:
             host_source = value.astype(cast)
         stored = np.dtype(host_source.dtype)
         record = fmt.LeafRecord(

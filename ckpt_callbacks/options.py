@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ckpt_callbacks import distributed, paths, planning
+from ckpt_callbacks import claims, distributed, paths, planning
 from ckpt_callbacks.snapshot import MemoryStats, SnapshotMode
 from ckpt_callbacks.storage import StorageOptions
 
@@ -46,6 +46,10 @@ class SaveOptions:
       storage: retries with backoff, request concurrency and the bound on each storage
         operation (``StorageOptions``); None: those of the path if it is a ``Location`` carrying
         them, else the defaults. A write past ``storage.op_timeout_s`` fails the save.
+      claim_lease_s: how long a save's claim on its names lives without renewal (process 0
+        renews it every third of this while the save runs); a claim older than this, or whose
+        process on this host is gone, is dead and its files are leftovers that the next save,
+        retention and prune delete (see ``ckpt_callbacks.claims``).
       layout: ``"zarr3"`` (one zarr3 array per large leaf, one object per chunk) or
         ``"process"`` (each process's chunks in its own data files of at most 1 GiB plus one
         index file: objects grow with processes, not leaves x shards; see
@@ -62,8 +66,11 @@ class SaveOptions:
     memory_stats: MemoryStats | None = None
     storage: StorageOptions | None = None
     layout: str = "zarr3"
+    claim_lease_s: float = claims.DEFAULT_LEASE_S
 
     def __post_init__(self) -> None:
+        if not isinstance(self.overwrite, bool):
+            raise ValueError(f"overwrite must be True or False, got {self.overwrite!r}")
         budget = self.max_host_bytes
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 2):
             raise ValueError(f"max_host_bytes must be a positive byte count, got {budget!r}")
@@ -79,6 +86,9 @@ class SaveOptions:
             raise ValueError(f"snapshot must be 'auto', 'device' or 'host', got {self.snapshot!r}")
         if self.storage is not None and not isinstance(self.storage, StorageOptions):
             raise ValueError(f"storage must be a StorageOptions or None, got {self.storage!r}")
+        lease = self.claim_lease_s
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease < float("inf"):
+            raise ValueError(f"claim_lease_s must be a positive finite number of seconds, got {lease!r}")
         if not 0 <= self.device_headroom < 1:
             raise ValueError(f"device_headroom must be a fraction in [0, 1), got {self.device_headroom!r}")
 
@@ -120,7 +130,7 @@ class SaveHandle:
         self._error: BaseException | None = None
         self._stats: SaveStats | None = None
         self._thread: threading.Thread | None = None
-        self.reported = False  # whether wait() has raised the failure to someone
+        self.raised_to: set[int] = set()  # threads whose wait() raised the failure
 
     def _run(self, work: Any) -> None:
         start = time.perf_counter()
@@ -157,7 +167,7 @@ class SaveHandle:
         if not self._done.wait(timeout):
             raise TimeoutError(f"save to {self.path} still running after {timeout}s")
         if self._error is not None:
-            self.reported = True  # a manager holding this handle does not raise it a second time
+            self.raised_to.add(threading.get_ident())
             raise self._error
         assert self._stats is not None
         return self._stats

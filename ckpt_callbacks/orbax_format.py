@@ -227,6 +227,16 @@ def _array_metadata(
     return out
 
 
+def _check_declared_scalar(record: fmt.LeafRecord, where: str) -> None:
+    """A scalar leaf's zarr metadata declares one number: checked before the read, which would
+    allocate whatever shape it declares (a forged one of GiBs aborted the process)."""
+    if record.shape != () or fmt.dtype_from_name(record.dtype).kind not in "biuf":
+        raise CheckpointFormatError(
+            f"{where}/{record.array}: leaf {record.key!r}: orbax names it a scalar, its zarr metadata "
+            f"declares {record.dtype} {list(record.shape)}; expected one number (shape [])"
+        )
+
+
 def _scalar_value(array: np.ndarray, key: str, where: str) -> tuple[Any, str]:
     if array.shape != () or array.dtype.kind not in "biuf":
         raise CheckpointFormatError(f"{where}: leaf {key!r}: a scalar stored as {array.dtype} {list(array.shape)}")
@@ -292,6 +302,8 @@ def _records(
     """Our record of each leaf (scalars and strings read now), and each array leaf's spec."""
     records, specs = _array_records(item, [e for e in leaves if e.value_type in (*ARRAY_TYPES, "scalar")], storage)
     scalars = [e.path for e in leaves if e.value_type == "scalar"]
+    for path in scalars:
+        _check_declared_scalar(records[path], item.url)
     opened = [ts.open(specs.pop(p), open=True, assume_metadata=True, context=context()) for p in scalars]
     try:
         values = [future.result().read().result() for future in opened]

@@ -23,6 +23,7 @@ import functools
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +32,7 @@ import fsspec.implementations.local
 import tensorstore as ts
 
 from ckpt_callbacks import storage
-from ckpt_callbacks.errors import CheckpointPathError, CheckpointStorageError
+from ckpt_callbacks.errors import CheckpointPathError, CheckpointStorageError, CorruptCheckpointError
 from ckpt_callbacks.storage import DEFAULT as DEFAULT_STORAGE
 from ckpt_callbacks.storage import StorageOptions
 
@@ -119,6 +120,8 @@ def parse(url: str | os.PathLike[str] | Location, storage: StorageOptions | None
 
 def _parse(url: str | os.PathLike[str]) -> Location:
     text = os.fspath(url)
+    if not isinstance(text, str) or not text.strip():
+        raise CheckpointPathError(f"a checkpoint path must be a non-empty path or URL, got {url!r}")
     scheme, sep, rest = text.partition("://")
     if not sep:
         looks = _SCHEME_LIKE.fullmatch(text)
@@ -181,12 +184,27 @@ def _kvstore(loc: Location) -> ts.KvStore:
     return ts.KvStore.open(kvstore_spec(loc), context=context()).result()
 
 
+def refuse_special(loc: Location, name: str) -> None:
+    """On local disk, a FIFO, device or directory where file ``name`` belongs is refused at
+    once (``CorruptCheckpointError``): a read of a FIFO would block until ``op_timeout_s``."""
+    if loc.scheme != "file":
+        return
+    try:
+        mode = os.stat(os.path.join(loc.path, name)).st_mode  # stat never blocks on a FIFO
+    except OSError:
+        return  # absent (or unreadable): the read says so
+    if not stat.S_ISREG(mode):
+        where = loc.join(name).url
+        raise CorruptCheckpointError(f"{where} is not a regular file (mode {stat.filemode(mode)}); refusing to read it")
+
+
 def read_bytes(loc: Location, name: str) -> bytes | None:
     """The bytes of file ``name`` under ``loc``, or None if it does not exist.
 
     Raises ``CheckpointStorageError`` (``StorageTimeoutError`` after ``op_timeout_s``) naming
-    the file if the store keeps failing.
+    the file if the store keeps failing, ``CorruptCheckpointError`` for a special file there.
     """
+    refuse_special(loc, name)
     result = storage.wait(_kvstore(loc).read(name), loc.options, loc.join(name).url, "read")
     return bytes(result.value) if result.state == "value" else None
 
@@ -197,22 +215,41 @@ def write_bytes(loc: Location, name: str, data: bytes) -> None:
     storage.wait(_kvstore(loc).write(name, data), loc.options, loc.join(name).url, "write")
 
 
-def _fs(loc: Location) -> Any:
-    """The fsspec filesystem of ``loc``; object stores without listing caches (TensorStore writes behind their back)."""
+@functools.cache
+def _one_attempt(protocol: str) -> Any:
+    """The fsspec class of ``protocol`` ("s3", "gs") sending each request once.
+
+    s3fs and gcsfs retry on their own (s3fs 5 tries; gcsfs 6, with waits of up to 32 s, fixed
+    when its class is defined), under ``storage.retrying``: a listing with ``max_retries=1``
+    went out 6 times. Here the library's loop is the only one.
+    """
+    cls = fsspec.get_filesystem_class(protocol)
+    if protocol == "s3":
+        return type("S3OneAttempt", (cls,), {"retries": 1})
+    return type("GCSOneAttempt", (cls,), {"_request": cls._request.__wrapped__})  # without @retry_request
+
+
+def _fs(loc: Location, fresh_connections: bool = False) -> Any:
+    """The fsspec filesystem of ``loc``; object stores without listing caches (TensorStore writes
+    behind their back), one attempt per request, each waited on at most ``op_timeout_s``.
+
+    ``fresh_connections``: S3 requests never reuse a connection (aiohttp sends an idempotent
+    request again, once, when a reused connection drops it: a second send inside one attempt)."""
     if loc.scheme == "gs":
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
         emulator = {"endpoint_url": endpoint, "token": "anon"} if endpoint else {}
-        return fsspec.filesystem(
-            "gs", use_listings_cache=False, **emulator, **storage.fsspec_options("gs", loc.options)
-        )
+        options = storage.fsspec_options("gs", loc.options)
+        return _one_attempt("gs")(use_listings_cache=False, **emulator, **options)
     if loc.scheme == "s3":
         spec = kvstore_spec(loc)
         client_kwargs = {
             k: v for k, v in (("endpoint_url", spec.get("endpoint")), ("region_name", spec.get("aws_region"))) if v
         }
         options = storage.fsspec_options("s3", loc.options)
-        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False, **options)
+        if fresh_connections:
+            options["config_kwargs"]["connector_args"] = {"force_close": True, "keepalive_timeout": None}
+        return _one_attempt("s3")(client_kwargs=client_kwargs, use_listings_cache=False, **options)
     return fsspec.filesystem("file")
 
 
@@ -235,11 +272,12 @@ def _fs_path(loc: Location) -> str:
     return loc.path if loc.scheme == "file" else f"{loc.bucket}/{loc.path}".rstrip("/")
 
 
-def fsspec_view(loc: Location) -> tuple[Any, str]:
-    """The fsspec filesystem of ``loc`` (not ``memory://``) and ``loc``'s path in it."""
+def fsspec_view(loc: Location, fresh_connections: bool = False) -> tuple[Any, str]:
+    """The fsspec filesystem of ``loc`` (not ``memory://``) and ``loc``'s path in it
+    (``fresh_connections``: see ``_fs``)."""
     if loc.scheme == "memory":
         raise CheckpointPathError(f"{loc.url}: memory:// has no fsspec view (it lives in TensorStore's context)")
-    return _fs(loc), _fs_path(loc)
+    return _fs(loc, fresh_connections), _fs_path(loc)
 
 
 def _memory_keys(loc: Location) -> list[str]:
@@ -307,6 +345,18 @@ def list_entries(loc: Location) -> list[str]:
         listed = fs("ls", root, detail=False) if fs("exists", root) else []
         names = {posixpath.basename(e.rstrip("/")) for e in listed}
     return sorted(n for n in names if not n.endswith(_LOCK_SUFFIX) and _encodable(n))
+
+
+def list_keys_under(loc: Location) -> list[str]:
+    """Every file under ``loc``, as paths relative to it (TensorStore's lock files left out)."""
+    if loc.scheme == "memory":
+        keys = _memory_keys(loc)
+    else:
+        fs = _Fs(loc)
+        root = _fs_path(loc)
+        found = fs("find", root) if fs("exists", root) else []
+        keys = [posixpath.relpath(f, root) for f in found]
+    return sorted(k for k in keys if not k.endswith(_LOCK_SUFFIX) and _encodable(k))
 
 
 def delete_entry(loc: Location, name: str) -> None:

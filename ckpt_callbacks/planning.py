@@ -79,7 +79,51 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def _smallest_prime_factor(n: int) -> int:
-    return next((p for p in range(2, math.isqrt(n) + 1) if n % p == 0), n)
+    # Trial division alone is O(sqrt(n)): seconds for a dim near 2**50 without small factors
+    # (``plan-layout`` plans any shape on paper). Past the small primes, factor n instead.
+    small = next((p for p in range(2, min(n, _TRIAL) + 1) if n % p == 0), None)
+    if small is not None or n < _TRIAL**2:
+        return small or n
+    return min(_prime_factors(n))
+
+
+_TRIAL = 1 << 10
+_WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)  # Miller-Rabin is exact below 3.3e24
+
+
+def _is_prime(n: int) -> bool:
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in _WITNESSES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _prime_factors(n: int) -> list[int]:
+    """The prime factors of an odd ``n`` with no factor up to ``_TRIAL`` (Pollard's rho)."""
+    if _is_prime(n):
+        return [n]
+    c = 1
+    while True:
+        x = y = 2
+        d = 1
+        while d == 1:
+            x = (x * x + c) % n
+            y = (y * y + c) % n
+            y = (y * y + c) % n
+            d = math.gcd(abs(x - y), n)
+        if d != n:
+            return _prime_factors(d) + _prime_factors(n // d)
+        c += 1
 
 
 def _chunk_shape(shard: tuple[int, ...], itemsize: int, replicas: int, max_chunk_bytes: int) -> tuple[int, ...]:

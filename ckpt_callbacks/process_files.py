@@ -6,8 +6,9 @@
 ``processes x (1 + bytes / file_bytes)`` objects whatever the number of leaves and shards.
 The manifest records per leaf which process wrote each chunk (a few integers), and per
 process its index file's size and crc32c; the commit marker covers the manifest, so it
-covers the indexes too. A restore reads, from each writer it needs, only the index records
-of the chunks it reads (byte ranges), then only those chunks' bytes.
+covers the indexes too. A restore reads the index of each writer it needs, checks every record
+in it (each bound to its leaf and chunk, none overlapping another), then reads only the bytes
+of the chunks it needs (byte ranges).
 
 >>> import jax.numpy as jnp, ckpt_callbacks as cc
 >>> cc.save("memory://doc/process", {"w": jnp.arange(4.0)}, layout="process")
@@ -21,16 +22,16 @@ import collections
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
 
 from ckpt_callbacks import distributed, paths, planning, storage
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import process_index as pidx
-from ckpt_callbacks.chunk_reads import PackFiles, chunk_regions, settle
-from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError, StorageTimeoutError
+from ckpt_callbacks.chunk_reads import PackFiles, chunk_regions, read_value, settle
+from ckpt_callbacks.errors import CorruptCheckpointError, StorageTimeoutError
 
 FILE_BYTES = 1 << 30  # a data file closes before it would grow past this
 LAYOUTS = ("zarr3", "process")
@@ -38,9 +39,10 @@ EVERY_LEAF = 1 << 62  # pack_bytes that packs every array leaf
 
 
 def file_bytes(max_host_bytes: int | None) -> int:
-    """Data file size cap: a file is assembled in host memory before its one write, so a host
-    budget caps it at a quarter of the budget."""
-    return FILE_BYTES if max_host_bytes is None else max(1, min(FILE_BYTES, max_host_bytes // 4))
+    """Data file size cap: on an object store a file is assembled in host memory and copied
+    twice by TensorStore as it is written, so a host budget caps it at an eighth of the budget
+    (the largest chunk the budget allows; on local disk files are written in place)."""
+    return FILE_BYTES if max_host_bytes is None else max(1, min(FILE_BYTES, max_host_bytes // 8))
 
 
 def index_name(process: int) -> str:
@@ -76,12 +78,15 @@ def write_indexes(item_locs: dict[str, paths.Location], leaves_of: dict[str, lis
     for item, loc in item_locs.items():
         rows, files = [], 0
         for leaf in leaves_of[item]:
-            grid = grid_of(leaf.record)
-            for key, crc in crcs.get(item, {}).get(leaf.index, {}).items():
+            grid, tag = grid_of(leaf.record), pidx.leaf_tag(leaf.record)
+            written = crcs.get(item, {}).get(leaf.index, {})
+            chunks = np.asarray([linear(key, grid) for key in written], np.int64)
+            sizes = pidx.chunk_bytes(leaf.record, chunks).tolist() if written else []
+            for (key, crc), chunk, size in zip(written.items(), chunks.tolist(), sizes, strict=True):
                 name, offset = leaf.record.pack[key]
                 number = int(name.rsplit("-", 1)[1])
                 files = max(files, number + 1)
-                rows.append((leaf.index, number, linear(key, grid), offset, crc))
+                rows.append((leaf.index, number, chunk, offset, size, tag, crc))
         data = pidx.encode_index(me, rows)
         paths.write_bytes(loc, index_name(me), data)
         out[item] = [len(data), pidx.index_checksum(data), files]
@@ -110,17 +115,84 @@ def manifests(structures: dict[str, Any], leaves_of: dict[str, list[Any]], gathe
 
 
 # ----------------------------------------------------------------------------------------- reading
-def _index_bytes(future: Any, loc: paths.Location, where: str) -> bytes:
+def _index_bytes(future: Any, loc: paths.Location, where: str) -> bytes | bytearray:
     """An index read's bytes, within ``op_timeout_s``; a failed or missing read is corruption."""
     try:
-        result = storage.wait(future, loc.options, where, "index read")
-    except StorageTimeoutError:
+        result = (
+            future.result() if isinstance(future, Future) else storage.wait(future, loc.options, where, "index read")
+        )
+    except (StorageTimeoutError, CorruptCheckpointError):
         raise
     except Exception as e:
         raise CorruptCheckpointError(f"{where}: cannot be read: {e}") from e
-    if result.state != "value":
+    value = read_value(result)
+    if value is None:
         raise CorruptCheckpointError(f"{where}: named by the manifest but missing")
-    return bytes(result.value)
+    return value
+
+
+def _indexes(loc: paths.Location, manifest: fmt.Manifest, processes: Sequence[int]) -> dict[int, np.ndarray]:
+    """The records of each of ``processes``' index files, read whole and checked: size and
+    crc32c as the manifest says, each record's own crc32c, and ``check_records``."""
+    entries = (manifest.layout or {})["indexes"]
+    files = PackFiles(loc)
+    futures = {p: files.start(index_name(p), size=entries[p][0]) for p in processes}
+    out = {}
+    try:
+        for process, future in futures.items():
+            where = loc.join(index_name(process)).url
+            size, crc, count = entries[process]
+            data = bytes(_index_bytes(future, loc, where))
+            record_size = pidx.check_header(data, process, size, where) if len(data) == size else 0
+            found = pidx.index_checksum(data, record_size) if record_size else None
+            if found != crc:
+                shown = "?" if found is None else f"{found:#010x}"
+                raise CorruptCheckpointError(
+                    f"{where}: {len(data)} bytes with crc32c {shown}; the manifest says {size} bytes with crc32c "
+                    f"{crc:#010x}"
+                )
+            out[process] = pidx.decode_index(data, process, where)
+            pidx.check_records(out[process], process, manifest.leaves, count, where)
+    except BaseException:
+        for future in futures.values():
+            settle(future)
+        raise
+    return out
+
+
+def _located(
+    loc: paths.Location, manifest: fmt.Manifest, wanted: dict[int, np.ndarray | None], *, every: bool = False
+) -> dict[int, dict[str, tuple[str, int, int]]]:
+    """leaf -> chunk key -> (data file, offset, crc32c) of the ``wanted`` chunks of each leaf
+    (C-order positions; None: all of them), from the index of each process that wrote one
+    (``every``: of every process).
+
+    An index is read whole, though a restore may need few of its records: only all of them
+    show that no two records claim the same bytes (about 48 bytes per chunk)."""
+    chosen = {}
+    for leaf, chunks in wanted.items():
+        count = math.prod(grid_of(manifest.leaves[leaf]))
+        chosen[leaf] = np.arange(count, dtype=np.int64) if chunks is None else chunks
+    owners = {leaf: pidx.writers_of(manifest.leaves[leaf].writers, c) for leaf, c in chosen.items() if len(c)}
+    processes = sorted({int(p) for o in owners.values() for p in np.unique(o)})
+    if every:
+        processes = list(range(len((manifest.layout or {})["indexes"])))
+    records = _indexes(loc, manifest, processes)
+    out: dict[int, dict[str, tuple[str, int, int]]] = collections.defaultdict(dict)
+    for process, recs in records.items():
+        keys = pidx.keys(recs)
+        for leaf, found in owners.items():
+            chunks = chosen[leaf][found == process]
+            if not len(chunks):
+                continue
+            grid = grid_of(manifest.leaves[leaf])
+            picked = recs[pidx.positions(keys, leaf, chunks)]
+            names = [f"pack.{process}-{n}" for n in picked["file"].tolist()]
+            for chunk, name, offset, crc in zip(
+                chunks.tolist(), names, picked["offset"].tolist(), picked["crc"].tolist(), strict=True
+            ):
+                out[leaf][key_of(chunk, grid)] = (name, offset, crc)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,14 +207,14 @@ class _RangedChunk:
 
     def result(self, timeout: float | None = None) -> np.ndarray:
         count = math.prod(self.shape)
-        result = self.future.result(timeout=timeout)
-        if result.state != "value":
+        value = read_value(self.future.result(timeout=timeout))
+        if value is None:
             raise CorruptCheckpointError(f"{self.where}: data file is missing")
-        if len(result.value) != count * self.dtype.itemsize:
+        if len(value) != count * self.dtype.itemsize:
             raise CorruptCheckpointError(
-                f"{self.where}: {len(result.value)} bytes read, the chunk is {count * self.dtype.itemsize}"
+                f"{self.where}: {len(value)} bytes read, the chunk is {count * self.dtype.itemsize}"
             )
-        return np.frombuffer(result.value, self.dtype, count=count).reshape(self.shape)
+        return np.frombuffer(value, self.dtype, count=count).reshape(self.shape)
 
 
 class RangedFiles(PackFiles):
@@ -157,9 +229,7 @@ class RangedFiles(PackFiles):
         where = f"{self.loc.join(name).url} bytes {offset}-{offset + nbytes}"
         if offset + nbytes >= 1 << 62:
             raise CorruptCheckpointError(f"{where}: beyond any file a save writes")
-        if self.kvstore is None:
-            self.kvstore = ts.KvStore.open(paths.kvstore_spec(self.loc), context=paths.context()).result()
-        future = self.kvstore.read(name, byte_range=slice(offset, offset + nbytes))
+        future = self.start(name, (offset, offset + nbytes))
         self.pending.append(future)
         return _RangedChunk(future, where, shape, dtype)
 
@@ -168,7 +238,8 @@ class RangedFiles(PackFiles):
             settle(future)
 
 
-def _needed_chunks(record: fmt.LeafRecord, target: Any) -> set[tuple[int, ...]]:
+def _needed_chunks(record: fmt.LeafRecord, target: Any) -> np.ndarray:
+    """The C-order positions of the chunks a target's devices need."""
     from ckpt_callbacks.targets import data_sharding  # the read side only
 
     shape = record.data_shape
@@ -177,75 +248,8 @@ def _needed_chunks(record: fmt.LeafRecord, target: Any) -> set[tuple[int, ...]]:
     else:
         index_map = data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
         regions = {planning.normalize_index(x, shape) for x in index_map.values() if x is not None}
-    return {idx for region in regions for idx, _ in chunk_regions(region, record.chunks, shape)}
-
-
-def _starts(manifest: fmt.Manifest, process: int) -> list[int]:
-    """Where each leaf's records begin in ``process``'s index (records are sorted by leaf)."""
-    out, at = [], 0
-    for record in manifest.leaves:
-        out.append(at)
-        at += pidx.count_of(record.writers, process)
-    return out
-
-
-def _runs(positions: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for pos in sorted(set(positions)):
-        if runs and runs[-1][1] == pos:
-            runs[-1] = (runs[-1][0], pos + 1)
-        else:
-            runs.append((pos, pos + 1))
-    return runs
-
-
-def _located(
-    loc: paths.Location, manifest: fmt.Manifest, wanted: dict[int, set[tuple[int, ...]]]
-) -> dict[int, dict[str, tuple[str, int, int]]]:
-    """leaf -> chunk key -> (data file, offset, crc32c), from byte-range reads of the index
-    records of exactly those chunks."""
-    layout = manifest.layout or {}
-    at: dict[int, dict[tuple[int, int], int]] = collections.defaultdict(dict)  # process -> (leaf, chunk) -> rank
-    for leaf, chunks in wanted.items():
-        record, grid = manifest.leaves[leaf], grid_of(manifest.leaves[leaf])
-        for idx in chunks:
-            chunk = linear(fmt.chunk_key(idx), grid)
-            owner, rank = pidx.owner_and_rank(record.writers, chunk)
-            at[owner][(leaf, chunk)] = rank
-    kv = ts.KvStore.open(paths.kvstore_spec(loc), context=paths.context()).result()
-    reads: list[tuple[int, list[tuple[int, int]] | None, Any]] = []
-    for process, ranked in at.items():
-        header = slice(0, pidx.HEADER.size)
-        reads.append((process, None, kv.read(index_name(process), byte_range=header)))
-        starts = _starts(manifest, process)
-        positions = {starts[leaf] + rank: (leaf, chunk) for (leaf, chunk), rank in ranked.items()}
-        for a, b in _runs(list(positions)):
-            span = slice(pidx.HEADER.size + a * pidx.RECORD.size, pidx.HEADER.size + b * pidx.RECORD.size)
-            reads.append((process, [positions[p] for p in range(a, b)], kv.read(index_name(process), byte_range=span)))
-    out: dict[int, dict[str, tuple[str, int, int]]] = collections.defaultdict(dict)
-    try:
-        for process, expected, future in reads:
-            where = loc.join(index_name(process)).url
-            data = _index_bytes(future, loc, where)
-            if expected is None:
-                pidx.check_header(data, process, layout["indexes"][process][0], where)
-                continue
-            records = pidx.decode_records(data, process, where)
-            if len(records) != len(expected):
-                raise CorruptCheckpointError(f"{where}: {len(records)} records read, {len(expected)} expected")
-            files = layout["indexes"][process][2]
-            for (leaf, chunk), (found_leaf, number, found_chunk, offset, crc) in zip(expected, records, strict=True):
-                if (found_leaf, found_chunk) != (leaf, chunk) or number >= files:
-                    raise CorruptCheckpointError(
-                        f"{where}: record of leaf {found_leaf} chunk {found_chunk} in data file {number}; expected "
-                        f"leaf {leaf} chunk {chunk} in one of {files} files"
-                    )
-                out[leaf][key_of(chunk, grid_of(manifest.leaves[leaf]))] = (f"pack.{process}-{number}", offset, crc)
-    except BaseException:
-        for _, _, future in reads:
-            settle(future)
-        raise
-    return out
+    needed = {idx for region in regions for idx, _ in chunk_regions(region, record.chunks, shape)}
+    return np.asarray(sorted(linear(fmt.chunk_key(idx), grid_of(record)) for idx in needed), np.int64)
 
 
 def _with_chunks(record: fmt.LeafRecord, found: dict[str, tuple[str, int, int]]) -> fmt.LeafRecord:
@@ -268,7 +272,9 @@ def read_leaves(
 ) -> list[Any]:
     """``restore.read_leaves`` (``read``) for a manifest in the process layout."""
     position = {id(r): i for i, r in enumerate(manifest.leaves)}
-    wanted = {position[id(r)]: _needed_chunks(r, t) for r, t in zip(records, targets, strict=True)}
+    wanted: dict[int, np.ndarray | None] = {
+        position[id(r)]: _needed_chunks(r, t) for r, t in zip(records, targets, strict=True)
+    }
     found = _located(loc, manifest, wanted)
     chunked = [_with_chunks(r, found[position[id(r)]]) for r in records]
     return read(loc, chunked, targets, window, packs=RangedFiles(loc))
@@ -276,29 +282,11 @@ def read_leaves(
 
 def item_source(loc: paths.Location, manifest: fmt.Manifest) -> tuple[list[fmt.LeafRecord], PackFiles]:
     """Every leaf record of an item with every chunk's file and crc32c, and the files to read
-    them from: for ``verify``, which reads whole index files (each checked against the
-    manifest's size and crc32c) and every chunk."""
+    them from: for ``verify``, which reads every index file (checked as a restore checks the
+    ones it reads) and every chunk."""
     if manifest.layout is None:
         return list(manifest.leaves), PackFiles(loc)
-    kv = ts.KvStore.open(paths.kvstore_spec(loc), context=paths.context()).result()
-    entries = manifest.layout["indexes"]
-    futures = [kv.read(index_name(p)) for p in range(len(entries))]
-    found: dict[int, dict[str, tuple[str, int, int]]] = collections.defaultdict(dict)
-    for process, (future, (size, crc, files)) in enumerate(zip(futures, entries, strict=True)):
-        where = loc.join(index_name(process)).url
-        data = _index_bytes(future, loc, where)
-        if len(data) != size or pidx.index_checksum(data) != crc:
-            raise CorruptCheckpointError(
-                f"{where}: {len(data)} bytes with crc32c {pidx.index_checksum(data):#010x}; the manifest says {size} "
-                f"bytes with crc32c {crc:#010x}"
-            )
-        for leaf, number, chunk, offset, chunk_crc in pidx.decode_index(data, process, where):
-            record = manifest.leaves[leaf] if leaf < len(manifest.leaves) else None
-            grid = grid_of(record) if record is not None and record.kind != "scalar" else None
-            if grid is None or chunk >= math.prod(grid) or number >= files:
-                raise CheckpointFormatError(f"{where}: a record names leaf {leaf} chunk {chunk} file {number}")
-            if pidx.owner_and_rank(record.writers, chunk)[0] != process:  # type: ignore[union-attr]
-                raise CheckpointFormatError(f"{where}: leaf {leaf} chunk {chunk} was not written by process {process}")
-            found[leaf][key_of(chunk, grid)] = (f"pack.{process}-{number}", offset, chunk_crc)
+    arrays = [i for i, r in enumerate(manifest.leaves) if r.kind != "scalar"]
+    found = _located(loc, manifest, dict.fromkeys(arrays), every=True)  # processes that wrote no chunk too
     records = [r if r.kind == "scalar" else _with_chunks(r, found[i]) for i, r in enumerate(manifest.leaves)]
     return records, RangedFiles(loc)

@@ -1,8 +1,9 @@
 """The "process" layout's compact records (pure): who wrote each chunk, and the index files.
 
 In ``layout="process"`` every chunk a process writes goes into its own data files
-(``<item>/pack.<process>-<n>``) and its chunk records (file, offset, crc32c) into its own
-index file (``<item>/index.<process>``). The manifest keeps per leaf only ``writers``: the
+(``<item>/pack.<process>-<n>``) and its chunk records (file, offset, size, crc32c, and a tag of
+its leaf: ``leaf_tag``) into its own index file (``<item>/index.<process>``), checked as a
+whole on reading (``check_records``). The manifest keeps per leaf only ``writers``: the
 writing process of each chunk (in C order of the chunk grid) as a few blocks
 ``[p0, dp, run, reps]``, meaning ``reps`` runs of ``run`` chunks, run ``j`` written by
 process ``p0 + j * dp``; an FSDP-sharded leaf over any number of hosts is one block.
@@ -18,19 +19,35 @@ process ``p0 + j * dp``; an FSDP-sharded leaf over any number of hosts is one bl
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import crc32c
+import numpy as np
 
+from ckpt_callbacks import format as fmt
 from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError
 
 Block = Sequence[int]  # [p0, dp, run, reps]
-INDEX_MAGIC = b"CKPTIDX1"
 HEADER = struct.Struct("<8sII")  # magic, process, record count
-# leaf, file number, chunk (linear, C order), offset, chunk crc32c, crc32c of the rest (with the process)
-RECORD = struct.Struct("<IIQQII")
+# Version 2 (written): leaf, file number, chunk (linear, C order), offset, the chunk's bytes, its
+# leaf's tag (``leaf_tag``), chunk crc32c, crc32c of the rest (with the process).
+INDEX_MAGIC = b"CKPTIDX2"
+RECORD = struct.Struct("<IIQQQQII")
+# Version 1 (read): leaf, file number, chunk, offset, chunk crc32c, crc32c of the rest.
+INDEX_MAGIC_V1 = b"CKPTIDX1"
+RECORD_V1 = struct.Struct("<IIQQII")
+RECORD_SIZES = {INDEX_MAGIC: RECORD.size, INDEX_MAGIC_V1: RECORD_V1.size}
+_FIELDS = {
+    RECORD.size: [("leaf", "<u4"), ("file", "<u4"), ("chunk", "<u8"), ("offset", "<u8"), ("nbytes", "<u8"),
+                  ("tag", "<u8"), ("crc", "<u4"), ("own", "<u4")],
+    RECORD_V1.size: [("leaf", "<u4"), ("file", "<u4"), ("chunk", "<u8"), ("offset", "<u8"), ("crc", "<u4"),
+                     ("own", "<u4")],
+}  # fmt: skip
 MAX_PROCESSES = 1 << 20
 MAX_LEAF_CHUNKS = 1 << 22  # a leaf's grid in this layout (nothing else bounds it: no per-chunk JSON)
 MAX_CHUNKS = 1 << 26  # of one manifest
@@ -154,68 +171,186 @@ def check_layout(layout: Any, writers: Sequence[Sequence[Block]], where: str) ->
         raise CheckpointFormatError(f"{where}: more than {MAX_CHUNKS} chunks in one manifest")
     for p, entry in enumerate(indexes):
         records = sum(count_of(w, p) for w in writers)
-        if entry[0] != index_size(records):
+        if entry[0] not in (index_size(records), index_size(records, RECORD_V1.size)):
             raise CheckpointFormatError(
                 f"{where}: layout: index of process {p} is {entry[0]} bytes; its {records} chunks make "
-                f"{index_size(records)}"
+                f"{index_size(records)} ({index_size(records, RECORD_V1.size)} in version 1)"
             )
 
 
-def index_size(records: int) -> int:
-    return HEADER.size + RECORD.size * records
+def index_size(records: int, record_size: int = RECORD.size) -> int:
+    return HEADER.size + record_size * records
 
 
-def index_checksum(data: bytes) -> int:
+def leaf_tag(record: fmt.LeafRecord) -> int:
+    """What binds an index record to its leaf: a hash of the leaf's key path and of everything
+    that says where its bytes go (shape, chunk grid, dtypes), so that a manifest saying other
+    things of a leaf than the save did no longer matches the records the save wrote."""
+    fields: list[Any] = [list(record.path), record.kind, list(record.data_shape), list(record.chunks)]
+    fields += [record.dtype, record.stored_dtype, record.zarr_dtype, record.key_impl]
+    digest = hashlib.blake2b(json.dumps(fields).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def chunk_bytes(record: fmt.LeafRecord, chunks: np.ndarray) -> np.ndarray:
+    """The stored bytes of each chunk (C-order positions ``chunks``): a chunk at the grid's edge
+    holds only its part of the leaf."""
+    shape, sizes = record.data_shape, record.chunks
+    grid = tuple(-(-n // c) for n, c in zip(shape, sizes, strict=True))
+    out = np.full(len(chunks), fmt.dtype_from_name(record.zarr_dtype).itemsize, np.uint64)
+    for at, n, c in zip(np.unravel_index(chunks, grid) if grid else (), shape, sizes, strict=True):
+        out *= np.minimum(c, n - at * c).astype(np.uint64)
+    return out
+
+
+def _record_crc(process: int, body: bytes | memoryview) -> int:
+    """A record's own crc32c: over the process and the record's other fields."""
+    return int(crc32c.crc32c(body, crc32c.crc32c(struct.pack("<I", process))))
+
+
+def index_checksum(data: bytes, record_size: int = RECORD.size) -> int:
     """The crc32c the manifest records of an index file: over its header and its records' fields,
     without each record's own crc32c (a crc32c over bytes followed by their own crc32c is the
     same whatever the bytes are, so the whole file's would vouch for nothing)."""
     view = memoryview(data)
     crc = crc32c.crc32c(view[: HEADER.size])
-    for at in range(HEADER.size, len(data), RECORD.size):
-        crc = crc32c.crc32c(view[at : min(at + RECORD.size - 4, len(data))], crc)
+    for at in range(HEADER.size, len(data), record_size):
+        crc = crc32c.crc32c(view[at : min(at + record_size - 4, len(data))], crc)
     return int(crc)
 
 
-def _record_crc(process: int, fields: Sequence[int]) -> int:
-    """(leaf, file, chunk, offset, crc32c) and the process, checksummed together."""
-    return crc32c.crc32c(struct.pack("<IIIQQI", process, *fields))
-
-
-def encode_index(process: int, records: Sequence[tuple[int, int, int, int, int]]) -> bytes:
-    """An index file: header, then (leaf, file, chunk, offset, crc32c) records sorted by (leaf, chunk)."""
+def encode_index(process: int, records: Sequence[tuple[int, int, int, int, int, int, int]]) -> bytes:
+    """An index file: header, then (leaf, file, chunk, offset, bytes, leaf tag, crc32c) records
+    sorted by (leaf, chunk)."""
     ordered = sorted(records, key=lambda r: (r[0], r[2]))
-    out = [HEADER.pack(INDEX_MAGIC, process, len(ordered))]
-    out += [RECORD.pack(*r, _record_crc(process, r)) for r in ordered]
-    return b"".join(out)
+    return b"".join([HEADER.pack(INDEX_MAGIC, process, len(ordered)), *(pack_record(process, r) for r in ordered)])
 
 
-def decode_records(data: bytes, process: int, where: str) -> list[tuple[int, int, int, int, int]]:
-    """Records (leaf, file, chunk, offset, crc32c) from a whole number of them; each one's own
-    crc32c checked (a range read cannot check the whole file's)."""
-    if len(data) % RECORD.size:
-        raise CorruptCheckpointError(f"{where}: {len(data)} bytes of index records, not a multiple of {RECORD.size}")
-    out = []
-    for at in range(0, len(data), RECORD.size):
-        *fields, own = RECORD.unpack_from(data, at)
-        if _record_crc(process, fields) != own:
-            raise CorruptCheckpointError(f"{where}: index record at byte {HEADER.size + at} fails its crc32c")
-        out.append((fields[0], fields[1], fields[2], fields[3], fields[4]))
-    return out
+def pack_record(process: int, fields: Sequence[int]) -> bytes:
+    """One version 2 record of ``process``'s index: its fields (see ``RECORD``) and own crc32c."""
+    body = RECORD.pack(*fields, 0)[:-4]
+    return body + struct.pack("<I", _record_crc(process, body))
 
 
-def check_header(data: bytes, process: int, size: int, where: str) -> None:
-    """Refuses an index header that is not this process's, or not ``size`` bytes of records."""
+def check_header(data: bytes, process: int, size: int, where: str) -> int:
+    """Refuses an index header that is not this process's, or not ``size`` bytes of records;
+    returns the size of its records (its version's)."""
     if len(data) < HEADER.size:
         raise CorruptCheckpointError(f"{where}: {len(data)} bytes, shorter than the {HEADER.size}-byte header")
     magic, found, count = HEADER.unpack_from(data)
-    if magic != INDEX_MAGIC or found != process or size != index_size(count):
+    record_size = RECORD_SIZES.get(magic, 0)
+    if not record_size or found != process or size != index_size(count, record_size):
         raise CorruptCheckpointError(
-            f"{where}: header {magic!r} of process {found} with {count} records; expected {INDEX_MAGIC!r} of "
-            f"process {process} with {(size - HEADER.size) // RECORD.size}"
+            f"{where}: header {magic!r} of process {found} with {count} records; expected {INDEX_MAGIC!r} or "
+            f"{INDEX_MAGIC_V1!r} of process {process} in {size} bytes"
+        )
+    return record_size
+
+
+def decode_index(data: bytes, process: int, where: str) -> np.ndarray:
+    """A whole index file's records (after its size and crc32c were checked against the manifest),
+    each one's own crc32c checked, as a structured array (fields ``leaf``, ``file``, ``chunk``,
+    ``offset``, ``crc``; version 2 also ``nbytes`` and ``tag``)."""
+    record_size = check_header(data, process, len(data), where)
+    view = memoryview(data)
+    for at in range(HEADER.size, len(data), record_size):
+        own = int.from_bytes(view[at + record_size - 4 : at + record_size], "little")
+        if _record_crc(process, view[at : at + record_size - 4]) != own:
+            raise CorruptCheckpointError(f"{where}: index record at byte {at} fails its crc32c")
+    return np.frombuffer(data, np.dtype(_FIELDS[record_size]), offset=HEADER.size)
+
+
+def writers_of(blocks: Sequence[Block], chunks: np.ndarray) -> np.ndarray:
+    """The writer of each chunk (C-order positions ``chunks``, all inside the grid)."""
+    table = np.asarray(blocks, np.int64).reshape(-1, 4)
+    starts = np.concatenate([[0], np.cumsum(table[:, 2] * table[:, 3])[:-1]])
+    b = np.searchsorted(starts, chunks, side="right") - 1
+    return table[b, 0] + (chunks - starts[b]) // table[b, 2] * table[b, 1]
+
+
+def _check_leaf(recs: np.ndarray, record: fmt.LeafRecord, process: int, nbytes: np.ndarray, where: str) -> None:
+    """One leaf's records of an index: its chunks, written by ``process``, of its chunks' sizes
+    and (version 2) bound to it; fills in ``nbytes``."""
+    chunks = recs["chunk"].astype(np.int64)
+    grid = math.prod(-(-n // c) for n, c in zip(record.data_shape, record.chunks, strict=True))
+    what = f"{where}: leaf {record.key!r}"
+    if record.kind == "scalar" or not record.writers or int(recs["chunk"][-1]) >= grid:
+        raise CheckpointFormatError(f"{what}: a record names chunk {int(recs['chunk'][-1])}; the leaf has {grid}")
+    owners = writers_of(record.writers, chunks)
+    if np.any(owners != process):
+        at = int(np.argmax(owners != process))
+        raise CheckpointFormatError(
+            f"{what}: chunk {chunks[at]} is in the index of process {process}; the manifest says process "
+            f"{owners[at]} wrote it"
+        )
+    nbytes[:] = chunk_bytes(record, chunks)
+    if "tag" not in (recs.dtype.names or ()):  # version 1 records carry neither
+        return
+    expected = {"tag": np.full(len(recs), leaf_tag(record), np.uint64), "nbytes": nbytes}
+    for field, meaning in (("tag", "tag"), ("nbytes", "size in bytes")):
+        wrong = recs[field] != expected[field]
+        if np.any(wrong):
+            at = int(np.argmax(wrong))
+            raise CheckpointFormatError(
+                f"{what} chunk {chunks[at]}: {meaning} {int(recs[field][at])} in its record, "
+                f"{int(expected[field][at])} from the manifest (which does not describe the leaf the save wrote)"
+            )
+
+
+def check_records(
+    recs: np.ndarray, process: int, leaves: Sequence[fmt.LeafRecord], files: int, where: str
+) -> np.ndarray:
+    """Refuses the records of ``process``'s index unless they are exactly the chunks the manifest
+    says it wrote, each once, in data files ``0..files-1``, each the size of its chunk and bound
+    to its leaf (version 2), no two claiming the same bytes. Returns each record's byte count.
+
+    Together with the header's record count (the manifest's), this leaves a forger who edits the
+    manifest, or an index's fields and all their checksums, nothing but whole different data."""
+    leaf, chunk = recs["leaf"].astype(np.int64), recs["chunk"]
+    later = (leaf[1:] > leaf[:-1]) | ((leaf[1:] == leaf[:-1]) & (chunk[1:] > chunk[:-1]))
+    if not np.all(later):
+        at = int(np.argmin(later)) + 1
+        raise CheckpointFormatError(
+            f"{where}: record {at} (leaf {leaf[at]} chunk {chunk[at]}) is not after record {at - 1} (leaf "
+            f"{leaf[at - 1]} chunk {chunk[at - 1]}): records are sorted by (leaf, chunk), each chunk once"
+        )
+    if len(recs) and (leaf[-1] >= len(leaves) or int(recs["file"].max()) >= files):
+        raise CheckpointFormatError(
+            f"{where}: a record names leaf {leaf[-1]} or data file {int(recs['file'].max())}; expected one of "
+            f"{len(leaves)} leaves and {files} data files"
+        )
+    nbytes = np.zeros(len(recs), np.uint64)
+    bounds = np.searchsorted(leaf, np.arange(len(leaves) + 1))
+    for i in np.unique(leaf):
+        a, b = bounds[i], bounds[i + 1]
+        _check_leaf(recs[a:b], leaves[i], process, nbytes[a:b], where)
+    _check_ranges(recs, nbytes, leaves, where)
+    return nbytes
+
+
+def _check_ranges(recs: np.ndarray, nbytes: np.ndarray, leaves: Sequence[fmt.LeafRecord], where: str) -> None:
+    """No record's bytes beyond any file a save writes, and no two records' bytes overlapping."""
+    if np.any(recs["offset"] >= 1 << 62) or np.any(recs["offset"] + nbytes >= 1 << 62):
+        raise CheckpointFormatError(f"{where}: a record's bytes lie beyond any data file a save writes")
+    order = np.lexsort((recs["offset"], recs["file"]))
+    files, starts = recs["file"][order], recs["offset"][order]
+    ends = starts + nbytes[order]
+    clash = (files[1:] == files[:-1]) & (starts[1:] < ends[:-1])
+    if np.any(clash):
+        at = int(np.argmax(clash))
+        first, second = (recs[order[i]] for i in (at, at + 1))
+        one, other = (f"leaf {leaves[r['leaf']].key!r} chunk {r['chunk']}" for r in (first, second))
+        raise CheckpointFormatError(
+            f"{where}: the records of {one} (bytes {starts[at]}-{ends[at]}) and {other} (from byte "
+            f"{starts[at + 1]}) overlap in data file {files[at]}"
         )
 
 
-def decode_index(data: bytes, process: int, where: str) -> list[tuple[int, int, int, int, int]]:
-    """A whole index file (after its crc32c was checked against the manifest)."""
-    check_header(data, process, len(data), where)
-    return decode_records(data[HEADER.size :], process, where)
+def keys(recs: np.ndarray) -> np.ndarray:
+    """Each checked record's (leaf, chunk) as one sorted integer (see ``positions``)."""
+    return recs["leaf"].astype(np.int64) * MAX_LEAF_CHUNKS + recs["chunk"].astype(np.int64)
+
+
+def positions(keys: np.ndarray, leaf: int, chunks: np.ndarray) -> np.ndarray:
+    """Where the records of ``chunks`` of ``leaf`` are among checked records with ``keys``."""
+    return np.searchsorted(keys, leaf * MAX_LEAF_CHUNKS + chunks)

@@ -75,9 +75,14 @@ def best(checkpoints: Sequence[CheckpointInfo], keep: KeepPolicy) -> CheckpointI
     return pick(scored, key=lambda mc: mc[0])[1]
 
 
-def _to_restore(base: paths.Location, step: Any, path: Any) -> tuple[layout.Checkpoint, list[CheckpointInfo] | None]:
+def _to_restore(
+    base: paths.Location, step: Any, path: Any, storage: StorageOptions | None = None
+) -> tuple[layout.Checkpoint, list[CheckpointInfo] | None]:
     """What to restore: ``path`` (relative to ``base`` unless a URL), ``run-<step>``, or the
-    latest (then also the listing it came from)."""
+    latest (then also the listing it came from); read with ``storage`` (None: the base's), a
+    ``Location`` or ``Checkpoint`` given with options of its own keeping them."""
+    storage = storage or base.storage
+    base = base.with_storage(storage)
     if path is None and step is None:
         found = list_checkpoints(base)
         if not found or found[-1].checkpoint is None:
@@ -85,9 +90,11 @@ def _to_restore(base: paths.Location, step: Any, path: Any) -> tuple[layout.Chec
         return found[-1].checkpoint, found
     if path is None:
         return layout.open_checkpoint(base.join(layout.run_name(as_step(step)))), None
-    text = path.url if isinstance(path, layout.Checkpoint) else str(path)
-    if isinstance(path, layout.Checkpoint) or "://" in text or text.startswith("/"):
+    if isinstance(path, paths.Location) and path.storage is not None:
         return layout.open_checkpoint(path), None
+    text = path.url if isinstance(path, layout.Checkpoint) else str(path)
+    if isinstance(path, layout.Checkpoint | paths.Location) or "://" in text or text.startswith("/"):
+        return layout.open_checkpoint(path, storage=storage), None
     return layout.open_checkpoint(base.join(*text.split("/"))), None
 
 
@@ -174,10 +181,12 @@ class CheckpointReader:
     ) -> tuple[Any, dict[str, Any]]:
         """Restores ``path``, ``run-<step>`` or the latest checkpoint; returns (tree, metadata dict).
 
-        ``restore_kwargs`` go to ``ckpt_callbacks.restore`` (mesh, rules, template, item, ...).
+        ``restore_kwargs`` go to ``ckpt_callbacks.restore`` (mesh, rules, template, item, ...);
+        every read, of a URL ``path`` too, uses the reader's ``StorageOptions`` unless
+        ``storage=`` is given here (or ``path`` is a ``Location`` with options of its own).
         """
         self._settle()
-        ckpt, found = _to_restore(self.base, step, path)
+        ckpt, found = _to_restore(self.base, step, path, restore_kwargs.pop("storage", None))
         restore_kwargs.setdefault("item", self.item)
         tree = restore_lib.restore(ckpt, **restore_kwargs)
         announce(self, found, ckpt.metadata.step)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt_callbacks import deletes, distributed, layout, paths
+from ckpt_callbacks import deletes, distributed, layout, leftovers, paths
 from ckpt_callbacks.discovery import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.policy import KeepPolicy, metric_of
 
@@ -55,6 +55,7 @@ class Retention:
         self._warned: set[int] = set()  # steps whose damaged metrics file was logged
         self._warned_unranked = False
         self._undeleted: dict[str, CheckpointInfo] = {}  # failed deletes, retried by the next pass
+        self._failed: set[str] = set()  # paths of failed saves whose leftovers are not gone yet
 
     @property
     def metrics_dir(self) -> paths.Location:
@@ -144,7 +145,8 @@ class Retention:
         self._finish_deletes({paths.parse(c.path).name for c in listed})
         for info in retry + doomed:
             try:
-                deletes.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
+                loc = paths.parse(info.path, self.base.storage)  # the base's retries and timeouts
+                deletes.delete_checkpoint(loc, info.checkpoint.commit if info.checkpoint else None)
                 if info.step is not None:
                     paths.delete_entry(self.metrics_dir, layout.metrics_name(info.step))
                 log.info("retention: deleted %s", info.path)
@@ -165,5 +167,24 @@ class Retention:
             try:
                 if deletes.finish_delete(loc):
                     log.info("retention: finished the interrupted delete of %s", loc.url)
+                else:  # a save that died before its commit: its files once its claim is dead
+                    leftovers.clean(loc)
             except Exception as e:  # retried by the next pass
                 log.warning("retention: could not finish deleting %s (will retry): %s", loc.url, e)
+        self._clean_failed()
+
+    def note_failed(self, path: str) -> None:
+        """A save to ``path`` failed: its files go once its claim is dead (checked each pass)."""
+        self._failed.add(path)
+
+    def _clean_failed(self) -> None:
+        """Leftovers in committed directories where a save of this run failed; a directory is
+        dropped from the list once no claim is left in it."""
+        for url in sorted(self._failed):
+            loc = self.base.join(paths.parse(url).name)
+            try:
+                leftovers.clean(loc)
+                if not any(n.startswith(layout.CLAIM_PREFIX) for n in paths.list_entries(loc)):
+                    self._failed.discard(url)
+            except Exception as e:  # retried by the next pass
+                log.warning("retention: could not clean up %s (will retry): %s", loc.url, e)

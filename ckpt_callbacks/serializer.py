@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,9 +26,9 @@ from typing import Any
 import jax
 import tensorstore as ts
 
-from ckpt_callbacks import distributed, layout, paths, planning, process_files, storage
+from ckpt_callbacks import commits, distributed, layout, paths, planning, process_files, storage
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks.errors import PeerSaveError
+from ckpt_callbacks.errors import CheckpointExistsError, PeerSaveError
 from ckpt_callbacks.leaves import Leaf, plan_tree
 from ckpt_callbacks.options import SaveHandle, SaveOptions
 from ckpt_callbacks.policy import as_step
@@ -144,6 +145,29 @@ def _create_arrays(loc: paths.Location, commit: fmt.Commit, plan: _Plan) -> None
         storage.wait(future, loc.options, loc.url, "create array")
 
 
+class Renewal:
+    """Process 0 renews its save's claim every third of its lease while the save runs, so no
+    other save takes the claim for dead (``ckpt_callbacks.claims``)."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, loc: paths.Location, names: layout.SaveLayout) -> None:
+        self._thread = threading.Thread(target=self._run, args=(loc, names), name="ckpt-claim", daemon=True)
+        self._thread.start()
+
+    def _run(self, loc: paths.Location, names: layout.SaveLayout) -> None:
+        while not self._stop.wait(names.lease_s / 3):
+            try:
+                layout.renew(loc, names)
+            except Exception as e:  # the next renewal tries again; a lapsed claim only risks a cleanup
+                log.warning("could not renew the claim %s: %s", loc.join(names.claim).url, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Save:
     """One save between its snapshot and its commit (run in the background by ``finish``)."""
@@ -157,9 +181,15 @@ class _Save:
     tag: str
     add: bool = False
 
+    renewal: Renewal = dataclasses.field(default_factory=Renewal)
+
     def choose(self) -> layout.SaveLayout:
-        """The save's names (process 0 decides, everyone learns them); the writer opens them."""
-        names = layout.choose_layout(self.loc, self.items, self.options.overwrite, self.tag, self.add)
+        """The save's names (process 0 decides, everyone learns them); the writer opens them.
+        Process 0 renews the save's claim until the save ends."""
+        lease_s = self.options.claim_lease_s
+        names = layout.choose_layout(self.loc, self.items, self.options.overwrite, self.tag, self.add, lease_s=lease_s)
+        if distributed.is_primary():
+            self.renewal.start(self.loc, names)
         layout.check_shared(self.loc, names, self.tag, self.options.timeout_s)
         self.writer.open({item: paths.kvstore_spec(self.loc.join(names.commit.items[item])) for item in self.items})
         return names
@@ -168,6 +198,12 @@ class _Save:
         """Names (unless chosen already), the last batch, then ``agree``. Returns the bytes this
         process wrote; raises its own failure, or ``PeerSaveError`` naming the process whose
         writes failed (then no process commits)."""
+        try:
+            return self._finish(names, last)
+        finally:
+            self.renewal.stop()
+
+    def _finish(self, names: layout.SaveLayout | None, last: Snapshot) -> int:
         if names is None:
             names = self.choose()
         failure: BaseException | None = None
@@ -187,7 +223,7 @@ class _Save:
             verdict, own = self.agree(names, report)
         except BaseException:
             if distributed.is_primary():
-                layout.release(self.loc, names)
+                layout.release(self.loc, names, settled=False)
             raise
         error = failure if failure is not None else own
         if error is not None:
@@ -205,14 +241,16 @@ class _Save:
         verdict, own = None, None
         if gathered is not None:
             verdict = ", ".join(f"process {pid} ({r['error']})" for pid, r in enumerate(gathered) if "error" in r)
+            settled = not verdict  # a failed write may still be retried by the store's client
             try:
                 if not verdict:
                     self.commit(names, [r["sent"] for r in gathered])
             except Exception as e:
                 own = paths.as_storage_error(e, self.loc.url)
                 verdict = f"process 0 ({type(own).__name__}: {own})"[:2000]
+                settled = isinstance(own, CheckpointExistsError)  # refused: every write had finished
             if verdict:
-                layout.release(self.loc, names)
+                layout.release(self.loc, names, settled=settled)
         return distributed.broadcast_json(f"{self.tag}/verdict", verdict or None, timeout_s), own
 
     def commit(self, names: layout.SaveLayout, gathered: list[Any]) -> None:
@@ -221,7 +259,7 @@ class _Save:
         plan = self.plan
         per_process = self.options.layout == "process"
         made = process_files.manifests(plan.structures, plan.leaves_of, gathered) if per_process else None
-        layout.write_commit(self.loc, names, made or plan.manifests(gathered), self.metadata)
+        commits.write_commit(self.loc, names, made or plan.manifests(gathered), self.metadata)
 
 
 def _start_save(
@@ -269,8 +307,9 @@ def _start_save(
         names = save.choose() if len(pieces) > 1 else None
         last = _snapshot(pieces, save.writer, copy, options)
     except BaseException as e:
+        save.renewal.stop()
         if names is not None and distributed.is_primary():
-            layout.release(loc, names)
+            layout.release(loc, names, settled=False)
         raise paths.as_storage_error(e, loc.url) from e
     plan.release_sources()
     handle = SaveHandle(loc.url, time.perf_counter() - start, metadata.to_json())
@@ -288,7 +327,7 @@ def _metadata(items: Mapping[str, Any], step: Any, extras: dict[str, Any] | None
         items=tuple(items),
     )
     try:
-        fmt.dumps(metadata.to_json())
+        fmt.Metadata.from_json(fmt.loads(fmt.dumps(metadata.to_json()), "extras"), "extras")  # what a reader refuses
     except (TypeError, ValueError) as e:
         raise TypeError(f"extras must be JSON-serializable (finite floats, str keys): {e}") from e
     return metadata

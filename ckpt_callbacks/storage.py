@@ -6,19 +6,23 @@
 >>> tensorstore_resources("file", opts)
 {}
 
-TensorStore's S3 and GCS drivers retry failed requests (429, 5xx, resets, truncated bodies)
-with exponential backoff; these options set how often and how long, inline in each kvstore
-spec (so they apply wherever a ``Location`` carrying them is opened), rather than through
-environment variables. TensorStore has no per-request timeout on object stores (a server
-that accepts a request and then sends nothing is waited on forever), so the library bounds
-every wait itself: ``op_timeout_s`` per storage operation (one key's read or write with all
-its retries, one listing, one delete). A save whose operation runs past it fails with
-``StorageTimeoutError`` naming the path; nothing is committed.
+One layer retries each request, never two on top of each other, so ``max_retries`` means
+what it says:
 
-Listing and deletes go through fsspec. Its clients retry some failures themselves (s3fs gets
-botocore's "standard" mode with ``max_retries + 1`` attempts, which skips a 429 to a HEAD;
-gcsfs retries 429 and 5xx six times, not configurable per instance), so each call is also
-retried here (``retrying``: the same backoff, logged) and cut off at ``op_timeout_s``.
+- Arrays and JSON files go through TensorStore, whose S3 and GCS drivers retry a failed
+  request (429, 5xx, resets, truncated bodies) ``max_retries`` times with exponential backoff;
+  these options go inline in each kvstore spec (so they apply wherever a ``Location`` carrying
+  them is opened), not through environment variables. The library does not retry these.
+- Listings, existence checks and deletes go through fsspec, whose clients' own retries are
+  off (botocore ``total_max_attempts=1``, s3fs ``retries=1``, gcsfs's per-request retry bypassed:
+  see ``paths``); the library retries each call instead (``retrying``: the same backoff,
+  logged), ``max_retries`` times.
+
+TensorStore has no per-request timeout on object stores (a server that accepts a request and
+then sends nothing is waited on forever), so the library bounds every wait itself:
+``op_timeout_s`` per storage operation (one key's read or write with all its retries, one
+fsspec call with all its retries, one batched delete). An operation that runs past it fails
+with ``StorageTimeoutError`` naming the path; a save then commits nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import dataclasses
 import errno
 import itertools
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -40,18 +45,33 @@ T = TypeVar("T")
 _RETRIES_FAILED = re.compile(r"All [0-9]+ retry attempts failed|http_response_code|CURL error")
 
 
+# The bounds of each field: outside them no request can use the value (TensorStore takes
+# backoffs in whole milliseconds; waits beyond threading.TIMEOUT_MAX overflow), or it is surely
+# a typo (an hour between two attempts, a day for one operation).
+MAX_RETRIES = 1000
+MIN_SECONDS = 0.001
+MAX_DELAY_S = 3600.0
+MAX_OP_TIMEOUT_S = 86_400.0
+MAX_CONCURRENCY = 4096
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StorageOptions:
     """Retries, concurrency and timeouts of requests to S3 and GCS (other backends ignore them
     except ``op_timeout_s``, which bounds every wait).
 
+    Every field is checked here (``ValueError`` naming it, with the range and what was given).
+
     Attributes:
-      max_retries: attempts after the first, per request (TensorStore's default is 32).
-      initial_delay_s: backoff before the first retry; doubles up to ``max_delay_s``.
-      max_delay_s: the longest backoff between two attempts.
-      request_concurrency: requests in flight at once per process (None: TensorStore's 32).
-      op_timeout_s: the longest wait on one storage operation, retries included; then the save
-        (or read) fails with ``StorageTimeoutError``.
+      max_retries: attempts after the first, per request: an int in [0, 1000]. Each request
+        is sent at most ``max_retries + 1`` times, whichever layer sends it.
+      initial_delay_s: backoff before the first retry, in [0.001, ``max_delay_s``] seconds;
+        doubles up to ``max_delay_s``.
+      max_delay_s: the longest backoff between two attempts, at most 3600 seconds.
+      request_concurrency: TensorStore requests in flight at once per process, an int in
+        [1, 4096] (None: TensorStore's 32).
+      op_timeout_s: the longest wait on one storage operation, retries included, in
+        [0.001, 86400] seconds; then the save (or read) fails with ``StorageTimeoutError``.
     """
 
     max_retries: int = 8
@@ -61,20 +81,29 @@ class StorageOptions:
     op_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
-        if not 0 < self.initial_delay_s <= self.max_delay_s:
+        _check_int("max_retries", self.max_retries, 0, MAX_RETRIES)
+        _check_seconds("initial_delay_s", self.initial_delay_s, MIN_SECONDS, MAX_DELAY_S)
+        _check_seconds("max_delay_s", self.max_delay_s, MIN_SECONDS, MAX_DELAY_S)
+        if self.initial_delay_s > self.max_delay_s:
             raise ValueError(
-                f"backoff delays must satisfy 0 < initial_delay_s <= max_delay_s, got "
-                f"{self.initial_delay_s!r} and {self.max_delay_s!r}"
+                f"StorageOptions.initial_delay_s: expected at most max_delay_s={self.max_delay_s!r}, "
+                f"found {self.initial_delay_s!r}"
             )
-        concurrency = self.request_concurrency
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)):
-            raise ValueError(f"request_concurrency must be a positive int or None, got {concurrency!r}")
-        if concurrency is not None and concurrency < 1:
-            raise ValueError(f"request_concurrency must be a positive int or None, got {concurrency!r}")
-        if not self.op_timeout_s > 0:
-            raise ValueError(f"op_timeout_s must be a positive number of seconds, got {self.op_timeout_s!r}")
+        if self.request_concurrency is not None:
+            _check_int("request_concurrency", self.request_concurrency, 1, MAX_CONCURRENCY, "or None")
+        _check_seconds("op_timeout_s", self.op_timeout_s, MIN_SECONDS, MAX_OP_TIMEOUT_S)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        also = f" {alternative}" if alternative else ""
+        raise ValueError(f"StorageOptions.{name}: expected an int in [{lo}, {hi}]{also}, found {value!r}")
+
+
+def _check_seconds(name: str, value: Any, lo: float, hi: float) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and lo <= value <= hi and math.isfinite(value)):  # NaN compares false
+        raise ValueError(f"StorageOptions.{name}: expected a number of seconds in [{lo:g}, {hi:g}], found {value!r}")
 
 
 DEFAULT = StorageOptions()
@@ -102,13 +131,14 @@ def tensorstore_resources(scheme: str, opts: StorageOptions) -> dict[str, Any]:
 
 
 def fsspec_options(scheme: str, opts: StorageOptions) -> dict[str, Any]:
-    """Keyword arguments for the fsspec filesystem of ``scheme`` (pure).
+    """Keyword arguments for the fsspec filesystem of ``scheme`` (pure): one attempt per request
+    (``retrying`` retries), each waited on at most ``op_timeout_s``.
 
-    >>> fsspec_options("s3", StorageOptions(max_retries=2, op_timeout_s=9.0))["config_kwargs"]
-    {'retries': {'max_attempts': 3, 'mode': 'standard'}, 'connect_timeout': 9.0, 'read_timeout': 9.0}
+    >>> fsspec_options("s3", StorageOptions(max_retries=2, max_delay_s=4.0, op_timeout_s=9.0))["config_kwargs"]
+    {'retries': {'total_max_attempts': 1, 'mode': 'standard'}, 'connect_timeout': 9.0, 'read_timeout': 9.0}
     """
     if scheme == "s3":
-        retries = {"max_attempts": opts.max_retries + 1, "mode": "standard"}
+        retries = {"total_max_attempts": 1, "mode": "standard"}  # botocore's max_attempts counts retries only
         timeouts = {"connect_timeout": opts.op_timeout_s, "read_timeout": opts.op_timeout_s}
         return {"config_kwargs": {"retries": retries, **timeouts}}
     if scheme == "gs":
@@ -134,13 +164,16 @@ def wait(future: Any, opts: StorageOptions, where: str, what: str = "storage ope
 
 
 _PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError, TimeoutError)
+# Transport failures that are no OSError: botocore's (connection closed, endpoint unreachable)
+# and aiohttp's (server disconnected, payload cut); gcsfs answers 429 and 5xx with HttpError.
+_TRANSIENT_NAMES = {"HttpError", "ClientError", "HTTPClientError", "ConnectionError", "ClientPayloadError"}
 
 
 def transient(error: BaseException) -> bool:
     """Whether an fsspec error may go away on retry (s3fs raises ``OSError``s, gcsfs ``HttpError``s)."""
-    if isinstance(error, _PERMANENT):
+    if isinstance(error, _PERMANENT) or str(error).startswith("Forbidden"):  # gcsfs: a 403 as a bare OSError
         return False
-    return isinstance(error, OSError) or type(error).__name__ in ("HttpError", "ClientError", "ClientPayloadError")
+    return isinstance(error, OSError) or any(c.__name__ in _TRANSIENT_NAMES for c in type(error).__mro__)
 
 
 def retrying(call: Callable[[float], T], opts: StorageOptions, where: str, what: str) -> T:

@@ -303,7 +303,7 @@ def test_interrupt_exits_130():
         "import os, signal, sys, threading\n"
         "from ckpt_callbacks import cli\n"
         "threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
-        "sys.exit(cli.main(['plan', '--every', '1', '--steps', '10000000']))\n"
+        "sys.exit(cli.main(['plan', '--every', '100000', '--steps', '10000000']))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -342,3 +342,19 @@ def test_a_file_as_base_and_too_many_plan_steps_are_refused(tmp_path):
         assert out.returncode == 2 and "it is a file, not a directory" in out.stderr, out.stderr
     out = _cli("plan", "--steps", "1000000000", "--every", "1000000")
     assert out.returncode == 2 and "plan simulates every step, at most 10,000,000" in out.stderr
+
+
+def test_usage_errors_and_extreme_values_are_one_line(tmp_path):
+    """Found by a hostile review: argparse's usage text, OverflowError from extreme floats, a
+    traceback for a --leaves file that is not an object, and metrics no float can hold."""
+    _clean_error(_cli("plan", "--steps", "ten"), r"^error: ckpt-callbacks plan: argument --steps: invalid int value")
+    _clean_error(_cli("plan", "--steps", "10", "--save-interval", "1e308"), "--save-interval 1e\\+308: expected")
+    leaves = tmp_path / "leaves.json"
+    leaves.write_text("[]")
+    _clean_error(_cli("plan-layout", "--leaves", str(leaves), "--hosts", "1"), "expected a JSON object, found \\[\\]")
+    base = tmp_path / "run"
+    cc.save(base / "run-1", {"w": np.zeros(2)}, step=1)
+    (base / "metrics").mkdir()
+    (base / "metrics" / "run-1.json").write_text('{"loss": ' + "9" * 400 + "}")
+    out = _cli("list", str(base))
+    assert out.returncode == 0 and re.search(r"^\s*1\s.*\sloss=\?\s+\S*run-1$", out.stdout, re.M), out

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import http.client
 import http.server
 import math
 import os
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 
+import fault_proxy
 import http_proxy
 import jax.numpy as jnp
 import numpy as np
 import object_stores
 import pytest
+from fault_proxy import FaultPlan, Rule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -223,3 +228,70 @@ def test_a_slow_retention_delete_holds_back_neither_the_next_save_nor_its_hooks(
         assert ck.all_steps() == [3]
         ck.close()
     assert layout.try_open(paths.parse(f"{base}/run-3")) is not None
+
+
+# S3 DeleteObjects (POST ?delete) and GCS batch requests: every delete call of this library.
+_DELETE_CALLS = Rule(kind="stall", method="POST", path=r"\?delete|/batch/", seconds=120.0)
+_OP_TIMEOUT_S = 1.5
+
+
+def test_a_stalled_retention_delete_is_bounded_by_the_checkpointers_storage_options(store, caplog):
+    scheme, upstream = store
+    base = _base(scheme, "bounded")
+    # options no other test uses: TensorStore keeps a GCS driver per spec, with its endpoint
+    opts = cc.StorageOptions(max_retries=2, initial_delay_s=0.01, max_delay_s=0.0501, op_timeout_s=_OP_TIMEOUT_S)
+    ck = cc.Checkpointer(
+        base,
+        step_policies=[cc.CheckpointInterval(every=1)],
+        keep=KeepPolicy(keep_last=1),
+        storage=opts,
+        handle_sigterm=False,
+    )
+    assert ck.on_step({"w": jnp.ones(4)}, step=1)
+    ck.wait_until_finished()
+    gc.collect()
+    with (
+        fault_proxy.fault_proxy(upstream, FaultPlan(rules=(_DELETE_CALLS,))) as proxy,
+        _through(scheme, proxy.endpoint),
+    ):
+        assert ck.on_step({"w": jnp.ones(4)}, step=2)  # commits, then retention deletes run-1: its delete call stalls
+        waiting = threading.Thread(target=ck.wait_until_finished, daemon=True)
+        waiting.start()
+        # The save of step 2, a listing and one stalled delete call, each bounded by 1.5 s (the
+        # defaults would wait 300 s, and retry): a hang guard, not a measure of speed.
+        waiting.join(10 * _OP_TIMEOUT_S)
+        assert not waiting.is_alive(), "wait_until_finished still blocked on the stalled delete"
+    gc.collect()
+    assert proxy.injected_kinds()["stall"] >= 1
+    assert re.search(rf"could not delete {base}/run-1 .*op_timeout_s=1\.5s", caplog.text), caplog.text
+    assert ck.all_steps() == [1, 2]  # the stalled call never reached the store: run-1 is still whole
+    assert ck.on_step({"w": jnp.ones(4)}, step=3)  # the store is back: the next pass deletes both
+    ck.close()
+    assert ck.all_steps() == [3]
+
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_a_batched_delete_is_sent_at_most_max_retries_plus_one_times(store, max_retries):
+    scheme, upstream = store
+    opts = cc.StorageOptions(max_retries=max_retries, initial_delay_s=0.01, max_delay_s=0.0502, op_timeout_s=20.0)
+    loc = paths.parse(_base(scheme, f"batch-retries-{max_retries}"), opts)
+    keys = [f"k{i}" for i in range(3)]
+    for key in keys:
+        paths.write_bytes(loc, key, b"x")
+    every = Rule(kind="503", method="POST", path=r"\?delete|/batch/")
+    with (
+        fault_proxy.fault_proxy(upstream, FaultPlan(rules=(every,))) as proxy,
+        _through(scheme, proxy.endpoint),
+        pytest.raises(cc.CheckpointStorageError, match=rf"delete of {loc.url} failed after {max_retries} retries"),
+    ):
+        deletes.delete_keys(loc, keys)
+    assert [method for method, _ in proxy.requests] == ["POST"] * (max_retries + 1)
+    assert deletes.list_keys(loc) == keys  # refused: nothing was deleted
+    if max_retries:  # as many faults as retries allowed: the delete goes through
+        with (
+            fault_proxy.fault_proxy(upstream, FaultPlan(rules=(dataclasses.replace(every, last=max_retries),))) as p,
+            _through(scheme, p.endpoint),
+        ):
+            deletes.delete_keys(loc, keys)
+        assert [method for method, _ in p.requests] == ["POST"] * (max_retries + 1)
+        assert deletes.list_keys(loc) == []

@@ -307,6 +307,61 @@ def test_one_failing_process_fails_the_save_on_every_process_and_nobody_commits(
     assert cc.restore(f"{base}/run-1")["step"] == 7
 
 
+# ------------------------------------------------------------------------------- requests per retry
+# Listing requests (fsspec's): S3 ListObjectsV2, GCS objects.list.
+_LISTINGS = {"s3": r"[?&]list-type=2", "gs": r"/storage/v1/b/[^/]+/o\?"}
+
+
+def _counting(max_retries: int) -> cc.StorageOptions:
+    # Options of its own per test: TensorStore keeps a GCS driver per spec, with its endpoint.
+    return cc.StorageOptions(
+        max_retries=max_retries, initial_delay_s=0.01, max_delay_s=0.05 + next(_UNIQUE) / 1000, op_timeout_s=20.0
+    )
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 3])
+def test_each_request_is_sent_at_most_max_retries_plus_one_times_on_every_layer(store, max_retries):
+    """One retry layer per request: the library's loop for fsspec's listings (the SDK's and
+    fsspec's own retries are off), TensorStore's for the reads of a key."""
+    scheme, upstream, base = store
+    cc.save(f"{base}/run-1", {"w": np.arange(4.0)}, step=1)
+    loc = paths.parse(base, _counting(max_retries))
+    listings = Rule(kind="503", method="GET", path=_LISTINGS[scheme])  # every listing request, forever
+    marker = Rule(kind="503", method="GET", path=layout.COMMIT_MARKER)  # every read of run-1's marker
+    with through(scheme, upstream, FaultPlan(rules=(listings, marker))) as proxy:
+        with pytest.raises(cc.CheckpointStorageError, match=rf"{base} failed after {max_retries} retries: .*injected"):
+            paths.list_dirs(loc)
+        with pytest.raises(cc.CheckpointStorageError, match=rf"{layout.COMMIT_MARKER} failed: .*{max_retries} retry"):
+            paths.read_bytes(loc.join("run-1"), layout.COMMIT_MARKER)
+    sent = collections.Counter((method, _unique(path)) for method, path in proxy.requests)
+    assert max(sent.values()) == max_retries + 1, sent
+    assert proxy.injected_kinds()["503"] == 2 * (max_retries + 1), proxy.injected
+    if max_retries:  # as many faults as retries allowed: the listing comes through
+        listings = dataclasses.replace(listings, last=max_retries)
+        with through(scheme, upstream, FaultPlan(rules=(listings,))) as proxy:
+            assert paths.list_dirs(loc) == ["run-1"]
+        assert max(collections.Counter(proxy.requests).values()) == max_retries + 1
+
+
+def test_a_reader_restores_a_url_with_its_own_storage_options(store):
+    scheme, upstream, base = store
+    cc.save(f"{base}/run-1", {"w": np.arange(4.0)}, step=1)
+    reader = cc.CheckpointReader(base, storage=_counting(0))
+    once = Rule(kind="503", method="GET", path=_under("run-1", ""), first=1, last=1)  # the first read of run-1
+    for path in (f"{base}/run-1", paths.parse(f"{base}/run-1")):
+        # The defaults would retry it (and pass); the reader's options allow no retry.
+        failed = rf"{base}/run-1.*injected fault"
+        with (
+            through(scheme, upstream, FaultPlan(rules=(once,))) as proxy,
+            pytest.raises(cc.CheckpointStorageError, match=failed),
+        ):
+            reader.restore(path=path)
+        assert proxy.injected_kinds()["503"] == 1
+    with through(scheme, upstream, FaultPlan(rules=(once,))):
+        tree, _ = reader.restore(path=f"{base}/run-1", storage=_counting(1))  # given here: it wins
+    assert tree["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 # ------------------------------------------------------------------------------------------ options
 def test_storage_options_go_inline_into_every_object_store_spec():
     opts = cc.StorageOptions(max_retries=3, initial_delay_s=0.25, max_delay_s=4, request_concurrency=16)
@@ -328,8 +383,8 @@ def test_storage_options_go_inline_into_every_object_store_spec():
     ("kwargs", "match"),
     [
         ({"max_retries": -1}, "max_retries"),
-        ({"initial_delay_s": 0}, "backoff delays"),
-        ({"initial_delay_s": 5, "max_delay_s": 1}, "backoff delays"),
+        ({"initial_delay_s": 0}, "initial_delay_s"),
+        ({"initial_delay_s": 5, "max_delay_s": 1}, "initial_delay_s: expected at most max_delay_s"),
         ({"request_concurrency": 0}, "request_concurrency"),
         ({"op_timeout_s": 0}, "op_timeout_s"),
     ],

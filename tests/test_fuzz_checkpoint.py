@@ -4,7 +4,9 @@ One varied checkpoint per backend is saved once; every example copies its pristi
 applies one mutation (a JSON field edited, raw bytes flipped or cut, with the marker's crc32c
 left stale or forged; a file deleted or two swapped), then checks ``restore`` and ``verify``.
 A forged manifest can say other things than the save did (a scalar's value, a leaf's dtype):
-only those leaves may then differ, every other leaf must come back bit-exact.
+only those leaves may then differ, every other leaf must come back bit-exact. In the process
+layout the index files are mutated too (bytes, or one record's field with every checksum
+re-signed), and manifests forged consistently (a chunk grid reshaped, two leaves swapped).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import struct
 import tempfile
 import tracemalloc
 from typing import Any
 
+import crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,10 +153,12 @@ def _edit(doc: Any, at: tuple[Any, ...], op: str, value: Any) -> Any:
 
 
 @st.composite
-def json_mutation(draw, backend: Backend) -> tuple[str, bytes, bool]:
-    name = draw(st.sampled_from([MANIFEST, MANIFEST, MANIFEST, METADATA, MARKER]))
+def json_mutation(draw, backend: Backend, fields: tuple[str, ...] = ()) -> tuple[str, bytes, bool]:
+    """One place in a JSON file edited (with ``fields``: in the manifest, under one of them)."""
+    name = MANIFEST if fields else draw(st.sampled_from([MANIFEST, MANIFEST, MANIFEST, METADATA, MARKER]))
     doc = json.loads(json.dumps(backend.json[name]))
-    at = draw(st.sampled_from(_locations(doc)))
+    places = [p for p in _locations(doc) if not fields or any(f in p[:3] for f in fields)]
+    at = draw(st.sampled_from(places))
     op = draw(st.sampled_from(["set", "set", "delete", "bump", "char"]))
     data = json.dumps(_edit(doc, at, op, draw(VALUES))).encode()
     return name, data, draw(st.booleans())
@@ -263,7 +269,7 @@ def test_deleted_and_swapped_files_are_caught(backend, data):
 
 @pytest.fixture(scope="module")
 def process_backend():
-    """The same tree in the "process" layout (data files of at most 4 KiB, so several)."""
+    """The same tree in the "process" layout (data files of at most 2 KiB, so several)."""
     made = Backend("file", layout="process")
     assert any(name.startswith("state/index.") for name in made.files)
     start_tracing()
@@ -271,17 +277,96 @@ def process_backend():
     made.close()
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+# The process layout's index files, by hand: a forger recomputes every checksum in them.
+INDEX_HEADER = struct.Struct("<8sII")
+INDEX_RECORDS = {b"CKPTIDX1": struct.Struct("<IIQQII"), b"CKPTIDX2": struct.Struct("<IIQQQQII")}
+PROCESS_FIELDS = ("layout", "writers", "chunks", "shape", "array")
+
+
+def _signed_index(data: bytes) -> tuple[bytes, int]:
+    """``data`` with each record's own crc32c recomputed, and the index's crc32c (the manifest's)."""
+    magic, process, count = INDEX_HEADER.unpack_from(data)
+    record = INDEX_RECORDS[magic]
+    out, signed = [data[: INDEX_HEADER.size]], crc32c.crc32c(data[: INDEX_HEADER.size])
+    for i in range(count):
+        body = data[INDEX_HEADER.size + i * record.size :][: record.size - 4]
+        signed = crc32c.crc32c(body, signed)
+        out.append(body + struct.pack("<I", crc32c.crc32c(body, crc32c.crc32c(struct.pack("<I", process)))))
+    return b"".join(out), signed
+
+
+@st.composite
+def index_mutation(draw, backend: Backend) -> tuple[str, bytes, bool]:
+    """One field of one record of an index set to another value, re-signed or left stale."""
+    name = draw(st.sampled_from(sorted(n for n in backend.files if "/index." in n)))
+    data = backend.files[name]
+    magic, _, count = INDEX_HEADER.unpack_from(data)
+    record = INDEX_RECORDS[magic]
+    at = INDEX_HEADER.size + draw(st.integers(0, count - 1)) * record.size
+    fields = list(record.unpack_from(data, at))
+    field = draw(st.integers(0, len(fields) - 2))  # not its own crc32c
+    bits = 8 * struct.calcsize("<" + record.format[1 + field])
+    value = draw(st.one_of(st.sampled_from(INTS), st.integers(0, 2**bits - 1)))
+    fields[field] = fields[field] ^ (1 << value % bits) if draw(st.booleans()) else value % 2**bits
+    return name, data[:at] + record.pack(*fields) + data[at + record.size :], draw(st.booleans())
+
+
+@st.composite
+def forged_leaves(draw, backend: Backend) -> bytes:
+    """A manifest saying other things of its leaves than the save did, consistently: one leaf's
+    chunk grid reshaped (its writers to match), or two leaves' records (and tree nodes) swapped."""
+    doc = json.loads(json.dumps(backend.json[MANIFEST]))
+    arrays = [i for i, leaf in enumerate(doc["leaves"]) if leaf.get("writers")]
+    if draw(st.booleans()):
+        leaf = doc["leaves"][draw(st.sampled_from(arrays))]
+        dims = [*leaf["shape"], *leaf.get("key_tail", [])]
+        leaf["chunks"] = [draw(st.integers(1, max(n, 1))) for n in dims]
+        grid = int(np.prod([-(-n // c) for n, c in zip(dims, leaf["chunks"], strict=True)]))
+        leaf["writers"] = [[0, 0, grid, 1]]
+        return json.dumps(doc).encode()
+    i, j = draw(st.lists(st.sampled_from(arrays), min_size=2, max_size=2, unique=True))
+    doc["leaves"][i], doc["leaves"][j] = doc["leaves"][j], doc["leaves"][i]
+    text = json.dumps(doc["tree"]).replace(f'"leaf": {i}}}', '"leaf": -1}').replace(f'"leaf": {j}}}', f'"leaf": {i}}}')
+    doc["tree"] = json.loads(text.replace('"leaf": -1}', f'"leaf": {j}}}'))
+    return json.dumps(doc).encode()
+
+
+def _with_index(backend: Backend, url: str, name: str, data: bytes) -> None:
+    """Writes index ``name`` re-signed: its records, its entry in the manifest, the marker."""
+    data, signed = _signed_index(data)
+    _kv(url)[name] = data
+    doc = json.loads(json.dumps(backend.json[MANIFEST]))
+    process = int(name.rsplit(".", 1)[1])
+    doc["layout"]["indexes"][process][:2] = [len(data), signed]
+    _write(url, MANIFEST, json.dumps(doc).encode(), True)
+
+
+@settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_process_layout_damaged_index_data_or_manifest(process_backend, data):
+    """Every file of the layout: the manifest (any field, or its process-layout fields, or its
+    leaves forged consistently), an index (bytes, or one record's field, re-signed or not), a
+    data file (bytes); each also deleted."""
     backend = process_backend
     url = backend.fresh()
     try:
-        kind = data.draw(st.sampled_from(["json", "bytes", "bytes", "delete"]))
-        if kind == "json":
-            name, raw, forge = data.draw(json_mutation(backend))
+        kind = data.draw(st.sampled_from(["json", "fields", "forged", "record", "record", "bytes", "bytes", "delete"]))
+        if kind in ("json", "fields"):
+            name, raw, forge = data.draw(json_mutation(backend, PROCESS_FIELDS if kind == "fields" else ()))
             _write(url, name, raw, forge)
             _check(backend, url, _lenient(backend, name, raw) if forge else set())
+            return
+        if kind == "forged":
+            _write(url, MANIFEST, data.draw(forged_leaves(backend)), True)
+            _check(backend, url)
+            return
+        if kind == "record":
+            name, raw, resign = data.draw(index_mutation(backend))
+            if resign:
+                _with_index(backend, url, name, raw)
+            else:
+                _kv(url)[name] = raw
+            _check(backend, url)
             return
         name = data.draw(st.sampled_from(sorted(n for n in backend.files if "/index." in n or "/pack." in n)))
         if kind == "delete":

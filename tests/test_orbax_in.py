@@ -7,6 +7,7 @@ that restoring does not import it.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import jax
@@ -293,3 +294,42 @@ def test_our_format_still_requires_every_checksum(mem_url):
         LeafRead(array, record, [((0, 4),)], mem_url).result()
     unchecked = LeafRead(array, record, [((0, 4),)], mem_url, checksums=False).result()
     assert unchecked[((0, 4),)].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+_DECLARED = [1 << 28]  # 2 GiB of int64 in one chunk: more than the address space the reader below is given
+_UNDER_A_CAP = """
+import resource, sys
+import ckpt_callbacks as cc
+vm = next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (768 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    cc.restore(sys.argv[1])
+except cc.CheckpointFormatError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("kind", ["plain_zarr", "plain_zarr3"])
+def test_a_scalar_declaring_a_huge_shape_is_refused_before_it_is_read(tmp_path_factory, tmp_path, kind):
+    """The forged size is checked before TensorStore allocates it: under an address-space cap
+    smaller than the declared array, the restore raises instead of the process aborting."""
+    path = _copy(_save(kind, tmp_path_factory.mktemp(kind)), tmp_path)
+    meta_file = f"{path}/step/{'zarr.json' if kind.endswith('zarr3') else '.zarray'}"
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["shape"] = _DECLARED
+    if kind.endswith("zarr3"):
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = _DECLARED
+        meta["codecs"][0]["configuration"]["chunk_shape"] = _DECLARED  # sharding_indexed: one inner chunk
+    else:
+        meta["chunks"] = _DECLARED
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    out = run_python("-c", _UNDER_A_CAP, path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # (a host with less memory than the declared array refuses it earlier, as too large to read)
+    assert re.search(
+        r"refused: .*/step: leaf 'step': orbax names it a scalar, its zarr metadata declares int64 \[268435456\]; "
+        r"expected one number|refused: .*more bytes than this host can read",
+        out.stdout,
+    ), out.stdout

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import struct
+import threading
 
+import crc32c
 import jax
 import jax.numpy as jnp
 import mh_tasks
@@ -20,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt_callbacks as cc
 from ckpt_callbacks import cli, layout_plan, process_index
 from ckpt_callbacks.layout_plan import LeafShape, plan_layout
-from conftest import assert_tree_equal, make_mesh, put
+from conftest import assert_tree_equal, forge_committed_json, make_mesh, put
 
 
 def _tree():
@@ -31,6 +35,7 @@ def _tree():
         "big": put(jnp.asarray(rng.normal(size=(512, 1024)), jnp.float32), mesh, P("x")),  # 2 MiB: zarr3 array
         "rep": put(jnp.asarray(rng.normal(size=(1024, 512)), jnp.float32), mesh, P()),  # 2 MiB replicated: split
         "b": put(jnp.arange(1.0, 17.0), mesh, P()),
+        "zero_d": put(jnp.float32(2.5), mesh, P()),
         "n": np.arange(1, 7, dtype=np.int16).reshape(2, 3),
         "key": jax.random.key(0),
         "step": 3,
@@ -103,9 +108,9 @@ def test_plan_layout_by_hand():
     assert zarr.objects == (4 + 1 + 3, 4) and zarr.chunks == 8 and zarr.bytes[1] == 4 * 64
     packed = plan_layout(leaves, {"d": 8}, 2, layout="zarr3")  # 512 bytes: packed, one file each
     assert packed.objects == (1 + 3, 1)
-    # process layout, files of 128 bytes: 2 data files + 1 index each; index = 16 + 4 x 32 bytes
+    # process layout, files of 128 bytes: 2 data files + 1 index each; index = 16 + 4 x 48 bytes
     proc = plan_layout(leaves, {"d": 8}, 2, layout="process", file_bytes=128)
-    assert proc.objects == (3 + 3, 3) and proc.index_bytes == (144, 144)
+    assert proc.objects == (3 + 3, 3) and proc.index_bytes == (208, 208)
     # 1,024 processes x 8 devices, 100 leaves: objects grow with processes only
     many = [LeafShape(path=f"l{i}", shape=(8192, 1024), dtype="bfloat16", spec=("d",)) for i in range(100)]
     big = plan_layout(many, {"d": 8192}, 1024, layout="process")
@@ -188,11 +193,176 @@ def test_an_index_rewritten_with_consistent_records_is_caught_by_verify(tmp_path
     head, size = process_index.HEADER.size, process_index.RECORD.size
     r0 = process_index.RECORD.unpack_from(data, head)[:-1]
     r1 = process_index.RECORD.unpack_from(data, head + size)[:-1]
-    forged = (r0[0], r1[1], r0[2], r1[3], r1[4])  # chunk 0 now points at chunk 1's bytes and crc32c
-    record = process_index.RECORD.pack(*forged, process_index._record_crc(0, forged))
+    forged = (r0[0], r1[1], r0[2], r1[3], r0[4], r0[5], r1[6])  # chunk 0 now points at chunk 1's bytes and crc32c
+    record = process_index.pack_record(0, forged)
     index.write_bytes(data[:head] + record + data[head + size :])
     assert any("index.0" in p for p in cc.verify(path).problems)
     index.write_bytes(pathlib.Path(other, "state", "index.0").read_bytes())  # another save's index
     assert any("index.0" in p for p in cc.verify(path).problems)
     with pytest.raises(cc.CheckpointError):
         cc.restore(path, mesh=make_mesh((4, 2)))  # b's records carry b's chunk checksums: a's data fails them
+
+
+# ------------------------------------------------------------- forgeries a re-signed file can make
+# A forger who knows the format recomputes every crc32c: an index record's own, the index's in
+# the manifest, the manifest's in the marker. Only structure can then tell a forgery: each record
+# bound to its leaf and chunk, no two records claiming the same bytes.
+HEADER = struct.Struct("<8sII")
+RECORDS = {b"CKPTIDX1": struct.Struct("<IIQQII"), b"CKPTIDX2": struct.Struct("<IIQQQQII")}
+
+
+def _read_index(path: str, process: int = 0) -> tuple[bytes, list[list[int]]]:
+    """(magic, each record's fields without its own crc32c) of an index file, by hand."""
+    data = pathlib.Path(path, "state", f"index.{process}").read_bytes()
+    magic, _, count = HEADER.unpack_from(data)
+    record = RECORDS[magic]
+    return magic, [list(record.unpack_from(data, HEADER.size + i * record.size)[:-1]) for i in range(count)]
+
+
+def _forge_index(path: str, magic: bytes, records: list[list[int]], process: int = 0) -> None:
+    """Writes an index of ``records`` and re-signs it: own crc32c, manifest entry, marker."""
+    record = RECORDS[magic]
+    head, body = HEADER.pack(magic, process, len(records)), []
+    signed = crc32c.crc32c(head)
+    for fields in records:
+        raw = record.pack(*fields, 0)[:-4]
+        signed = crc32c.crc32c(raw, signed)
+        body.append(raw + struct.pack("<I", crc32c.crc32c(raw, crc32c.crc32c(struct.pack("<I", process)))))
+    data = head + b"".join(body)
+    pathlib.Path(path, "state", f"index.{process}").write_bytes(data)
+    manifest = _manifest(path)
+    manifest["layout"]["indexes"][process][:2] = [len(data), signed]
+    _forge_manifest(path, manifest)
+
+
+def _manifest(path: str) -> dict:
+    return json.loads(pathlib.Path(path, "state", "manifest.json").read_text())
+
+
+def _forge_manifest(path: str, manifest: dict) -> None:
+    forge_committed_json(path, "state/manifest.json", json.dumps(manifest).encode())
+
+
+def _refused(path: str, match: str) -> None:
+    """Restore raises a CheckpointError saying ``match``, and verify finds it too."""
+    with pytest.raises(cc.CheckpointError, match=match):
+        cc.restore(path, mesh=make_mesh((4, 2)))
+    problems = cc.verify(path).problems
+    assert any(re.search(match, p) for p in problems), problems
+
+
+def _pair(tmp_path, offset: float = 100.0) -> tuple[str, dict]:
+    """Two leaves alike but for their values, each 8 chunks of (2, 4) float32 (32 bytes)."""
+    mesh, a = make_mesh((4, 2)), np.arange(64, dtype=np.float32).reshape(8, 8)
+    tree = {"a": put(a, mesh, P("x", "y")), "b": put(a + offset, mesh, P("x", "y"))}
+    path = str(tmp_path / "run-1")
+    cc.save(path, tree, step=1, layout="process")
+    assert_tree_equal(cc.restore(path, mesh=mesh), tree)
+    return path, tree
+
+
+def test_a_re_signed_manifest_with_a_reshaped_chunk_grid_is_refused(tmp_path):
+    """Chunks (2, 4) said to be (4, 2): as many chunks of as many bytes, their crc32c unchanged;
+    read as the manifest says, every element would land somewhere else."""
+    path, _ = _pair(tmp_path)
+    manifest = _manifest(path)
+    assert manifest["leaves"][0]["chunks"] == [2, 4]
+    manifest["leaves"][0]["chunks"] = [4, 2]
+    _forge_manifest(path, manifest)
+    _refused(path, "leaf 'a' chunk 0: tag .* manifest .*does not describe the leaf the save wrote")
+
+
+def test_a_re_signed_manifest_with_two_leaves_records_swapped_is_refused(tmp_path):
+    """Leaves 0 ('a') and 1 ('b') trade records (and tree nodes): the index's records of leaf 0
+    are a's chunks, which the manifest now calls b's."""
+    path, _ = _pair(tmp_path)
+    manifest = _manifest(path)
+    leaves = manifest["leaves"]
+    leaves[0], leaves[1] = leaves[1], leaves[0]
+    assert [leaf["path"] for leaf in leaves] == [["b"], ["a"]]
+    for _, node in manifest["tree"]["dict"]:
+        node["leaf"] = 1 - node["leaf"]
+    _forge_manifest(path, manifest)
+    _refused(path, "leaf 'b' chunk 0: tag")
+
+
+def test_re_signed_index_records_that_overlap_are_refused(tmp_path):
+    """Chunk 1 of leaf 'a' pointed at chunk 0's bytes (and crc32c): both would restore chunk 0."""
+    path, _ = _pair(tmp_path)
+    magic, records = _read_index(path)
+    assert records[0][:3] == [0, 0, 0] and records[1][:3] == [0, 0, 1]  # leaf, file, chunk
+    records[1][1], records[1][3], records[1][-1] = records[0][1], records[0][3], records[0][-1]  # file, offset, crc
+    _forge_index(path, magic, records)
+    _refused(path, "leaf 'a' chunk 0 .* and leaf 'a' chunk 1 .* overlap in data file 0")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [(4, 64, "size in bytes 64 in its record, 32"), (5, 12345, "tag 12345")],
+)
+def test_a_re_signed_record_of_another_size_or_leaf_tag_is_refused(tmp_path, field, value, match):
+    """Fields (leaf, file, chunk, offset, size, tag, crc32c) of a version 2 record."""
+    path, _ = _pair(tmp_path)
+    magic, records = _read_index(path)
+    records[7][field] = value  # leaf 'a' chunk 7, the last before leaf 'b'
+    _forge_index(path, magic, records)
+    _refused(path, match)
+
+
+def test_version_1_indexes_restore_and_are_checked_as_well(tmp_path):
+    """An index of 32-byte records (no size, no leaf tag), as saves wrote before, still restores
+    and verifies; overlapping records in one are refused all the same."""
+    path, tree = _pair(tmp_path)
+    magic, records = _read_index(path)
+    if magic == b"CKPTIDX2":  # to version 1: leaf, file, chunk, offset, crc32c
+        records = [[r[0], r[1], r[2], r[3], r[6]] for r in records]
+        _forge_index(path, b"CKPTIDX1", records)
+    assert_tree_equal(cc.restore(path, mesh=make_mesh((4, 2))), tree)
+    assert cc.verify(path).ok
+    records[9][1], records[9][3], records[9][4] = records[8][1], records[8][3], records[8][4]
+    _forge_index(path, b"CKPTIDX1", records)
+    _refused(path, "leaf 'b' chunk 0 .* and leaf 'b' chunk 1 .* overlap")
+
+
+# ------------------------------------------------------------------- special files, both layouts
+SPECIAL = [
+    ("zarr3", "state/pack.0-0", {"w": np.arange(8.0)}),  # packed small leaves
+    ("zarr3", "state/s/c", {"s": np.float32(3.0)}),  # a 0-d zarr3 array's one chunk file
+    ("process", "state/pack.0-0", {"w": np.arange(8.0)}),  # a data file
+    ("process", "state/index.0", {"w": np.arange(8.0)}),
+]
+
+
+def _promptly(fn, fifo: str):
+    """``fn()``'s result or exception, failing the test if it is still blocked after 20 s (then
+    the FIFO gets a writer, so that whatever blocked on it ends)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as e:
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return out
+
+
+@pytest.mark.parametrize(("layout", "name", "tree"), SPECIAL, ids=[f"{x[0]}-{x[1]}" for x in SPECIAL])
+def test_a_fifo_in_place_of_a_file_is_refused_at_once(tmp_path, layout, name, tree):
+    path = str(tmp_path / "run-1")
+    cc.save(path, tree, step=1, layout=layout, pack_bytes=0 if name.endswith("/c") else 1 << 20)
+    fifo = os.path.join(path, name)
+    os.remove(fifo)
+    os.mkfifo(fifo)
+    restored = _promptly(lambda: cc.restore(path), fifo)
+    assert isinstance(restored.get("error"), cc.CorruptCheckpointError), restored
+    assert f"{fifo} is not a regular file" in str(restored["error"])
+    report = _promptly(lambda: cc.verify(path), fifo)["value"]
+    assert any(f"{fifo} is not a regular file" in p for p in report.problems), report.problems

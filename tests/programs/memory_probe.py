@@ -1,6 +1,6 @@
 """Peak extra RSS of two saves of a (4, 2)-sharded tree, sampled every 2 ms; prints JSON.
 
-python memory_probe.py PATH GIB BUDGET_BYTES   (BUDGET_BYTES 0: no max_host_bytes)
+python memory_probe.py PATH GIB BUDGET_BYTES [LAYOUT]   (BUDGET_BYTES 0: no max_host_bytes; LAYOUT: zarr3)
 """
 
 import json
@@ -19,7 +19,7 @@ from rss import PeakRSS
 import ckpt_callbacks as cc
 
 
-def main(path: str, gib: float, budget: int | None) -> None:
+def main(path: str, gib: float, budget: int | None, layout: str = "zarr3") -> None:
     mesh = jax.make_mesh((4, 2), ("x", "y"))
     n_leaves = 32
     rows = int(gib * 2**30 / 4 / 4096 / n_leaves)
@@ -32,9 +32,9 @@ def main(path: str, gib: float, budget: int | None) -> None:
     # Two saves of the same tree, as in a training run; extra RSS is measured against the RSS
     # before the first, so memory an allocator keeps after the first save still counts.
     with PeakRSS() as peak:
-        first_stats = cc.save_async(path + "-first", tree, max_host_bytes=budget).wait()
+        first_stats = cc.save_async(path + "-first", tree, max_host_bytes=budget, layout=layout).wait()
         first_peak = peak.extra
-        stats = cc.save_async(path, tree, max_host_bytes=budget).wait()
+        stats = cc.save_async(path, tree, max_host_bytes=budget, layout=layout).wait()
     result = {
         "bytes_written": stats.bytes_written,
         "peak_extra": peak.extra,
@@ -47,4 +47,4 @@ def main(path: str, gib: float, budget: int | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]) or None)
+    main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]) or None, *sys.argv[4:5])
