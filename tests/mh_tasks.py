@@ -191,3 +191,20 @@ def save_with_failing_process(path, proxy, scheme):
     except Exception as e:
         return {"pid": jax.process_index(), "error": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - start}
     return {"pid": jax.process_index(), "error": None, "after_s": time.monotonic() - start}
+
+
+def save_golden(path, layout):
+    """One of the two-process golden checkpoints (``tests/golden/make_golden.py``)."""
+    from golden import state
+
+    mesh = _mesh((2, 4))
+    data = state.sharded_values()
+    tree = {
+        "w": _global(data["w"], mesh, P("x", "y")),
+        "part": _global(data["part"], mesh, P("x")),
+        "rep": _global(data["rep"], mesh, P()),
+        "step": 12,
+        "name": "two processes",
+    }
+    cc.save(path, tree, step=12, layout=layout, max_host_bytes=2048, timeout_s=60.0)
+    return {"pid": jax.process_index()}
