@@ -29,7 +29,9 @@ import numpy as np
 import object_stores
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import deletes, layout, paths
+from ckpt_callbacks import directory as deletes
+from ckpt_callbacks import directory as layout
+from ckpt_callbacks import storage as paths
 
 _ENDPOINT_VARS = {"s3": ("AWS_ENDPOINT_URL_S3",), "gs": ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from clu import periodic_actions
 
-from ckpt_callbacks.callbacks import CheckpointCallback
+from ckpt_callbacks.manager import CheckpointCallback
 
 
 def register() -> None:

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from ckpt_callbacks import paths
+from ckpt_callbacks import storage as paths
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -106,7 +106,8 @@ def forge_committed_json(url: str, name: str, data: bytes) -> None:
     updates its crc32c in the marker, as an attacker who knows the format would."""
     import crc32c
 
-    from ckpt_callbacks import layout, paths
+    from ckpt_callbacks import directory as layout
+    from ckpt_callbacks import storage as paths
 
     loc = paths.parse(url)
     *dirs, base = name.split("/")

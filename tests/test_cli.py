@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import paths
+from ckpt_callbacks import storage as paths
 from conftest import make_mesh, put
 
 EXE = shutil.which("ckpt-callbacks", path=os.path.dirname(sys.executable))

@@ -22,8 +22,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import cli, layout_plan, paths
-from ckpt_callbacks.layout_plan import LeafShape
+from ckpt_callbacks import cli
+from ckpt_callbacks import layouts as layout_plan
+from ckpt_callbacks import storage as paths
+from ckpt_callbacks.layouts import LeafShape
 
 _COUNTER = itertools.count()
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -27,7 +27,10 @@ from hypothesis import strategies as st
 from test_faults import DATA_WRITES, store, through  # noqa: F401  (store is a fixture)
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import claims, layout, leftovers, paths
+from ckpt_callbacks import directory as claims
+from ckpt_callbacks import directory as layout
+from ckpt_callbacks import directory as leftovers
+from ckpt_callbacks import storage as paths
 from conftest import assert_tree_equal
 
 QUICK = cc.StorageOptions(max_retries=2, initial_delay_s=0.01, max_delay_s=0.05, op_timeout_s=1.0)
@@ -411,8 +414,6 @@ def test_a_background_refusal_is_raised_by_the_next_step_not_taken_for_its_own(t
 def test_a_local_marker_write_past_the_deadline_is_reported_as_it_ends(tmp_path, backend, monkeypatch):
     """A slow disk uses up op_timeout_s before the marker: the save either fails with no marker
     ever appearing, or reports the commit; never a failure whose marker lands."""
-    from ckpt_callbacks import commits
-
     path = (str(tmp_path) if backend == "file" else f"memory://slow-{uuid.uuid4().hex}") + "/run-1"
     real = paths.write_bytes
 
@@ -421,7 +422,7 @@ def test_a_local_marker_write_past_the_deadline_is_reported_as_it_ends(tmp_path,
             time.sleep(0.3)
         return real(loc, name, data)
 
-    monkeypatch.setattr(commits.paths, "write_bytes", slow)
+    monkeypatch.setattr(paths, "write_bytes", slow)  # the storage facade the commit writes through
     try:
         cc.save(path, {"w": np.ones(4)}, step=1, storage=cc.StorageOptions(op_timeout_s=0.25))
         committed = True

@@ -25,9 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import deletes, layout, paths
-from ckpt_callbacks.policy import KeepPolicy
-from ckpt_callbacks.retention import Retention
+from ckpt_callbacks import directory as deletes
+from ckpt_callbacks import directory as layout
+from ckpt_callbacks import storage as paths
+from ckpt_callbacks.manager import KeepPolicy, Retention
 
 _ENDPOINT_VARS = {"s3": ("AWS_ENDPOINT_URL_S3",), "gs": ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
 _BATCH = {"s3": deletes.S3_BATCH, "gs": deletes.GCS_BATCH}

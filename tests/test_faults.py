@@ -33,7 +33,8 @@ from fault_proxy import FaultPlan, Rule
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import layout, paths
+from ckpt_callbacks import directory as layout
+from ckpt_callbacks import storage as paths
 from conftest import assert_tree_equal, make_mesh, put
 
 # Fast backoff so faults cost milliseconds; more retries than the proxy's bursts (2) are long.

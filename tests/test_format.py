@@ -11,7 +11,7 @@ import pytest
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import paths
+from ckpt_callbacks import storage as paths
 from conftest import assert_tree_equal, forge_committed_json
 
 NASTY_KEYS = ["../x", "a/b", "", ".", "..", "ünïcødé ✓", "x" * 300, "%2E", "~", "manifest.json", "COMMITTED"]

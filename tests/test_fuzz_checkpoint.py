@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import paths
+from ckpt_callbacks import storage as paths
 from conftest import assert_tree_equal, forge_committed_json, make_mesh, put, start_tracing
 
 MANIFEST, METADATA, MARKER = "state/manifest.json", "metadata.json", "COMMITTED"

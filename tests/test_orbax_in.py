@@ -21,14 +21,15 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import orbax_format, paths
-from ckpt_callbacks.chunk_reads import LeafRead
+from ckpt_callbacks import interop as orbax_format
+from ckpt_callbacks import storage as paths
 from ckpt_callbacks.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     RestoreMismatchError,
 )
+from ckpt_callbacks.layouts import LeafRead
 from conftest import assert_tree_equal, make_mesh, put, run_python
 
 # Layouts orbax writes: how to write one, and the directory to restore from.

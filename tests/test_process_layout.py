@@ -22,8 +22,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import cli, layout_plan, process_index
-from ckpt_callbacks.layout_plan import LeafShape, plan_layout
+from ckpt_callbacks import cli
+from ckpt_callbacks import format as process_index
+from ckpt_callbacks import layouts as layout_plan
+from ckpt_callbacks.layouts import LeafShape, plan_layout
 from conftest import assert_tree_equal, forge_committed_json, make_mesh, put
 
 

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import paths
+from ckpt_callbacks import storage as paths
 from conftest import assert_tree_equal, make_mesh, put
 
 

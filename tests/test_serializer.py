@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import paths
+from ckpt_callbacks import storage as paths
 from conftest import assert_tree_equal, make_mesh, put
 
 
@@ -267,7 +267,7 @@ def test_no_pickle_or_eval_in_package():
 
 
 def test_a_pack_file_left_incomplete_stops_the_commit():
-    from ckpt_callbacks.staging import Writer
+    from ckpt_callbacks.saving import Writer
 
     writer = Writer(1 << 20, {("state", "pack.0-0"): (128, 2)})
     with pytest.raises(RuntimeError, match=r"pack files left incomplete: \['state/pack.0-0'\]"):

@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import serializer
-from ckpt_callbacks.snapshot import HOST_BUFFERS, Snapshot, device_budgets, unit_bytes
+from ckpt_callbacks import saving as serializer
+from ckpt_callbacks.saving import HOST_BUFFERS, Snapshot, device_budgets, unit_bytes
 from conftest import assert_tree_equal, put
 
 MiB = 1 << 20
@@ -99,7 +99,7 @@ def test_auto_copies_on_device_only_within_the_free_memory(mesh42, free_mib):
 
 
 def unit_source_host(leaf, unit):
-    from ckpt_callbacks.planning import slices
+    from ckpt_callbacks.format import slices
 
     return np.asarray(leaf.source)[slices(unit.region)]
 

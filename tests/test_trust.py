@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import layout, paths
+from ckpt_callbacks import directory as layout
+from ckpt_callbacks import storage as paths
 from conftest import assert_tree_equal, put, run_python
 
 # ----------------------------------------------------------------------------- user files

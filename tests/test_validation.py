@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ckpt_callbacks as cc
-from ckpt_callbacks import paths
+from ckpt_callbacks import storage as paths
 from conftest import forge_committed_json, start_tracing
 
 MANIFEST = "state/manifest.json"

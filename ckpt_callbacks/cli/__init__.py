@@ -1,0 +1,3 @@
+"""cli: facade (see README.md here)."""
+
+from ckpt_callbacks.cli._main import main as main

@@ -1,0 +1,405 @@
+"""The ``ckpt-callbacks`` command: what is in a checkpoint directory, from a terminal.
+
+    ckpt-callbacks list gs://bucket/run                       # step, time, kind, size, metrics
+    ckpt-callbacks list gs://bucket/run --metric eval_loss    # ... with best-k ranks
+    ckpt-callbacks inspect gs://bucket/run/run-1000           # every leaf: shape, dtype, spec, chunks
+    ckpt-callbacks verify gs://bucket/run                     # re-read every chunk; exit 1 if damaged
+    ckpt-callbacks prune gs://bucket/run --keep-last 3        # what would be deleted (--yes: delete)
+    ckpt-callbacks plan --every 500 --until 5000 --every 1000 --steps 20000
+    ckpt-callbacks diff run/run-1000 run/run-2000             # leaves added, removed, changed
+
+``--json`` prints machine-readable output. Errors are one line on stderr and exit status 2.
+
+>>> import jax.numpy as jnp, ckpt_callbacks as cc
+>>> cc.save("memory://doc/cli/run-3", {"w": jnp.zeros((2, 2))}, step=3)
+>>> main(["latest", "memory://doc/cli"])
+memory://doc/cli/run-3
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ckpt_callbacks import directory as deletes
+from ckpt_callbacks import directory as discovery
+from ckpt_callbacks import directory as layout
+from ckpt_callbacks import directory as leftovers
+from ckpt_callbacks import format as fmt
+from ckpt_callbacks import interop as orbax_format
+from ckpt_callbacks import storage as paths
+from ckpt_callbacks.cli import _checks as cli_checks
+from ckpt_callbacks.cli import _plan as cli_plan
+from ckpt_callbacks.cli import _plan_layout as cli_layout
+from ckpt_callbacks.cli import _render as show
+from ckpt_callbacks.cli._checks import found_instead, leaf_json, shown
+from ckpt_callbacks.cli._plan import keep_text
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
+from ckpt_callbacks.manager import CheckpointReader, KeepPolicy, metric_of
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _saved(timestamp: float) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # finite, but past year 9999 or the platform's time_t
+        return f"{timestamp:.6g} s"
+
+
+def _row(base: str, info: discovery.CheckpointInfo, rank: int | None = None) -> dict[str, Any]:
+    ckpt = info.checkpoint
+    try:
+        size, problem = (sum(r.nbytes for i in ckpt.items for r in ckpt.manifest(i).leaves) if ckpt else None), None
+    except CheckpointError as e:
+        size, problem = None, f"committed, but a manifest cannot be read: {e}"
+    metrics = info.extras.get("metrics")
+    return {
+        "step": info.step,
+        "path": shown(base, paths.parse(info.path)),
+        "status": "committed" if problem is None else "damaged",
+        "saved": _saved(info.timestamp),
+        "timestamp": info.timestamp,
+        "temporary": info.is_temporary,
+        "bytes": size,
+        "items": ckpt.items if ckpt else [],
+        "metrics": metrics if isinstance(metrics, dict) else {},
+        "best": rank,
+        "problem": problem,
+    }
+
+
+def _other_row(base: str, loc: paths.Location) -> dict[str, Any] | None:
+    """A directory ``list_checkpoints`` skipped: damaged, an unfinished save, or not ours (None)."""
+    step = layout.step_of(loc.name)
+    try:
+        if layout.try_open(loc) is not None:  # committed while we listed
+            return None
+        status, problem = (
+            "uncommitted",
+            "files but no COMMITTED marker: a save that did not finish (restore ignores it)",
+        )
+    except CheckpointError as e:
+        status, problem = "damaged", f"committed, but cannot be opened: {e}"
+    if status == "uncommitted" and step is None:
+        return None
+    empty: dict[str, Any] = {
+        "saved": None,
+        "timestamp": None,
+        "temporary": None,
+        "bytes": None,
+        "items": [],
+        "metrics": {},
+    }
+    return {"step": step, "path": shown(base, loc), "status": status, **empty, "best": None, "problem": problem}
+
+
+def _ranks(infos: Sequence[discovery.CheckpointInfo], metric: str | None, mode: str) -> dict[str, int]:
+    """Best-k rank (1 = best) of each checkpoint recording ``metric``, by path."""
+    if not metric:
+        return {}
+    scored = [(m, c.path) for c in infos if (m := metric_of(c, metric)) is not None]
+    scored.sort(key=lambda mp: mp[0] if mode == "min" else -mp[0])
+    return {path: i for i, (_, path) in enumerate(scored, 1)}
+
+
+def exists(loc: paths.Location) -> bool:
+    return os.path.exists(loc.path) if loc.scheme == "file" else paths.has_any(loc)
+
+
+def checkpoint_rows(base: str, metric: str | None = None, mode: str = "min") -> list[dict[str, Any]]:
+    """Every checkpoint directory under ``base``: committed ones (recorded metrics merged), then
+    damaged ones and the leftovers of unfinished saves (``run-<step>`` without a marker)."""
+    loc = paths.parse(base)
+    infos = CheckpointReader(loc).checkpoints()
+    ranks = _ranks(infos, metric, mode)
+    rows = [_row(base, info, ranks.get(info.path)) for info in infos]
+    listed = {paths.parse(info.path).name for info in infos}
+    for name in paths.list_dirs(loc):
+        other = None if name in listed else _other_row(base, loc.join(name))
+        if other is not None:
+            rows.append(other)
+    return sorted(rows, key=lambda r: (-1 if r["step"] is None else r["step"], r["path"]))
+
+
+def base_rows(base: str, metric: str | None = None, mode: str = "min") -> list[dict[str, Any]]:
+    """``checkpoint_rows``, refusing a base that does not exist or is itself a checkpoint."""
+    loc = paths.parse(base)
+    rows = checkpoint_rows(base, metric, mode)
+    if not rows and not exists(loc):
+        raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: no such directory")
+    if not rows and loc.scheme == "file" and not os.path.isdir(loc.path):
+        raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: it is a file, not a directory")
+    if not rows and (ckpt := layout.try_open(loc)) is not None:
+        raise CheckpointNotFoundError(
+            f"{loc.url} is a checkpoint (step {ckpt.metadata.step}), not a base directory of checkpoints; "
+            f"see it with: ckpt-callbacks inspect {base}"
+        )
+    return rows
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = base_rows(args.base, args.metric, args.mode)
+    if args.json:
+        show.print_json(rows)
+    else:
+        show.show_list(show.console(), args.base, rows, best=bool(args.metric))
+    return 0
+
+
+def _latest(args: argparse.Namespace) -> int:
+    path = discovery.find_latest_checkpoint(args.base)
+    if path is None:
+        print(f"no committed checkpoint under {args.base}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _item(leaves: Sequence[fmt.LeafRecord], **more: Any) -> dict[str, Any]:
+    return {**more, "bytes": sum(r.nbytes for r in leaves), "leaves": [leaf_json(r) for r in leaves]}
+
+
+def _orbax(loc: paths.Location, items: dict[str, paths.Location]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, item_loc in items.items():
+        found = orbax_format.read_item(item_loc)
+        out[name] = {"not_pytree": True} if found is None else _item(found.manifest.leaves, storage=str(found.storage))
+    return {"kind": "orbax", "path": loc.url, "items": out}
+
+
+def inspect_data(path: str) -> dict[str, Any]:
+    """What ``inspect`` shows: our checkpoint, an orbax one, or a base directory's checkpoints."""
+    try:
+        ckpt = layout.open_checkpoint(path)
+    except CheckpointNotFoundError:
+        loc = paths.parse(path)
+        items = orbax_format.find_items(loc)
+        if items:
+            return _orbax(loc, items)
+        rows = checkpoint_rows(path)
+        if rows:
+            return {"kind": "base", "path": path, "checkpoints": rows}
+        raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}: {found_instead(loc)}") from None
+    meta = ckpt.metadata
+    return {
+        "kind": "ckpt_callbacks",
+        "path": ckpt.url,
+        "step": meta.step,
+        "saved": f"{_saved(meta.timestamp)} UTC",
+        "timestamp": meta.timestamp,
+        "temporary": meta.is_temporary,
+        "extras": meta.extras,
+        "items": {item: _item(ckpt.manifest(item).leaves) for item in ckpt.items},
+    }
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    data = inspect_data(args.path)
+    if args.json:
+        show.print_json(data)
+    else:
+        show.show_inspect(show.console(), data)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    keep = KeepPolicy(
+        keep_last=args.keep_last,
+        keep_every=args.keep_every,
+        keep_best=args.keep_best,
+        metric=args.metric,
+        mode=args.mode,
+    )
+    base_rows(args.base)  # refuses a missing base or a checkpoint path
+    base = paths.parse(args.base)
+    infos = CheckpointReader(base).checkpoints()
+    doomed = {c.path for c in keep.to_delete(infos)}
+    ranks = _ranks(infos, args.metric, args.mode)
+    rows = [
+        {**_row(args.base, c, ranks.get(c.path)), "action": "delete" if c.path in doomed else "keep"} for c in infos
+    ]
+    deleted = []
+    for info, row in zip(infos, rows, strict=True):
+        if args.yes and info.path in doomed:
+            deletes.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
+            if info.step is not None:  # its recorded metrics, as retention deletes them
+                paths.delete_entry(base.join(layout.METRICS_DIR), layout.metrics_name(info.step))
+            deleted.append(row["path"])
+    data = {"base": args.base, "policy": keep_text(keep), "dry_run": not args.yes}
+    data |= {"best": bool(args.metric), "checkpoints": rows, "deleted": deleted}
+    data["leftovers"] = _prune_leftovers(base, args.yes)
+    if args.json:
+        show.print_json(data)
+    else:
+        show.show_prune(show.console(), data)
+    return 0
+
+
+def _prune_leftovers(base: paths.Location, delete: bool) -> list[dict[str, Any]]:
+    """Leftovers of saves that died (``ckpt_callbacks.leftovers``) in every ``run-*`` directory
+    under ``base``: listed, and deleted with ``--yes``."""
+    found = []
+    for name in paths.list_dirs(base):
+        if layout.step_of(name) is None:
+            continue
+        loc = base.join(name)
+        entries = leftovers.clean(loc) if delete else leftovers.find(loc)
+        if entries:
+            found.append({"path": loc.url, "entries": entries})
+    return found
+
+
+# What ``--help`` says of each command, and its examples.
+_HELP = {
+    "list": (
+        "Committed checkpoints under BASE: step, time saved, temporary or permanent, size, items, "
+        "recorded metrics; leftovers of unfinished saves are flagged.",
+        ["gs://bucket/run", "gs://bucket/run --metric eval_loss", "/ckpts/run --json"],
+    ),
+    "latest": ("Path of the latest committed checkpoint under BASE (exit 1 if none).", ["gs://bucket/run"]),
+    "inspect": (
+        "Metadata and every leaf of a checkpoint (ours or orbax's): shape, dtype, saved partition "
+        "spec, size, chunk shape.",
+        ["gs://bucket/run/run-1000", "ckpts/1000   # an orbax CheckpointManager step", "/ckpts/run/run-10 --json"],
+    ),
+    "verify": (
+        "Re-read every chunk of a checkpoint, or of every checkpoint under a base, against its "
+        "crc32c; report each missing or corrupt leaf; exit 1 on damage.",
+        ["gs://bucket/run/run-1000", "gs://bucket/run"],
+    ),
+    "diff": (
+        "Compare two checkpoints: leaves added, removed, reshaped, and the largest absolute change "
+        "of each leaf in both.",
+        ["run/run-1000 run/run-2000", "a/run-5 b/run-5 --json"],
+    ),
+    "prune": (
+        "Apply a keep policy to the checkpoints under BASE: a dry run that shows what would be "
+        "deleted and kept, unless --yes.",
+        ["gs://bucket/run --keep-last 3", "gs://bucket/run --keep-best 2 --metric eval_loss --keep-last 1 --yes"],
+    ),
+    "plan": (
+        "Simulate a save policy before a run: which steps are saved, permanent or temporary, and "
+        "which a keep policy keeps at the end.",
+        [
+            "--every 500 --until 5000 --every 1000 --steps 20000",
+            "--every 1000 --save-interval 600 --step-time 0.8 --steps 10000 --keep-last 2",
+        ],
+    ),
+}
+
+
+def _add(sub: Any, name: str, func: Command) -> argparse.ArgumentParser:
+    text, examples = _HELP[name]
+    epilog = "examples:\n" + "\n".join(f"  ckpt-callbacks {name} {e}" for e in examples)
+    parser = sub.add_parser(
+        name, help=text, description=text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(func=func)
+    if name != "latest":
+        parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _metric_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--metric", help=f"eval metric to rank by ({what})")
+    parser.add_argument("--mode", choices=("min", "max"), default="min", help="min: lower is better (default)")
+
+
+def _add_reading(sub: Any) -> None:
+    p = _add(sub, "list", _list)
+    p.add_argument("base", help="the directory holding run-<step> checkpoints")
+    _metric_options(p, "adds a best-k rank column")
+    _add(sub, "latest", _latest).add_argument("base")
+    p = _add(sub, "inspect", _inspect)
+    p.add_argument("path", help="a checkpoint directory (a base directory lists its checkpoints)")
+    _add(sub, "verify", cli_checks.verify_command).add_argument(
+        "path", help="a checkpoint, or a base directory of checkpoints"
+    )
+    p = _add(sub, "diff", cli_checks.diff_command)
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--item", default="state", help="the item to compare (default: state)")
+
+
+def _add_policies(sub: Any) -> None:
+    p = _add(sub, "prune", _prune)
+    p.add_argument("base")
+    for name, text in (("last", "the N newest"), ("every", "steps that are multiples of N"), ("best", "the N best")):
+        p.add_argument(f"--keep-{name}", type=int, metavar="N", help=f"keep {text} permanent checkpoints")
+    _metric_options(p, "for --keep-best")
+    p.add_argument("--yes", action="store_true", help="delete (only the library's own files)")
+    p = _add(sub, "plan", cli_plan.plan_command)
+    p.add_argument("--every", type=int, action="append", default=[], metavar="N", help="save every N steps (repeat)")
+    p.add_argument("--until", type=int, action="append", default=[], metavar="STEP", help="... up to STEP (repeat)")
+    p.add_argument("--save-interval", type=float, metavar="SECONDS", help="a temporary checkpoint after SECONDS")
+    p.add_argument("--steps", type=int, required=True, metavar="N", help="the run's last step")
+    p.add_argument("--step-time", type=float, default=1.0, metavar="SECONDS", help="seconds per step (default 1)")
+    p.add_argument("--no-final", action="store_true", help="no forced save at the last step (on_train_end)")
+    for name in ("last", "every"):
+        p.add_argument(f"--keep-{name}", type=int, metavar="N", help=f"retention at the end: --keep-{name} N")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2, as every other error (subcommands'
+    parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command's argument parser (``ckpt-callbacks --help``)."""
+    doc = (__doc__ or "").split("\n\n")
+    top = _Parser(
+        prog="ckpt-callbacks",
+        description="List, inspect, verify, prune and compare checkpoints written by ckpt_callbacks\n"
+        "(local paths, file://, s3://, gs://); plan a save policy before a run.",
+        epilog="examples:\n"
+        + doc[1].replace("    ckpt-callbacks", "  ckpt-callbacks")
+        + "\n\n"
+        + doc[2].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_reading(sub)
+    _add_policies(sub)
+    cli_layout.add_parser(sub)
+    return top
+
+
+def _quiet_stdout() -> None:
+    """After ``| head`` closed the pipe: nothing more reaches it, not even the exit-time flush."""
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor (a doctest's stdout)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (CheckpointError, OSError, ValueError) as e:  # ValueError: TensorStore's storage errors, bad options
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, never a traceback, on whatever input
+        print(
+            f"error: internal error, please report it: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr
+        )
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The manager: save policy, async saves, retention and discovery under one base directory.
+
+>>> import jax.numpy as jnp
+>>> ck = Checkpointer("memory://doc/ck", step_policies=[CheckpointInterval(every=2)])
+>>> [ck.on_step({"w": jnp.ones(2)}, step=s) for s in range(1, 5)]
+[False, True, False, True]
+>>> ck.wait_until_finished(); ck.all_steps()
+[2, 4]
+>>> tree, meta = ck.restore()
+>>> meta["step"], tree["w"].tolist()
+(4, [1.0, 1.0])
+>>> ck.close()
+
+Checkpoints are ``<base>/run-<step>``. Resume rules: after ``restore`` of step N, a call at
+step N does not save again and N+1 continues the schedule; calls may skip steps. Only one
+save is in flight at a time: a save that comes due while the previous one is still writing
+waits for it (and raises its failure, if it failed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ckpt_callbacks import directory as layout
+from ckpt_callbacks.directory import CheckpointInfo, list_checkpoints
+from ckpt_callbacks.errors import CheckpointExistsError
+from ckpt_callbacks.format import as_step
+from ckpt_callbacks.manager._aftercommit import AfterCommit, ScalarWriter, close_at_exit
+from ckpt_callbacks.manager._policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
+from ckpt_callbacks.manager._preemption import Preemption, agree
+from ckpt_callbacks.manager._reader import CheckpointReader, announce
+from ckpt_callbacks.saving import SaveHandle, SaveOptions, save_items_async
+
+log = logging.getLogger("ckpt_callbacks")
+
+_ASKED = Decision(True, False, "asked")
+
+
+def _seconds(interval: datetime.timedelta | float | None) -> datetime.timedelta | None:
+    if interval is None or isinstance(interval, datetime.timedelta):
+        return interval
+    return datetime.timedelta(seconds=float(interval))
+
+
+def _timestamp(now: Any) -> float:
+    """A clock reading as seconds: floats as they are, ``datetime``s (the seed's clocks) too."""
+    if isinstance(now, datetime.datetime):
+        return now.timestamp()
+    if isinstance(now, bool) or not isinstance(now, int | float):
+        raise TypeError(f"a clock returned {now!r}; expected seconds (a float) or a datetime")
+    return float(now)
+
+
+class Checkpointer(CheckpointReader):
+    """Saves a train state by policy, under the seed's ``Checkpointer`` names.
+
+    Args:
+      base_path: base URL; checkpoints are ``<base>/run-<step>``.
+      save_interval: time between temporary checkpoints (timedelta or seconds), or None.
+      step_policies: ``CheckpointInterval``s sorted by ``until``: permanent checkpoints.
+      keep: ``KeepPolicy`` for retention (default: delete superseded temporaries only).
+      clock: the time now, as seconds or a ``datetime`` (default ``time.time``); inject one in
+        tests. A ``t`` given to a call is used instead, for that decision and its record.
+      writer: gets per-save telemetry through ``write_scalars(step, dict)``.
+      options: ``SaveOptions`` for every save; its fields (``dtype``, ``max_host_bytes``,
+        ``pack_bytes``, ``timeout_s``, ``storage``) may also be given as keywords; ``storage``
+        (retries and timeouts of requests) also applies to its restores, listings and deletes.
+      handle_sigterm: on the first ``on_step``, chain a SIGTERM handler that makes the next
+        ``on_step`` save a permanent checkpoint (see ``ckpt_callbacks.preemption``).
+      sync_every_steps: with several processes, process 0's clock and the preemption flags
+        are shared every this many steps; only those steps communicate.
+      item: name of the item the state is saved under.
+      on_commit: the seed's ``true_callbacks``: each is called as ``fn(path, step, metadata)``
+        once a save's marker is durable (in the background; failures are logged).
+    """
+
+    def __init__(
+        self,
+        base_path: Any,
+        save_interval: datetime.timedelta | float | None = None,
+        step_policies: Sequence[CheckpointInterval] = (),
+        *,
+        keep: KeepPolicy | None = None,
+        clock: Callable[[], Any] | None = None,
+        writer: ScalarWriter | None = None,
+        options: SaveOptions | None = None,
+        handle_sigterm: bool = True,
+        sync_every_steps: int = 10,
+        item: str = "state",
+        on_commit: Sequence[Callable[[str, int, dict[str, Any]], Any]] = (),
+        **option_overrides: Any,
+    ) -> None:
+        if sync_every_steps < 1:
+            raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
+        self.options = dataclasses.replace(options or SaveOptions(), **option_overrides)
+        super().__init__(base_path, keep=keep, item=item, storage=self.options.storage)
+        self.policy = SavePolicy(step_policies=tuple(step_policies), save_interval=_seconds(save_interval))
+        self._clock = clock or time.time
+        self._sync_every = sync_every_steps
+        self._last_save_step: int | None = None
+        self._last_save_time: float | None = None
+        self._previous_step: int | None = None
+        # The save in flight, the last step saved before it, and the thread that started it.
+        self._inflight: tuple[SaveHandle, int | None, int] | None = None
+        self._lock = threading.Lock()  # for _inflight: several threads may wait at once
+        self._started: list[str] = []  # paths this run began saving to, recorded before each save starts
+        self.preemption = Preemption(handle_sigterm)
+        self._after = AfterCommit(
+            writer,
+            lambda: self.retention.apply(committed_this_run=self._started),
+            on_commit,
+            on_failure=self.retention.note_failed,
+        )
+        self._closed = False
+        self.saves = self._after.saves  # telemetry of every committed save, in order
+        close_at_exit(self)
+
+    def request_save(self) -> None:
+        """Makes the next ``on_step`` save a permanent checkpoint (thread- and signal-safe)."""
+        self.preemption.request()
+
+    def on_step(self, state: Any, *, step: int, force: bool = False, extras: dict[str, Any] | None = None) -> bool:
+        """Called after every train step; saves when the policy says so. Returns whether it did."""
+        return self.step_lazy(lambda: state, step=step, force=force, extras=extras)
+
+    def step_lazy(
+        self, state_fn: Callable[[], Any], *, step: int, force: bool = False, extras: Any = None, now: Any = None
+    ) -> bool:
+        """``on_step`` with the state built only when a save is due (no work on other steps).
+
+        ``now`` overrides the clock for this decision and for the save's record.
+        """
+        self._check_open()
+        step, now = as_step(step), _timestamp(self._clock() if now is None else now)
+        self.preemption.install_once()
+        if self._last_save_time is None:
+            self._last_save_time = now
+        agreed_now, last, preempt = agree(
+            f"ck/{self.base.url}",
+            step,
+            now=now,
+            last=self._last_save_time,
+            flag=self.preemption,
+            every=self._sync_every,
+        )
+        decision = self.policy.decide(
+            step,
+            now=agreed_now,
+            last_save_step=self._last_save_step,
+            last_save_time=last,
+            force=force or preempt,
+            previous_step=self._previous_step,
+        )
+        self._previous_step = step
+        if not decision.save:
+            return False
+        extras = self.retention.with_recorded_metrics(step, extras)
+        self._wait_inflight()  # the previous save's failure is raised here, never taken for this step's
+        try:
+            self._save_now(
+                {self.item: state_fn()}, layout.run_name(step), step=step, extras=extras, now=now, decision=decision
+            )
+        except CheckpointExistsError:  # saved before (a resumed run): never twice, never overwritten
+            self._last_save_step = step
+            return False
+        return True
+
+    def _save_now(
+        self,
+        items: Any,
+        dest: str,
+        *,
+        step: int,
+        extras: Any = None,
+        now: Any = None,
+        decision: Any = _ASKED,
+        add=False,
+    ) -> SaveHandle:
+        """The one save path: wait for the previous save, start this one, hand it to the worker.
+
+        The path counts as this run's before the save can commit (so retention running behind
+        never takes it for an earlier run's); the step counts as saved until the save fails.
+        """
+        self._check_open()
+        self._wait_inflight()
+        step = as_step(step)
+        if not self._announced:
+            announce(self, list_checkpoints(self.base), None)
+        loc = self.base.join(dest)
+        if loc.url not in self._started:
+            self._started.append(loc.url)
+        temporary = decision.temporary
+        handle = save_items_async(
+            loc, items, step=step, extras=extras, is_temporary=temporary, add=add, options=self.options
+        )
+        log.info("checkpoint at step %d (%s%s)", step, decision.reason, ", temporary" if decision.temporary else "")
+        with self._lock:
+            self._inflight = (handle, self._last_save_step, threading.get_ident())
+        self._last_save_step = step
+        self._last_save_time = _timestamp(self._clock()) if now is None else now
+        terminate = self.preemption.clear()
+        self._after.submit(handle, step, (lambda: self.preemption.terminate(step)) if terminate else None)
+        return handle
+
+    def save_checkpoint(
+        self, state: Any, destination: str, *, step: int, is_temporary: bool = False, extras: Any = None
+    ) -> SaveHandle:
+        """Saves ``state`` now to ``<base>/<destination>`` (no policy); returns the handle."""
+        decision = Decision(True, is_temporary, "save_checkpoint")
+        return self._save_now({self.item: state}, destination, step=step, extras=extras, decision=decision)
+
+    def save_pytree(
+        self, tree: Any, prefix: str, *, step: int, destination: str | None = None, extras: dict[str, Any] | None = None
+    ) -> SaveHandle:
+        """Saves ``tree`` as item ``prefix`` of ``<base>/<destination or run-step>``, beside the
+        items already committed there (one call per item into the same step)."""
+        return self._save_now({prefix: tree}, destination or layout.run_name(step), step=step, extras=extras, add=True)
+
+    def save_items(self, items: dict[str, Any], *, step: int, extras: Any = None) -> SaveHandle:
+        """Saves named items (model, optimizer, a loader's JSON state) as ``run-<step>``, committed together."""
+        return self._save_now(items, layout.run_name(step), step=step, extras=extras)
+
+    def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Eval metrics of ``step`` for best-k retention; kept beside checkpoints as JSON."""
+        self.retention.record_metrics(step, metrics)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints under the base, by step, with recorded eval metrics merged in."""
+        return self.retention.checkpoints()
+
+    def _wait_inflight(self) -> None:
+        """Waits for the save in flight and raises its failure to every thread waiting. The
+        failure stays pending until raised in the thread that started the save (the loop: at
+        its next save or wait, unless its own ``handle.wait()`` raised it already)."""
+        with self._lock:
+            inflight = self._inflight
+        if inflight is None:
+            return
+        handle, saved_before, owner = inflight
+        here = threading.get_ident()
+        already = here == owner and here in handle.raised_to
+        try:
+            handle.wait()
+        except BaseException:
+            if here == owner:
+                with self._lock:
+                    if self._inflight is inflight:
+                        self._inflight = None
+                        self._last_save_step = saved_before  # not committed: the step may be saved again
+            if not already:
+                raise
+            return
+        with self._lock:
+            if self._inflight is inflight:
+                self._inflight = None
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the save in flight has committed and retention has run; raises failures."""
+        self._wait_inflight()
+        self._after.join()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"Checkpointer for {self.base.url} is closed")
+
+    def close(self) -> None:
+        """Waits for pending work, stops the worker and restores the SIGTERM handler."""
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            self._after.close()
+            self.preemption.uninstall()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _settle(self) -> None:
+        self.wait_until_finished()
+
+    def _restored(self, step: int | None) -> None:
+        if step is not None:  # resume rules: the restored step is not saved again; the schedule goes on
+            self._last_save_step = self._previous_step = step
+            self._last_save_time = _timestamp(self._clock())
