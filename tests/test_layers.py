@@ -72,7 +72,8 @@ def test_root_exports_exactly_the_public_names():
         "LeafShape", "PeerSaveError", "RestoreMismatchError", "SaveHandle", "SaveOptions", "SavePolicy", "SaveStats",
         "ScalarWriter", "ShardingRuleError", "StorageNotSharedError", "StorageOptions", "StorageTimeoutError",
         "find_latest_checkpoint", "list_checkpoints", "match_partition_rules", "open_checkpoint", "plan_layout",
-        "restore", "save", "save_async", "save_items", "save_items_async", "shardings_from_rules", "verify", "VerifyReport",
+        "restore", "save", "save_async", "save_items", "save_items_async", "shardings_from_rules", "verify",
+        "VerifyReport",
     }  # fmt: skip
     assert public - subpackages == names
     assert callable(cc.restore)  # the function, not a module of that name
