@@ -18,6 +18,7 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff format --check $(SRC)
 	$(BIN)/ruff check $(SRC)
+	$(BIN)/lint-imports --no-cache
 
 typecheck: install
 	$(BIN)/mypy ckpt_callbacks examples tests/programs

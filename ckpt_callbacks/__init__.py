@@ -7,13 +7,12 @@
 'memory://doc/init/run-1'
 """
 
+from ckpt_callbacks import interop as _interop  # noqa: F401  registers the orbax source with restoring
 from ckpt_callbacks.directory import Checkpoint as Checkpoint
 from ckpt_callbacks.directory import CheckpointInfo as CheckpointInfo
-from ckpt_callbacks.directory import VerifyReport as VerifyReport
 from ckpt_callbacks.directory import find_latest_checkpoint as find_latest_checkpoint
 from ckpt_callbacks.directory import list_checkpoints as list_checkpoints
 from ckpt_callbacks.directory import open_checkpoint as open_checkpoint
-from ckpt_callbacks.directory import verify as verify
 from ckpt_callbacks.errors import CheckpointError as CheckpointError
 from ckpt_callbacks.errors import CheckpointExistsError as CheckpointExistsError
 from ckpt_callbacks.errors import CheckpointFormatError as CheckpointFormatError
@@ -37,9 +36,11 @@ from ckpt_callbacks.manager import Decision as Decision
 from ckpt_callbacks.manager import KeepPolicy as KeepPolicy
 from ckpt_callbacks.manager import SavePolicy as SavePolicy
 from ckpt_callbacks.manager import ScalarWriter as ScalarWriter
+from ckpt_callbacks.restoring import VerifyReport as VerifyReport
 from ckpt_callbacks.restoring import match_partition_rules as match_partition_rules
 from ckpt_callbacks.restoring import restore as restore
 from ckpt_callbacks.restoring import shardings_from_rules as shardings_from_rules
+from ckpt_callbacks.restoring import verify as verify
 from ckpt_callbacks.saving import SaveHandle as SaveHandle
 from ckpt_callbacks.saving import SaveOptions as SaveOptions
 from ckpt_callbacks.saving import SaveStats as SaveStats
@@ -50,3 +51,47 @@ from ckpt_callbacks.saving import save_items_async as save_items_async
 from ckpt_callbacks.storage import StorageOptions as StorageOptions
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointCallback",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CheckpointInfo",
+    "CheckpointInterval",
+    "CheckpointNotFoundError",
+    "CheckpointPathError",
+    "CheckpointReader",
+    "CheckpointStorageError",
+    "Checkpointer",
+    "CorruptCheckpointError",
+    "Decision",
+    "KeepPolicy",
+    "LayoutCounts",
+    "LeafShape",
+    "PeerSaveError",
+    "RestoreMismatchError",
+    "SaveHandle",
+    "SaveOptions",
+    "SavePolicy",
+    "SaveStats",
+    "ScalarWriter",
+    "ShardingRuleError",
+    "StorageNotSharedError",
+    "StorageOptions",
+    "StorageTimeoutError",
+    "VerifyReport",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "match_partition_rules",
+    "open_checkpoint",
+    "plan_layout",
+    "restore",
+    "save",
+    "save_async",
+    "save_items",
+    "save_items_async",
+    "shardings_from_rules",
+    "verify",
+]

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -72,11 +74,20 @@ def gcs_endpoint():
         yield endpoint
 
 
+@pytest.fixture(params=["s3", "gs"])
+def store(request) -> Iterator[tuple[str, str, str]]:
+    """(scheme, upstream endpoint, a fresh base URL) on moto or fake-gcs-server, for a fault
+    proxy in front of it (``fault_proxy.through``). ``directory/test_deletes.py`` has its own."""
+    scheme = request.param
+    upstream = request.getfixturevalue("s3_endpoint" if scheme == "s3" else "gcs_endpoint")
+    yield scheme, upstream, f"{scheme}://{object_stores.BUCKET}/faults-{uuid.uuid4().hex[:10]}"
+
+
 def _fresh_url(request, scheme: str) -> str:
     if scheme == "file":
         return str(request.getfixturevalue("tmp_path") / "ckpt")
     if scheme == "memory":
-        return f"memory://tests/{next(_COUNTER)}"
+        return f"memory://tests/t{next(_COUNTER)}/ckpt"  # its own base, as on the other backends
     request.getfixturevalue("s3_endpoint" if scheme == "s3" else "gcs_endpoint")
     return f"{scheme}://{object_stores.BUCKET}/t{os.getpid()}-{next(_COUNTER)}/ckpt"
 

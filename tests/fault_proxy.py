@@ -24,7 +24,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
+import os
 import random
 import re
 import socket
@@ -197,3 +199,25 @@ def fault_proxy(upstream: str, plan: FaultPlan | None = None) -> Iterator[FaultP
     """Runs a ``FaultProxy`` in front of ``upstream`` (no faults without a plan); stops it after."""
     with serving(FaultProxy(upstream, plan or FaultPlan())) as proxy:
         yield proxy
+
+
+# --- clients pointed at a fault proxy (e2e/test_faults.py, directory/test_commit_protocol.py)
+
+DATA_WRITES = r"PUT|POST"  # S3 puts objects with PUT, GCS uploads with POST
+ENDPOINT_VARS = {"s3": ("AWS_ENDPOINT_URL_S3",), "gs": ("TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST")}
+
+
+@contextlib.contextmanager
+def through(scheme: str, upstream: str, plan: FaultPlan | None = None) -> Iterator[FaultProxy]:
+    """Points TensorStore and fsspec at a fault proxy in front of ``upstream`` while inside."""
+    # TensorStore keeps a GCS driver, with the endpoint the environment named when it was
+    # created, for as long as something references it: drop unreferenced ones on the way in and out.
+    gc.collect()
+    saved = {var: os.environ[var] for var in ENDPOINT_VARS[scheme]}
+    with fault_proxy(upstream, plan) as proxy:
+        os.environ.update(dict.fromkeys(ENDPOINT_VARS[scheme], proxy.endpoint))
+        try:
+            yield proxy
+        finally:
+            os.environ.update(saved)
+            gc.collect()

@@ -11,14 +11,8 @@ import ckpt_callbacks as cc
 PACKAGE = pathlib.Path(cc.__file__).parent
 RANK = {"errors": 0, "distributed": 0, "format": 1, "storage": 1, "directory": 2, "layouts": 2}
 RANK |= {"saving": 3, "restoring": 3, "manager": 4, "interop": 4, "cli": 5, "clu": 6}
-# The crossings the README lists as still to cut; a new one fails here, and so does a cut one
-# (then delete it here and in the README).
-KNOWN_CROSSINGS = {
-    ("directory", "layouts"),
-    ("directory", "restoring"),
-    ("layouts", "restoring"),
-    ("restoring", "interop"),
-}
+# A subpackage imports only subpackages of a lower rank (never a sibling): lint-imports checks
+# the same with import-linter's contracts (setup.cfg); this scan also sees lazy imports.
 
 
 def _imports(source: pathlib.Path) -> set[str]:
@@ -51,7 +45,7 @@ def test_restoring_never_imports_saving():
             assert not any(m.startswith("ckpt_callbacks.saving") for m in _imports(source)), source.name
 
 
-def test_imports_go_down_the_layers_except_the_listed_crossings():
+def test_imports_only_go_down_the_layers():
     crossings = set()
     for name, source in _subpackage_modules():
         for module in _imports(source):
@@ -59,7 +53,7 @@ def test_imports_go_down_the_layers_except_the_listed_crossings():
             inside = parts[0] == "ckpt_callbacks" and len(parts) > 1 and parts[1] in RANK and parts[1] != name
             if inside and RANK[parts[1]] >= RANK[name]:
                 crossings.add((name, parts[1]))
-    assert crossings == KNOWN_CROSSINGS
+    assert crossings == set()
 
 
 def test_root_exports_exactly_the_public_names():
@@ -78,3 +72,53 @@ def test_root_exports_exactly_the_public_names():
     }  # fmt: skip
     assert public == names
     assert callable(cc.restore)  # the function, not a module of that name
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (a name imported from a package is that
+    package's submodule when there is one; the packages above a module are not counted)."""
+    files = {
+        p: ".".join(("ckpt_callbacks", *p.relative_to(PACKAGE).with_suffix("").parts)) for p in PACKAGE.rglob("*.py")
+    }
+    names = {m.removesuffix(".__init__") for m in files.values()}
+    graph = {}
+    for path, module in files.items():
+        wanted = {m for m in _imports(path) if m.startswith("ckpt_callbacks")}
+        me = module.removesuffix(".__init__")
+        ancestors = {".".join(me.split(".")[:i]) for i in range(1, me.count(".") + 1)}  # imported implicitly first
+        graph[me] = {m for m in wanted if m in names} - {me} - ancestors
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph, state, cycles = _module_graph(), {}, []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    # Through its facade a package's module may import a sibling module; a module importing its own
+    # package's facade (which imports it back) is a cycle.
+    assert cycles == []
+
+
+def test_longest_chain_of_layers_is_at_most_seven():
+    graph: dict[str, set[str]] = {}
+    for name, source in _subpackage_modules():
+        for module in _imports(source):
+            parts = module.split(".")
+            if parts[0] == "ckpt_callbacks" and len(parts) > 1 and parts[1] in RANK and parts[1] != name:
+                graph.setdefault(name, set()).add(parts[1])
+
+    def depth(node: str) -> int:
+        return 1 + max((depth(n) for n in graph.get(node, ())), default=0)
+
+    assert max(depth(n) for n in RANK) <= 7

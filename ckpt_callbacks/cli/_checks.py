@@ -51,11 +51,12 @@ def leaf_json(r: fmt.LeafRecord) -> dict[str, Any]:
 
 def found_instead(loc: paths.Location) -> str:
     """What a path that holds no checkpoint of ours holds instead, in a few words."""
-    if loc.scheme == "file" and not os.path.isdir(loc.path):
-        return "it is a file, not a checkpoint directory" if os.path.exists(loc.path) else "no such directory"
+    local = paths.local_path(loc)
+    if local is not None and not os.path.isdir(local):
+        return "it is a file, not a checkpoint directory" if os.path.exists(local) else "no such directory"
     entries = paths.list_entries(loc)
     if not entries:
-        return "an empty directory" if loc.scheme == "file" else "nothing is stored there"
+        return "an empty directory" if local is not None else "nothing is stored there"
     listed = ", ".join(entries[:5]) + (f", ... ({len(entries) - 5} more)" if len(entries) > 5 else "")
     steps = sorted((d for d in paths.list_dirs(loc) if d.isdigit()), key=int)
     try:
@@ -122,7 +123,7 @@ def _open_for_check(
     items = []
     for item in ckpt.items:
         try:
-            records, packs = process_files.item_source(ckpt.item_loc(item), ckpt.manifest(item))
+            records, packs = process_files.locate(ckpt.item_loc(item), ckpt.manifest(item))
             items.append((ckpt.item_loc(item), [r for r in records if r.kind != "scalar"], packs))
         except CheckpointError as e:
             report["problems"].append(_problem(e))
@@ -132,7 +133,7 @@ def _open_for_check(
 def _check(
     report: dict[str, Any], items: list[tuple[paths.Location, list[Any], Any]], advance: Callable[..., Any]
 ) -> None:
-    """Re-reads every array leaf (each chunk against its crc32c), as ``discovery.verify`` does."""
+    """Re-reads every array leaf (each chunk against its crc32c), as ``restoring.verify`` does."""
     for item_loc, records, packs in items:  # each pack file read once, however many leaves it holds
         for record in records:
             advance(0, f"{report['path']}: {record.key}")
@@ -198,7 +199,7 @@ def _side(path: str, item: str) -> tuple[dict[str, Any], dict[str, fmt.LeafRecor
     else:
         about = {"path": path, "step": ckpt.metadata.step}
         item_loc, opener = ckpt.item_loc(item), None  # type: ignore[assignment]
-        listed, packs = process_files.item_source(item_loc, ckpt.manifest(item))
+        listed, packs = process_files.locate(item_loc, ckpt.manifest(item))
         records = tuple(listed)
 
     def read(record: fmt.LeafRecord) -> Any:

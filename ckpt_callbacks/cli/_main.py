@@ -110,7 +110,8 @@ def _ranks(infos: Sequence[discovery.CheckpointInfo], metric: str | None, mode: 
 
 
 def exists(loc: paths.Location) -> bool:
-    return os.path.exists(loc.path) if loc.scheme == "file" else paths.has_any(loc)
+    local = paths.local_path(loc)
+    return os.path.exists(local) if local is not None else paths.has_any(loc)
 
 
 def checkpoint_rows(base: str, metric: str | None = None, mode: str = "min") -> list[dict[str, Any]]:
@@ -134,7 +135,7 @@ def base_rows(base: str, metric: str | None = None, mode: str = "min") -> list[d
     rows = checkpoint_rows(base, metric, mode)
     if not rows and not exists(loc):
         raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: no such directory")
-    if not rows and loc.scheme == "file" and not os.path.isdir(loc.path):
+    if not rows and (local := paths.local_path(loc)) is not None and not os.path.isdir(local):
         raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: it is a file, not a directory")
     if not rows and (ckpt := layout.try_open(loc)) is not None:
         raise CheckpointNotFoundError(
@@ -217,29 +218,34 @@ def _prune(args: argparse.Namespace) -> int:
         metric=args.metric,
         mode=args.mode,
     )
-    base_rows(args.base)  # refuses a missing base or a checkpoint path
-    base = paths.parse(args.base)
-    infos = CheckpointReader(base).checkpoints()
-    doomed = {c.path for c in keep.to_delete(infos)}
-    ranks = _ranks(infos, args.metric, args.mode)
-    rows = [
-        {**_row(args.base, c, ranks.get(c.path)), "action": "delete" if c.path in doomed else "keep"} for c in infos
-    ]
-    deleted = []
-    for info, row in zip(infos, rows, strict=True):
-        if args.yes and info.path in doomed:
-            deletes.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
-            if info.step is not None:  # its recorded metrics, as retention deletes them
-                paths.delete_entry(base.join(layout.METRICS_DIR), layout.metrics_name(info.step))
-            deleted.append(row["path"])
-    data = {"base": args.base, "policy": keep_text(keep), "dry_run": not args.yes}
-    data |= {"best": bool(args.metric), "checkpoints": rows, "deleted": deleted}
-    data["leftovers"] = _prune_leftovers(base, args.yes)
+    data = prune_data(args.base, keep, delete=args.yes)
     if args.json:
         show.print_json(data)
     else:
         show.show_prune(show.console(), data)
     return 0
+
+
+def prune_data(base_url: str, keep: KeepPolicy, *, delete: bool) -> dict[str, Any]:
+    """What ``prune`` shows: each checkpoint under ``base_url`` kept or deleted by ``keep`` (deleted,
+    with its recorded metrics, only when ``delete``), and the leftovers of saves that died."""
+    base_rows(base_url)  # refuses a missing base or a checkpoint path
+    base = paths.parse(base_url)
+    infos = CheckpointReader(base).checkpoints()
+    doomed = {c.path for c in keep.to_delete(infos)}
+    ranks = _ranks(infos, keep.metric, keep.mode)
+    rows = [{**_row(base_url, c, ranks.get(c.path)), "action": "delete" if c.path in doomed else "keep"} for c in infos]
+    deleted = []
+    for info, row in zip(infos, rows, strict=True):
+        if delete and info.path in doomed:
+            deletes.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
+            if info.step is not None:  # its recorded metrics, as retention deletes them
+                paths.delete_entry(base.join(layout.METRICS_DIR), layout.metrics_name(info.step))
+            deleted.append(row["path"])
+    data = {"base": base_url, "policy": keep_text(keep), "dry_run": not delete}
+    data |= {"best": bool(keep.metric), "checkpoints": rows, "deleted": deleted}
+    data["leftovers"] = _prune_leftovers(base, delete)
+    return data
 
 
 def _prune_leftovers(base: paths.Location, delete: bool) -> list[dict[str, Any]]:

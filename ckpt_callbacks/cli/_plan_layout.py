@@ -138,7 +138,7 @@ def plan_data(args: argparse.Namespace) -> dict[str, Any]:
         )
     plans = [
         layout_plan.plan_layout(leaves, mesh, args.hosts, layout=kind, file_bytes=args.file_bytes)
-        for kind in process_files.LAYOUTS
+        for kind in process_files.kinds()
     ]
     nbytes = sum(math.prod(leaf.shape) * _itemsize(leaf.dtype) for leaf in leaves)
     return {

@@ -13,10 +13,8 @@ from ckpt_callbacks.directory._deletes import list_keys as list_keys
 from ckpt_callbacks.directory._leftovers import clean as clean
 from ckpt_callbacks.directory._leftovers import find as find
 from ckpt_callbacks.directory._listing import CheckpointInfo as CheckpointInfo
-from ckpt_callbacks.directory._listing import VerifyReport as VerifyReport
 from ckpt_callbacks.directory._listing import find_latest_checkpoint as find_latest_checkpoint
 from ckpt_callbacks.directory._listing import list_checkpoints as list_checkpoints
-from ckpt_callbacks.directory._listing import verify as verify
 from ckpt_callbacks.directory._open import CLAIM_PREFIX as CLAIM_PREFIX
 from ckpt_callbacks.directory._open import COMMIT_MARKER as COMMIT_MARKER
 from ckpt_callbacks.directory._open import DELETING as DELETING

@@ -64,7 +64,7 @@ def _open_commit(loc: paths.Location, commit: fmt.Commit) -> Checkpoint | None:
     """The checkpoint ``commit`` (a marker just read) commits; None if its metadata is unusable."""
     try:
         where = loc.join(commit.metadata).url
-        return Checkpoint(loc, commit, fmt.Metadata.from_json(read_committed_json(loc, commit, commit.metadata), where))
+        return Checkpoint(loc, commit, fmt.parse_metadata(read_committed_json(loc, commit, commit.metadata), where))
     except (CheckpointFormatError, CorruptCheckpointError):
         return None
 

@@ -1,4 +1,4 @@
-"""Find committed checkpoints under a base directory, and verify one end to end.
+"""Find committed checkpoints under a base directory (``verify`` is in ``restoring``: it reads).
 
 Only directories with a commit marker count; order is by step, never by timestamp.
 
@@ -10,8 +10,6 @@ Only directories with a commit marker count; order is by step, never by timestam
 [5, 10]
 >>> find_latest_checkpoint("memory://doc/discovery")
 'memory://doc/discovery/run-10'
->>> verify("memory://doc/discovery/run-10").ok
-True
 """
 
 from __future__ import annotations
@@ -21,11 +19,9 @@ import logging
 import os
 from typing import Any
 
-from ckpt_callbacks import layouts as process_files
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.directory import _open as layout
-from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
-from ckpt_callbacks.restoring import Target, read_leaves
+from ckpt_callbacks.errors import CheckpointError
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -89,60 +85,3 @@ def find_latest_checkpoint(base: Any) -> str | None:
     """The path of the committed checkpoint with the highest step, or None."""
     found = list_checkpoints(base)
     return found[-1].path if found else None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class VerifyReport:
-    """What ``verify`` re-read and what it found wrong (an empty ``problems`` means intact)."""
-
-    path: str
-    leaves: int
-    chunks: int
-    bytes_read: int
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify(path: Any) -> VerifyReport:
-    """Re-reads every chunk of every item of a committed checkpoint and checks its crc32c.
-
-    Everything ``restore`` would refuse is reported as a problem, never raised: a marker,
-    metadata or manifest that fails validation, a missing or short file, a checksum
-    mismatch. Only a path holding no committed checkpoint raises ``CheckpointNotFoundError``.
-    """
-    target = path if isinstance(path, layout.Checkpoint) else paths.parse(path)
-    try:
-        ckpt = layout.open_checkpoint(target)
-    except CheckpointNotFoundError:
-        raise
-    except CheckpointError as e:
-        return VerifyReport(path=target.url, leaves=0, chunks=0, bytes_read=0, problems=(str(e),))
-    leaves = chunks = nbytes = 0
-    problems = []
-    for item in ckpt.items:
-        try:
-            manifest = ckpt.manifest(item)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        item_loc = ckpt.item_loc(item)
-        try:  # each pack file read once; in the process layout, every index file (checked) first
-            records, packs = process_files.item_source(item_loc, manifest)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        for record in records:
-            if record.kind == "scalar":
-                continue
-            leaves += 1
-            try:
-                read_leaves(item_loc, [record], [Target(None, None)], packs=packs)
-            except CheckpointError as e:
-                problems.append(str(e))
-                continue
-            chunks += len(record.crc32c)
-            nbytes += record.nbytes
-    return VerifyReport(path=ckpt.url, leaves=leaves, chunks=chunks, bytes_read=nbytes, problems=tuple(problems))

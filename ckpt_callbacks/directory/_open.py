@@ -141,7 +141,7 @@ class Checkpoint:
             item_loc = self.item_loc(item)
             name = f"{self.commit.items[item]}/{MANIFEST}"
             data = read_committed_json(self.loc, self.commit, name)
-            self._manifests[item] = fmt.Manifest.from_json(data, item_loc.join(MANIFEST).url)
+            self._manifests[item] = fmt.parse_manifest(data, item_loc.join(MANIFEST).url)
         return self._manifests[item]
 
 
@@ -151,7 +151,7 @@ def try_open(loc: paths.Location) -> Checkpoint | None:
     if commit is None:
         return None
     where = loc.join(commit.metadata).url
-    metadata = fmt.Metadata.from_json(read_committed_json(loc, commit, commit.metadata), where)
+    metadata = fmt.parse_metadata(read_committed_json(loc, commit, commit.metadata), where)
     named = step_of(loc.name)
     if named is not None and metadata.step is not None and metadata.step != named:
         raise CheckpointFormatError(

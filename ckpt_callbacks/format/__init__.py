@@ -54,6 +54,8 @@ from ckpt_callbacks.format._schema import MAX_DEPTH as MAX_DEPTH
 from ckpt_callbacks.format._schema import MAX_DIM as MAX_DIM
 from ckpt_callbacks.format._schema import MAX_LEAF_BYTES as MAX_LEAF_BYTES
 from ckpt_callbacks.format._schema import check_json_value as check_json_value
+from ckpt_callbacks.format._schema import parse_manifest as parse_manifest
+from ckpt_callbacks.format._schema import parse_metadata as parse_metadata
 from ckpt_callbacks.format._schema import show as show
 from ckpt_callbacks.format._trees import KeyPath as KeyPath
 from ckpt_callbacks.format._trees import escape_component as escape_component

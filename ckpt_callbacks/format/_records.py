@@ -214,18 +214,6 @@ class Manifest:
         }
         return out if self.layout is None else {**out, "layout": self.layout}
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
-        """The manifest in ``data``, validated first (see ``validate``: nothing unchecked is used)."""
-        from ckpt_callbacks.format import _schema as validate  # validate builds on this module
-
-        check_version(data, where)
-        validate.check_manifest(data, where)
-        leaves = tuple(LeafRecord.from_json(x) for x in data["leaves"])
-        manifest = cls(tree=data["tree"], leaves=leaves, layout=data.get("layout"))
-        validate.check_pack_overlap(manifest.leaves, where)
-        return manifest
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Metadata:
@@ -247,21 +235,6 @@ class Metadata:
             "extras": self.extras,
             "items": list(self.items),
         }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> Metadata:
-        """The metadata in ``data``, validated first (see ``validate``)."""
-        from ckpt_callbacks.format import _schema as validate  # validate builds on this module
-
-        check_version(data, where)
-        validate.check_metadata(data, where)
-        return cls(
-            step=data["step"],
-            timestamp=float(data["timestamp"]),
-            is_temporary=data.get("is_temporary", False),
-            extras=dict(data.get("extras") or {}),
-            items=tuple(data.get("items", ("state",))),
-        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

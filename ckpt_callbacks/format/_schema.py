@@ -358,3 +358,26 @@ def check_metadata(data: dict[str, Any], where: str) -> None:
         field, problem = e.args
         raise CheckpointFormatError(f"{where}: field {field!r}: {problem}") from None
     check_json_value(data.get("extras"), "extras", where)
+
+
+def parse_manifest(data: dict[str, Any], where: str) -> fmt.Manifest:
+    """The manifest in ``data``, checked first: nothing unchecked is used."""
+    fmt.check_version(data, where)
+    check_manifest(data, where)
+    leaves = tuple(fmt.LeafRecord.from_json(x) for x in data["leaves"])
+    manifest = fmt.Manifest(tree=data["tree"], leaves=leaves, layout=data.get("layout"))
+    check_pack_overlap(manifest.leaves, where)
+    return manifest
+
+
+def parse_metadata(data: dict[str, Any], where: str) -> fmt.Metadata:
+    """The metadata in ``data``, checked first."""
+    fmt.check_version(data, where)
+    check_metadata(data, where)
+    return fmt.Metadata(
+        step=data["step"],
+        timestamp=float(data["timestamp"]),
+        is_temporary=data.get("is_temporary", False),
+        extras=dict(data.get("extras") or {}),
+        items=tuple(data.get("items", ("state",))),
+    )

@@ -1,5 +1,6 @@
-"""interop: facade (see README.md here)."""
+"""interop: facade (see README.md here). Importing it registers the orbax source."""
 
+from ckpt_callbacks.interop import _orbax_source as _orbax_source  # registers "orbax" with restoring
 from ckpt_callbacks.interop._orbax_reader import METADATA as METADATA
 from ckpt_callbacks.interop._orbax_reader import find_items as find_items
 from ckpt_callbacks.interop._orbax_reader import open_item as open_item

@@ -124,7 +124,7 @@ def _check_finalized(loc: paths.Location) -> None:
     """Refuses what orbax itself would not restore: a temporary directory, or on GCS (where
     orbax commits with a file, not a rename) one without ``commit_success.txt``."""
     unfinished = TMP_MARK in loc.name
-    if not unfinished and loc.scheme == "gs":
+    if not unfinished and loc.url.startswith("gs://"):  # orbax's own test: gcs_utils.is_gcs_path, on the URL
         unfinished = _read(loc, COMMIT_SUCCESS, MAX_JSON) is None
     if unfinished:
         raise CheckpointNotFoundError(f"{loc.url} is an orbax checkpoint whose save did not finish")

@@ -32,7 +32,7 @@ from ckpt_callbacks import format as fmt
 from ckpt_callbacks import format as planning
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.errors import CorruptCheckpointError
-from ckpt_callbacks.layouts._reads import chunk_regions, claimed_bytes
+from ckpt_callbacks.layouts._regions import chunk_regions, claimed_bytes
 
 ALIGN = 64  # JAX's CPU client aliases host buffers aligned to this instead of copying them
 
@@ -76,7 +76,7 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
 
 def applies(loc: paths.Location, record: fmt.LeafRecord) -> bool:
     """Whether a leaf's chunks can be read as plain files: our zarr3 array, on local disk."""
-    return loc.scheme == "file" and sys.byteorder == "little" and not record.pack
+    return paths.local_path(loc) is not None and sys.byteorder == "little" and not record.pack
 
 
 def _chunk_file(array_dir: str, idx: tuple[int, ...]) -> str:

@@ -30,6 +30,7 @@ from ckpt_callbacks import format as pidx
 from ckpt_callbacks import format as planning
 from ckpt_callbacks.format import MAX_DEPTH, MAX_DIM, MAX_LEAF_BYTES, show
 from ckpt_callbacks.layouts import _process_files as process_files
+from ckpt_callbacks.layouts._base import kinds, layout_for
 
 Spec = tuple[Any, ...]  # per dim: None, a mesh axis name, or a tuple of names
 
@@ -231,55 +232,92 @@ def plan_layout(
       pack_bytes, max_chunk_bytes, file_bytes: as the save's (``SaveOptions``, ``process_files``).
     """
     devices = _check_setup(mesh, processes, layout, {"file_bytes": file_bytes, "max_chunk_bytes": max_chunk_bytes})
+    spec = layout_for(layout)
     _check_work(leaves, dict(mesh), max_chunk_bytes)
-    axes, per = tuple(mesh.items()), devices // processes
-    objects, nbytes = [0] * processes, [0] * processes
-    packed: list[tuple[fmt.LeafRecord, str, int, int]] = []  # (record, chunk key, owner, bytes)
-    records, chunks, crc_bytes = [], 0, 0
+    tally = _Tally([0] * processes, [0] * processes)
+    every = spec.file_bytes(None) is not None  # every array leaf in this process's data files
+    small = 0 if every else min(pack_bytes, planning.PACK_MAX_FILE_BYTES, max_chunk_bytes)
+    _tally_leaves(tally, leaves, dict(mesh), devices // processes, max_chunk_bytes, every=every, small=small)
+    cap = file_bytes if every else min(planning.PACK_MAX_FILE_BYTES, max_chunk_bytes)
+    index, json_layout = _place_packed(tally, spec, cap)
+    json_bytes = _json_files(tally.records, leaves, json_layout) + tally.crc_bytes
+    tally.objects[0] += 3  # manifest, metadata, marker
+    tally.nbytes[0] += json_bytes
+    return LayoutCounts(
+        layout=layout,
+        objects=tuple(tally.objects),
+        bytes=tuple(tally.nbytes),
+        index_bytes=tuple(index),
+        manifest_bytes=json_bytes,
+        chunks=tally.chunks,
+    )
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What ``plan_layout`` has counted so far, per process and in all."""
+
+    objects: list[int]
+    nbytes: list[int]
+    packed: list[tuple[fmt.LeafRecord, str, int, int]] = dataclasses.field(
+        default_factory=list
+    )  # record, key, owner, bytes
+    records: list[fmt.LeafRecord] = dataclasses.field(default_factory=list)
+    chunks: int = 0
+    crc_bytes: int = 0
+
+
+def _tally_leaves(
+    tally: _Tally,
+    leaves: Sequence[LeafShape],
+    mesh: dict[str, int],
+    per: int,
+    max_chunk_bytes: int,
+    *,
+    every: bool,
+    small: int,
+) -> None:
+    """Each leaf's chunks to their owners: packed (every leaf when ``every``, else those of at most
+    ``small`` bytes) or as a zarr3 array (its zarr.json on process 0, one object per chunk)."""
+    axes = tuple(mesh.items())
     for i, leaf in enumerate(leaves):
         planned = _owners(leaf, i, axes, per, max_chunk_bytes)
         units = planned.units
         size = math.prod(leaf.shape) * fmt.dtype_from_name(leaf.dtype).itemsize
-        chunks += len(units)
+        tally.chunks += len(units)
         for owner, unit_bytes, _ in units:
-            nbytes[owner] += unit_bytes
-        per_process = layout == "process" and bool(units)
-        record = _record(leaf, planned.grid, planned.writers if per_process else (), dict(mesh))
-        records.append(record)
-        if per_process or (units and size <= min(pack_bytes, planning.PACK_MAX_FILE_BYTES, max_chunk_bytes)):
-            packed += [(record, key, owner, b) for owner, b, key in units]
+            tally.nbytes[owner] += unit_bytes
+        per_process = every and bool(units)
+        record = _record(leaf, planned.grid, planned.writers if per_process else (), mesh)
+        tally.records.append(record)
+        if per_process or (units and size <= small):
+            tally.packed += [(record, key, owner, b) for owner, b, key in units]
             continue
-        objects[0] += 1  # zarr.json
+        tally.objects[0] += 1  # zarr.json
         for owner, _, _ in units:
-            objects[owner] += 1
-        crc_bytes += planned.crc_json
-    cap = file_bytes if layout == "process" else min(planning.PACK_MAX_FILE_BYTES, max_chunk_bytes)
-    places = planning.pack_layout([(owner, b) for _, _, owner, b in packed], cap)
+            tally.objects[owner] += 1
+        tally.crc_bytes += planned.crc_json
+
+
+def _place_packed(tally: _Tally, spec: Any, cap: int) -> tuple[list[int], dict[str, Any] | None]:
+    """The packed chunks into files of at most ``cap`` bytes, and the layout's index files:
+    (index bytes per process, the manifest's ``layout`` record or None)."""
+    processes = len(tally.objects)
+    places = planning.pack_layout([(owner, b) for _, _, owner, b in tally.packed], cap)
     for name in {name for name, _ in places}:
-        objects[process_files._process_of(name)] += 1
-    index, json_layout = [0] * processes, None
-    if layout == "process":
-        counts = [0] * processes
-        for _, _, owner, _ in packed:
-            counts[owner] += 1
-        index = [pidx.index_size(c) for c in counts]
-        json_layout = {"kind": "process", "processes": processes, "indexes": [[s, 2**32 - 1, 9] for s in index]}
-        objects = [o + 1 for o in objects]
-        nbytes = [b + s for b, s in zip(nbytes, index, strict=True)]
-    else:
-        for (record, key, _, _), where in zip(packed, places, strict=True):
+        tally.objects[process_files._process_of(name)] += 1
+    counts = [0] * processes
+    for _, _, owner, _ in tally.packed:
+        counts[owner] += 1
+    sizes = spec.index_sizes(counts)
+    if sizes is None:  # every chunk's file, offset and crc32c in the manifest
+        for (record, key, _, _), where in zip(tally.packed, places, strict=True):
             record.pack[key], record.crc32c[key] = where, 2**32 - 1
-    json_bytes = _json_files(records, leaves, json_layout) + crc_bytes
-    objects[0] += 3  # manifest, metadata, marker
-    nbytes[0] += json_bytes
-    return LayoutCounts(
-        layout=layout,
-        objects=tuple(objects),
-        bytes=tuple(nbytes),
-        index_bytes=tuple(index),
-        manifest_bytes=json_bytes,
-        chunks=chunks,
-    )
+        return [0] * processes, None
+    # an index file per process, and the manifest's record of them
+    tally.objects[:] = [o + 1 for o in tally.objects]
+    tally.nbytes[:] = [b + s for b, s in zip(tally.nbytes, sizes, strict=True)]
+    return sizes, {"kind": spec.kind, "processes": processes, "indexes": [[s, 2**32 - 1, 9] for s in sizes]}
 
 
 def _check_setup(mesh: Mapping[str, int], processes: int, layout: str, sizes: dict[str, int]) -> int:
@@ -290,10 +328,10 @@ def _check_setup(mesh: Mapping[str, int], processes: int, layout: str, sizes: di
     devices = math.prod(mesh.values())
     if devices > MAX_DEVICES:
         raise ValueError(f"mesh {dict(mesh)} has {devices:,} devices; plan_layout plans at most {MAX_DEVICES:,}")
-    if layout not in process_files.LAYOUTS or type(processes) is not int or processes < 1 or devices % processes:
+    if layout not in kinds() or type(processes) is not int or processes < 1 or devices % processes:
         raise ValueError(
             f"layout {layout!r}, {processes} processes, {devices} devices: expected one of "
-            f"{process_files.LAYOUTS} and a process count dividing the device count"
+            f"{kinds()} and a process count dividing the device count"
         )
     for name, value in sizes.items():
         if type(value) is not int or value < 1:
@@ -359,43 +397,3 @@ def _record(
         chunks=chunks,
         writers=writers,
     )
-
-
-def fsdp_spec(shape: Sequence[int], devices: int, axis: str = "fsdp") -> Spec:
-    """FSDP: the first dim the device count divides is sharded over ``axis``; else replicated."""
-    for dim, n in enumerate(shape):
-        if n % devices == 0:
-            return (None,) * dim + (axis,)
-    return ()
-
-
-def llama70b(devices: int, *, adam: bool = False) -> list[LeafShape]:
-    """Llama-3-70B's 723 bf16 parameter leaves, FSDP over ``devices``; with ``adam``, also
-    optax Adam's fp32 ``mu`` and ``nu`` and its step count (2,169 array leaves)."""
-    hidden, ffn, kv, vocab = 8192, 28672, 1024, 128256
-    layer: dict[str, tuple[int, ...]] = {
-        "self_attn/q_proj": (hidden, hidden),
-        "self_attn/k_proj": (hidden, kv),
-        "self_attn/v_proj": (hidden, kv),
-        "self_attn/o_proj": (hidden, hidden),
-        "mlp/gate_proj": (hidden, ffn),
-        "mlp/up_proj": (hidden, ffn),
-        "mlp/down_proj": (ffn, hidden),
-        "input_layernorm": (hidden,),
-        "post_attention_layernorm": (hidden,),
-    }
-    shapes: dict[str, tuple[int, ...]] = {"model/embed_tokens": (vocab, hidden)}
-    shapes |= {f"model/layers/{i}/{name}": shape for i in range(80) for name, shape in layer.items()}
-    shapes |= {"model/norm": (hidden,), "lm_head": (hidden, vocab)}
-
-    def leaves(prefix: str, dtype: str) -> list[LeafShape]:
-        return [LeafShape(path=prefix + p, shape=s, dtype=dtype, spec=fsdp_spec(s, devices)) for p, s in shapes.items()]
-
-    out = leaves("params/", "bfloat16")
-    if adam:
-        out += [*leaves("opt/mu/", "float32"), *leaves("opt/nu/", "float32")]
-        out.append(LeafShape(path="opt/count", shape=(), dtype="int32"))
-    return out
-
-
-EXAMPLES = {"llama70b": llama70b}

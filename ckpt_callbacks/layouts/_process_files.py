@@ -21,9 +21,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,10 +33,11 @@ from ckpt_callbacks import format as pidx
 from ckpt_callbacks import format as planning
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.errors import CorruptCheckpointError, StorageTimeoutError
-from ckpt_callbacks.layouts._reads import PackFiles, chunk_regions, read_value, settle
+from ckpt_callbacks.layouts._base import register_layout
+from ckpt_callbacks.layouts._reads import PackFiles, read_value, settle
+from ckpt_callbacks.layouts._regions import chunk_regions, data_sharding
 
 FILE_BYTES = 1 << 30  # a data file closes before it would grow past this
-LAYOUTS = ("zarr3", "process")
 EVERY_LEAF = 1 << 62  # pack_bytes that packs every array leaf
 
 
@@ -72,7 +73,9 @@ def key_of(chunk: int, grid: Sequence[int]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ saving
-def write_indexes(item_locs: dict[str, paths.Location], leaves_of: dict[str, list[Any]], crcs: Any) -> dict[str, Any]:
+def write_indexes(
+    item_locs: Mapping[str, paths.Location], leaves_of: Mapping[str, Sequence[Any]], crcs: Any
+) -> dict[str, Any]:
     """Each process: its index file per item; returns per item [size, crc32c, data files],
     all process 0 needs of it (``crcs``: item -> leaf index -> chunk key -> crc32c)."""
     me = distributed.process_index()
@@ -95,7 +98,9 @@ def write_indexes(item_locs: dict[str, paths.Location], leaves_of: dict[str, lis
     return out
 
 
-def manifests(structures: dict[str, Any], leaves_of: dict[str, list[Any]], gathered: list[Any]) -> dict[str, Any]:
+def manifests(
+    structures: Mapping[str, Any], leaves_of: Mapping[str, Sequence[Any]], gathered: Sequence[Any]
+) -> dict[str, Any]:
     """Process 0: each item's manifest, per leaf its writers instead of per-chunk records."""
     out = {}
     for item, leaves in leaves_of.items():
@@ -242,8 +247,6 @@ class RangedFiles(PackFiles):
 
 def _needed_chunks(record: fmt.LeafRecord, target: Any) -> np.ndarray:
     """The C-order positions of the chunks a target's devices need."""
-    from ckpt_callbacks.restoring import data_sharding  # the read side only
-
     shape = record.data_shape
     if target.sharding is None:
         regions = {tuple((0, n) for n in shape)}
@@ -263,32 +266,51 @@ def _with_chunks(record: fmt.LeafRecord, found: dict[str, tuple[str, int, int]])
     )
 
 
-def read_leaves(
-    loc: paths.Location,
-    manifest: fmt.Manifest,
-    records: Sequence[fmt.LeafRecord],
-    targets: Sequence[Any],
-    window: int,
-    *,
-    read: Callable[..., list[Any]],
-) -> list[Any]:
-    """``restore.read_leaves`` (``read``) for a manifest in the process layout."""
-    position = {id(r): i for i, r in enumerate(manifest.leaves)}
-    wanted: dict[int, np.ndarray | None] = {
-        position[id(r)]: _needed_chunks(r, t) for r, t in zip(records, targets, strict=True)
-    }
-    found = _located(loc, manifest, wanted)
-    chunked = [_with_chunks(r, found[position[id(r)]]) for r in records]
-    return read(loc, chunked, targets, window, packs=RangedFiles(loc))
-
-
 def item_source(loc: paths.Location, manifest: fmt.Manifest) -> tuple[list[fmt.LeafRecord], PackFiles]:
     """Every leaf record of an item with every chunk's file and crc32c, and the files to read
     them from: for ``verify``, which reads every index file (checked as a restore checks the
     ones it reads) and every chunk."""
-    if manifest.layout is None:
-        return list(manifest.leaves), PackFiles(loc)
     arrays = [i for i, r in enumerate(manifest.leaves) if r.kind != "scalar"]
     found = _located(loc, manifest, dict.fromkeys(arrays), every=True)  # processes that wrote no chunk too
     records = [r if r.kind == "scalar" else _with_chunks(r, found[i]) for i, r in enumerate(manifest.leaves)]
     return records, RangedFiles(loc)
+
+
+class ProcessLayout:
+    """Each process's chunks in its own data files plus one checked index file per process
+    (the module docstring); the manifest records per leaf only who wrote each chunk."""
+
+    kind: ClassVar[str] = "process"
+
+    def file_bytes(self, max_host_bytes: int | None) -> int | None:
+        return file_bytes(max_host_bytes)
+
+    def report(self, item_locs: Mapping[str, paths.Location], leaves_of: Mapping[str, Sequence[Any]], crcs: Any) -> Any:
+        return write_indexes(item_locs, leaves_of, crcs)
+
+    def manifests(
+        self, structures: Mapping[str, Any], leaves_of: Mapping[str, Sequence[Any]], gathered: Sequence[Any]
+    ) -> dict[str, fmt.Manifest]:
+        return manifests(structures, leaves_of, gathered)
+
+    def index_sizes(self, chunks_per_process: Sequence[int]) -> list[int] | None:
+        return [pidx.index_size(c) for c in chunks_per_process]
+
+    def locate(
+        self,
+        loc: paths.Location,
+        manifest: fmt.Manifest,
+        records: Sequence[fmt.LeafRecord] | None,
+        targets: Sequence[Any] | None,
+    ) -> tuple[list[fmt.LeafRecord], PackFiles]:
+        if records is None or targets is None:
+            return item_source(loc, manifest)
+        position = {id(r): i for i, r in enumerate(manifest.leaves)}
+        wanted: dict[int, np.ndarray | None] = {
+            position[id(r)]: _needed_chunks(r, t) for r, t in zip(records, targets, strict=True)
+        }
+        found = _located(loc, manifest, wanted)
+        return [_with_chunks(r, found[position[id(r)]]) for r in records], RangedFiles(loc)
+
+
+register_layout(ProcessLayout())

@@ -13,10 +13,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
-import functools
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,39 +23,9 @@ import tensorstore as ts
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import format as planning
 from ckpt_callbacks import storage as paths
-from ckpt_callbacks.errors import CheckpointFormatError, CorruptCheckpointError, StorageTimeoutError
-
-
-@functools.cache
-def host_memory() -> int:
-    """Bytes of physical memory: no read of a leaf may claim more (TensorStore would abort)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf: only the format's own bound
-        return 1 << 50
-
-
-def chunk_regions(
-    region: planning.Region, chunks: Sequence[int], shape: Sequence[int]
-) -> list[tuple[tuple[int, ...], planning.Region]]:
-    grids = [range(a // c, -(-b // c)) for (a, b), c in zip(region, chunks, strict=True)]
-    out: list[tuple[tuple[int, ...], planning.Region]] = [((), ())]
-    for grid, c, n in zip(grids, chunks, shape, strict=True):
-        out = [((*idx, g), (*reg, (g * c, min((g + 1) * c, n)))) for idx, reg in out for g in grid]
-    return out
-
-
-def claimed_bytes(record: fmt.LeafRecord, regions: Sequence[planning.Region], where: str) -> int:
-    """Bytes of host memory reading ``regions`` of a leaf takes; more than this host has is an error
-    (a manifest's shapes are not trusted with an allocation)."""
-    itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
-    claimed = sum(math.prod(b - a for a, b in region) for region in regions) * itemsize
-    if claimed > host_memory():
-        raise CheckpointFormatError(
-            f"{where}: leaf {record.key!r}: the manifest's shape {list(record.data_shape)} needs {claimed} "
-            f"bytes of host memory to read, more than this host has ({host_memory()})"
-        )
-    return claimed
+from ckpt_callbacks.errors import CorruptCheckpointError, StorageTimeoutError
+from ckpt_callbacks.layouts import _direct as direct_reads
+from ckpt_callbacks.layouts._regions import chunk_regions, claimed_bytes
 
 
 class PackFiles:
@@ -75,10 +43,9 @@ class PackFiles:
         the file must have (a local file of another is refused unread; elsewhere only that
         many bytes are read)."""
         url = self.loc.join(name).url
-        if self.loc.scheme == "file":
-            from ckpt_callbacks.layouts import _direct as direct_reads  # it builds on this module
-
-            path = os.path.join(self.loc.path, name)
+        local = paths.local_path(self.loc)
+        if local is not None:
+            path = os.path.join(local, name)
             if byte_range is None:
                 return direct_reads.submit(direct_reads.read_file, path, url, size)
             return direct_reads.submit(direct_reads.read_range, path, byte_range[0], byte_range[1] - byte_range[0], url)

@@ -1,8 +1,14 @@
 """restoring: facade (see README.md here)."""
 
-from ckpt_callbacks.restoring._engine import read_leaves as read_leaves
-from ckpt_callbacks.restoring._engine import restore as restore
+from ckpt_callbacks.restoring._api import restore as restore
+from ckpt_callbacks.restoring._reads import read_leaves as read_leaves
 from ckpt_callbacks.restoring._rules import match_partition_rules as match_partition_rules
 from ckpt_callbacks.restoring._rules import shardings_from_rules as shardings_from_rules
+from ckpt_callbacks.restoring._sources import Located as Located
+from ckpt_callbacks.restoring._sources import Source as Source
+from ckpt_callbacks.restoring._sources import register_source as register_source
+from ckpt_callbacks.restoring._sources import sources as sources
+from ckpt_callbacks.restoring._sources import unregister_source as unregister_source
 from ckpt_callbacks.restoring._targets import Target as Target
-from ckpt_callbacks.restoring._targets import data_sharding as data_sharding
+from ckpt_callbacks.restoring._verify import VerifyReport as VerifyReport
+from ckpt_callbacks.restoring._verify import verify as verify

@@ -1,11 +1,4 @@
-"""Restore a checkpoint onto any mesh: each process reads only the chunks its devices need.
-
->>> import jax.numpy as jnp
->>> from ckpt_callbacks.saving import save
->>> save("memory://doc/restore", {"w": jnp.arange(4.0), "step": 7})
->>> tree = restore("memory://doc/restore")
->>> tree["step"], tree["w"].tolist()
-(7, [0.0, 1.0, 2.0, 3.0])
+"""The restore engine: select leaves, match a template, place each leaf, read, rebuild the tree.
 
 Target shardings come from, in order: ``shardings``; template leaves carrying ``.sharding``;
 ``mesh`` + ``rules``; ``mesh`` alone with the partition specs saved in the manifest. Without
@@ -14,36 +7,25 @@ any of them, jax leaves land on the first local device and numpy leaves come bac
 
 from __future__ import annotations
 
-import collections
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import tensorstore as ts
 from jax.sharding import Mesh
 
-from ckpt_callbacks import directory as layout
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import format as planning
-from ckpt_callbacks import interop as orbax_format
-from ckpt_callbacks import layouts as direct_reads
-from ckpt_callbacks import layouts as process_files
-from ckpt_callbacks import storage as paths
 from ckpt_callbacks.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
     RestoreMismatchError,
 )
-from ckpt_callbacks.layouts import DirectRead, LeafRead, PackFiles, settle
+from ckpt_callbacks.restoring import _reads as reads
 from ckpt_callbacks.restoring import _restructure as restructure
 from ckpt_callbacks.restoring._rules import Rules
+from ckpt_callbacks.restoring._sources import Located
 from ckpt_callbacks.restoring._targets import (
     Target,
     check_representable,
-    data_sharding,
     scalar_into,
     sharding_map,
     target_dtype,
@@ -51,113 +33,8 @@ from ckpt_callbacks.restoring._targets import (
     warn_if_gathered,
     weak_like,
 )
-from ckpt_callbacks.storage import StorageOptions
 
 log = logging.getLogger("ckpt_callbacks")
-
-# Bytes of chunk reads in flight at once: bounds host memory beyond the restored arrays.
-READ_WINDOW_BYTES = 512 << 20
-Opener = Callable[[fmt.LeafRecord], Any]  # a leaf's array -> its TensorStore open future
-
-
-def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.Region, np.ndarray]) -> Any:
-    dtype = target.dtype
-    if record.kind == "array" and dtype is not None:
-        regions = {r: (a if a.dtype == dtype else a.astype(dtype)) for r, a in regions.items()}
-    if target.sharding is None:
-        return regions[tuple((0, n) for n in record.data_shape)]
-    sharding = data_sharding(record, target.sharding)
-    shape = record.data_shape
-
-    def region_of(index: Any) -> np.ndarray:
-        return regions[planning.normalize_index(index, shape)]
-
-    array = jax.make_array_from_callback(shape, sharding, region_of)
-    if record.kind == "prng_key":
-        return jax.random.wrap_key_data(array, impl=record.key_impl)
-    return array
-
-
-def _open_array(kvstore: dict[str, Any], record: fmt.LeafRecord, where: str, unchecked: Opener | None = None) -> Any:
-    """The open future of a leaf's zarr3 array, with the manifest's metadata (zarr.json unread)."""
-    try:
-        if unchecked is not None:
-            return unchecked(record)
-        return ts.open(fmt.zarr_spec(kvstore, record), open=True, assume_metadata=True, context=paths.context())
-    except Exception as e:  # a spec TensorStore refuses at once (a dtype or grid it lacks)
-        raise CorruptCheckpointError(f"{where}: leaf {record.key!r}: cannot open its array: {e}") from e
-
-
-def read_leaves(
-    loc: paths.Location,
-    records: Sequence[fmt.LeafRecord],
-    targets: Sequence[Target],
-    window: int = READ_WINDOW_BYTES,
-    packs: PackFiles | None = None,
-    *,
-    open_unchecked: Opener | None = None,
-) -> list[Any]:
-    """Reads array leaves onto their targets, a bounded number of bytes in flight.
-
-    ``packs`` shares pack files already read between calls on the same item directory.
-    ``open_unchecked`` opens the arrays of a format that records no chunk checksums (an orbax
-    checkpoint): their reads are not checked.
-    """
-    kvstore = paths.kvstore_spec(loc)
-    packs = PackFiles(loc) if packs is None else packs
-    direct = [open_unchecked is None and direct_reads.applies(loc, r) for r in records]
-    opened = [
-        None if r.pack or d else _open_array(kvstore, r, loc.url, open_unchecked)
-        for r, d in zip(records, direct, strict=True)
-    ]
-    out: list[Any] = [None] * len(records)
-    inflight: collections.deque[tuple[int, LeafRead | DirectRead]] = collections.deque()
-    pending = 0
-
-    def drain_one() -> None:
-        nonlocal pending
-        i, read = inflight.popleft()
-        out[i] = _finish_leaf(records[i], targets[i], read.result())
-        pending -= read.nbytes
-
-    try:
-        for i, (record, target) in enumerate(zip(records, targets, strict=True)):
-            shape = record.data_shape
-            if target.sharding is None:
-                regions = [tuple((0, n) for n in shape)]
-            else:
-                index_map = data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
-                regions = sorted({planning.normalize_index(x, shape) for x in index_map.values() if x is not None})
-            read: LeafRead | DirectRead
-            if direct[i]:
-                read = DirectRead(loc, record, regions, loc.url)
-            else:
-                source: ts.TensorStore | PackFiles = packs
-                future = opened[i]
-                if future is not None:
-                    try:
-                        source = future.result()
-                    except Exception as e:
-                        raise CorruptCheckpointError(
-                            f"{loc.url}: leaf {record.key!r}: cannot open its array: {e}"
-                        ) from e
-                read = LeafRead(
-                    source, record, regions, loc.url, checksums=open_unchecked is None, timeout=loc.options.op_timeout_s
-                )
-            inflight.append((i, read))
-            pending += read.nbytes
-            while pending > window and len(inflight) > 1:
-                drain_one()
-        while inflight:
-            drain_one()
-    except BaseException:  # no read outlives a failed restore
-        for _, read in inflight:
-            read.cancel()
-        for future in opened:
-            settle(future)
-        packs.cancel()
-        raise
-    return out
 
 
 def _select(records: Sequence[fmt.LeafRecord], keys: Sequence[str] | None, where: str) -> list[int]:
@@ -270,89 +147,23 @@ def _match_template(
     return t_leaves, treedef, usable
 
 
-def _source(
-    path: Any, item: str, storage: StorageOptions | None = None
-) -> tuple[paths.Location, fmt.Manifest, Callable[..., list[Any]]]:
-    """(where, manifest, reader of array leaves) of our checkpoint at ``path``, or else of an
-    orbax PyTree checkpoint there (read without orbax; see ``orbax_format``)."""
-    try:
-        ckpt = layout.open_checkpoint(path, storage=storage)
-    except CheckpointNotFoundError:
-        found = (
-            None if isinstance(path, layout.Checkpoint) else orbax_format.open_item(paths.parse(path, storage), item)
-        )
-        if found is None:
-            raise
-        return found.loc, found.manifest, functools.partial(read_leaves, found.loc, open_unchecked=found.open_array)
-    manifest = ckpt.manifest(item)
-    if manifest.layout is not None:  # layout "process": chunks located through the writers' indexes
-        return (
-            ckpt.loc,
-            manifest,
-            functools.partial(process_files.read_leaves, ckpt.item_loc(item), manifest, read=read_leaves),
-        )
-    return ckpt.loc, manifest, functools.partial(read_leaves, ckpt.item_loc(item))
-
-
-def restore(
-    path: Any,
+def restore_from(
+    found: Located,
     *,
-    mesh: Mesh | None = None,
-    rules: Rules | None = None,
-    template: Any = None,
-    shardings: Any = None,
-    dtype: Any = None,
-    keys: Sequence[str] | str | None = None,
-    strict: bool = True,
-    item: str = "state",
-    rename: Sequence[tuple[str, str]] = (),
-    missing: Any = None,
-    drop: bool | Sequence[str] = False,
-    max_host_bytes: int | None = None,
-    storage: StorageOptions | None = None,
+    mesh: Mesh | None,
+    rules: Rules | None,
+    template: Any,
+    shardings: Any,
+    dtype: Any,
+    keys: Sequence[str] | str | None,
+    strict: bool,
+    rename: Sequence[tuple[str, str]],
+    missing: Any,
+    drop: bool | Sequence[str],
+    max_host_bytes: int | None,
 ) -> Any:
-    """Restores a committed checkpoint.
-
-    Args:
-      path: checkpoint directory URL, or a ``Checkpoint`` from ``layout.open_checkpoint`` (or
-        ``CheckpointInfo.checkpoint``): its marker, metadata and manifests are not read again.
-        A URL holding no committed checkpoint of ours may hold an orbax PyTree checkpoint (a
-        step or item directory; see ``orbax_format``), restored the same way, unchecksummed.
-      mesh: target mesh; with ``rules`` the specs come from the rules, otherwise from the
-        partition specs saved in the manifest.
-      rules: ``[(regex, PartitionSpec), ...]`` over '/'-joined key paths; first match wins.
-      template: pytree giving the result's structure, leaf types and dtypes; leaves with a
-        ``.sharding`` (jax arrays, ``ShapeDtypeStruct``) give the target sharding.
-      shardings: one ``Sharding`` for every array leaf, or a pytree of them (None = default).
-      dtype: cast floating leaves to this dtype (a template's dtypes take precedence).
-      keys: restore only the leaves under these '/'-joined key prefixes.
-      strict: with a template, fail on missing or unexpected keys and on shape, rank and kind
-        mismatches (a scalar saved where the template has an array, a string where it has a
-        float), naming every offending path. With ``strict=False`` such template leaves keep
-        the template's value and unexpected ones are ignored; a template leaf that is a
-        ``ShapeDtypeStruct`` has no value to keep, so it still raises ``RestoreMismatchError``.
-      item: the item to restore.
-      rename: ``[(regex, replacement)]`` applied to saved key paths before they are matched to
-        the template (first match wins): renamed modules restore into the new names.
-      missing: a tree with the template's structure (say, the freshly initialised state) that
-        template leaves absent from the checkpoint are taken from (new heads, added layers);
-        without it they raise.
-      drop: saved leaves the template does not have are dropped (``True``), or those whose
-        key matches one of these regexes; otherwise they raise. What was renamed, filled and
-        dropped is logged (see ``restructure``).
-      max_host_bytes: bound on the bytes read into host memory and not yet handed to their
-        devices (default 512 MiB): chunk reads of later leaves overlap the host-to-device
-        transfers of earlier ones within it. A single leaf's share for this process larger
-        than the bound is still read whole. On local disk chunks are read straight into the
-        restored arrays (see ``direct_reads``), so nothing is staged beyond them.
-      storage: retries of S3/GCS requests and the longest wait on any one read
-        (``StorageOptions.op_timeout_s``): a store that stops answering fails the restore with
-        ``StorageTimeoutError`` instead of hanging it.
-
-    Returns:
-      The template's structure if one is given, else nested dicts, lists and tuples.
-    """
-    loc, manifest, read = _source(path, item, storage)
+    """``restore`` of an item a source found (see ``restore`` for the arguments)."""
+    loc, manifest, read = found.loc, found.manifest, found.read
     records = manifest.leaves
     chosen = _select(records, keys, loc.url)
     given = sharding_map(shardings)
@@ -370,7 +181,7 @@ def restore(
     for (i, _), place in zip(arrays, places, strict=True):
         check_representable(records[i], place, loc.url)
     warn_if_gathered(records, arrays, places, loc.url)
-    window = READ_WINDOW_BYTES if max_host_bytes is None else max(1, int(max_host_bytes))
+    window = reads.READ_WINDOW_BYTES if max_host_bytes is None else max(1, int(max_host_bytes))
     values = dict(zip((i for i, _ in arrays), read([records[i] for i, _ in arrays], places, window), strict=True))
     for i, leaf in pairs:
         if records[i].kind == "scalar":

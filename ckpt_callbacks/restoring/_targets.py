@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks.errors import RestoreMismatchError, ShardingRuleError
+from ckpt_callbacks.errors import RestoreMismatchError
 from ckpt_callbacks.restoring._rules import Rules, check_spec, spec_for
 
 log = logging.getLogger("ckpt_callbacks")
@@ -36,20 +36,6 @@ class Target:
 
     sharding: Sharding | None
     dtype: np.dtype | None = None
-
-
-def data_sharding(record: fmt.LeafRecord, sharding: Sharding) -> Sharding:
-    """The sharding of a PRNG key leaf's stored key data (trailing key dims unsharded)."""
-    if record.kind != "prng_key":
-        return sharding
-    if isinstance(sharding, NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (len(record.data_shape) - len(sharding.spec))
-        return NamedSharding(sharding.mesh, PartitionSpec(*spec))
-    if isinstance(sharding, SingleDeviceSharding):
-        return sharding
-    raise ShardingRuleError(
-        f"leaf {record.key!r}: PRNG keys restore onto NamedSharding or a single device, got {type(sharding).__name__}"
-    )
 
 
 def sharding_map(shardings: Any) -> dict[fmt.KeyPath, Sharding] | Sharding | None:

@@ -1,10 +1,10 @@
 """saving: facade (see README.md here)."""
 
+from ckpt_callbacks.saving._api import save as save
+from ckpt_callbacks.saving._api import save_async as save_async
+from ckpt_callbacks.saving._api import save_items as save_items
+from ckpt_callbacks.saving._api import save_items_async as save_items_async
 from ckpt_callbacks.saving._engine import _plan as _plan
-from ckpt_callbacks.saving._engine import save as save
-from ckpt_callbacks.saving._engine import save_async as save_async
-from ckpt_callbacks.saving._engine import save_items as save_items
-from ckpt_callbacks.saving._engine import save_items_async as save_items_async
 from ckpt_callbacks.saving._options import SaveHandle as SaveHandle
 from ckpt_callbacks.saving._options import SaveOptions as SaveOptions
 from ckpt_callbacks.saving._options import SaveStats as SaveStats

@@ -1,19 +1,14 @@
-"""Save a pytree: snapshot this process's shards, stream them to TensorStore, then commit.
+"""The save engine: plan -> snapshot (caller's thread) -> claim names -> write -> report -> agree -> commit.
 
->>> import jax.numpy as jnp
->>> save("memory://doc/serializer", {"w": jnp.arange(3.0)}, step=1)
->>> handle = save_async("memory://doc/serializer-async", {"w": jnp.ones(2)})
->>> handle.wait().bytes_written
-8
-
-``save_async`` returns once the snapshot no longer depends on the caller's buffers (they may
-be deleted or donated right away); the write, checksums and commit run in a background
-thread, and ``SaveHandle.wait()`` re-raises anything that failed there.
+``start_save`` checks and snapshots in the caller's thread and returns a ``SaveHandle``; the
+names, writes, checksums and commit run in a background thread once the snapshot no longer
+depends on the caller's buffers (they may be deleted or donated right away), and
+``SaveHandle.wait()`` re-raises anything that failed there. What each layout writes and
+reports is its ``layouts.LayoutWriter``'s business; this module never tests a layout's name.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import itertools
@@ -28,13 +23,11 @@ import tensorstore as ts
 
 from ckpt_callbacks import directory as commits
 from ckpt_callbacks import directory as layout
-from ckpt_callbacks import distributed, storage
+from ckpt_callbacks import distributed, layouts, storage
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import format as planning
-from ckpt_callbacks import layouts as process_files
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.errors import CheckpointExistsError, PeerSaveError
-from ckpt_callbacks.format import as_step
 from ckpt_callbacks.saving._leaves import Leaf, plan_tree
 from ckpt_callbacks.saving._options import SaveHandle, SaveOptions
 from ckpt_callbacks.saving._snapshot import (
@@ -78,20 +71,6 @@ class _Plan:
                 packs[(leaf.item, name)] = (max(size, offset + unit_bytes(leaf, unit)), count + 1)
         return packs
 
-    def manifests(self, gathered: list[Any]) -> dict[str, fmt.Manifest]:
-        """Each item's manifest, with every process's chunk checksums merged in."""
-        out = {}
-        for item, leaves in self.leaves_of.items():
-            crcs: dict[int, dict[str, int]] = collections.defaultdict(dict)
-            for per_process in gathered:
-                for index, chunk_crcs in per_process.get(item, {}).items():
-                    crcs[int(index)].update(chunk_crcs)
-            records = tuple(
-                dataclasses.replace(leaf.record, crc32c=dict(sorted(crcs[i].items()))) for i, leaf in enumerate(leaves)
-            )
-            out[item] = fmt.Manifest(tree=self.structures[item], leaves=records)
-        return out
-
     def release_sources(self) -> None:
         """Drops references to the caller's arrays so donated buffers can go."""
         for leaves in self.leaves_of.values():
@@ -104,7 +83,7 @@ def _plan(items: Mapping[str, Any], options: SaveOptions) -> _Plan:
     pairs: list[tuple[Leaf, planning.WriteUnit]] = []
     for item, tree in items.items():
         structure, flat = fmt.flatten(tree)
-        files = process_files.file_bytes(options.max_host_bytes) if options.layout == "process" else None
+        files = layouts.layout_for(options.layout).file_bytes(options.max_host_bytes)
         leaves = plan_tree(flat, options.cast, options.max_chunk_bytes, options.pack_bytes, files)
         for index, leaf in enumerate(leaves):
             leaf.item, leaf.index = item, index
@@ -222,11 +201,8 @@ class _Save:
         try:
             self.writer.write(last)
             self.writer.check_complete(self.loc.url)
-            if self.options.layout == "process":  # each process its own index; process 0 gets sizes and crc32c
-                item_locs = {item: self.loc.join(names.commit.items[item]) for item in self.items}
-                sent: Any = process_files.write_indexes(item_locs, self.plan.leaves_of, self.writer.crcs)
-            else:
-                sent = {i: {str(k): v for k, v in c.items()} for i, c in self.writer.crcs.items()}
+            item_locs = {item: self.loc.join(names.commit.items[item]) for item in self.items}
+            sent = layouts.layout_for(self.options.layout).report(item_locs, self.plan.leaves_of, self.writer.crcs)
             report = {"sent": sent}
         except Exception as e:  # told to the others first, so they fail now instead of timing out
             failure = paths.as_storage_error(e, self.loc.url)
@@ -269,12 +245,11 @@ class _Save:
         """Process 0, once every process wrote: array metadata, manifests, metadata, marker."""
         _create_arrays(self.loc, names.commit, self.plan)
         plan = self.plan
-        per_process = self.options.layout == "process"
-        made = process_files.manifests(plan.structures, plan.leaves_of, gathered) if per_process else None
-        commits.write_commit(self.loc, names, made or plan.manifests(gathered), self.metadata)
+        made = layouts.layout_for(self.options.layout).manifests(plan.structures, plan.leaves_of, gathered)
+        commits.write_commit(self.loc, names, made, self.metadata)
 
 
-def _start_save(
+def start_save(
     path: Any,
     items: Mapping[str, Any],
     metadata: fmt.Metadata,
@@ -327,108 +302,3 @@ def _start_save(
     handle = SaveHandle(loc.url, time.perf_counter() - start, metadata.to_json())
     handle._start(lambda: save.finish(names, last))
     return handle
-
-
-def _metadata(items: Mapping[str, Any], step: Any, extras: dict[str, Any] | None, temporary: bool) -> fmt.Metadata:
-    """The save's ``metadata.json``, checked before anything is written (step, JSON extras)."""
-    metadata = fmt.Metadata(
-        step=None if step is None else as_step(step),
-        timestamp=time.time(),
-        is_temporary=temporary,
-        extras=dict(extras or {}),
-        items=tuple(items),
-    )
-    try:
-        fmt.Metadata.from_json(fmt.loads(fmt.dumps(metadata.to_json()), "extras"), "extras")  # what a reader refuses
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"extras must be JSON-serializable (finite floats, str keys): {e}") from e
-    return metadata
-
-
-def _options(options: SaveOptions | None, overrides: dict[str, Any]) -> SaveOptions:
-    base = SaveOptions() if options is None else options
-    return dataclasses.replace(base, **overrides) if overrides else base
-
-
-def save_async(
-    path: Any,
-    tree: Any,
-    *,
-    step: int | None = None,
-    extras: dict[str, Any] | None = None,
-    item: str = "state",
-    is_temporary: bool = False,
-    options: SaveOptions | None = None,
-    **option_overrides: Any,
-) -> SaveHandle:
-    """Starts saving ``tree`` to the checkpoint directory ``path``; returns after the snapshot.
-
-    Args:
-      path: checkpoint directory URL (local path, ``file://``, ``memory://``, ``s3://``, ``gs://``).
-      tree: pytree of jax arrays (any sharding), numpy arrays, typed PRNG keys, Python scalars,
-        strings and None.
-      step: recorded in ``metadata.json``.
-      extras: JSON-serializable dict recorded in ``metadata.json``.
-      item: name of the item directory.
-      is_temporary: recorded in ``metadata.json`` (retention deletes superseded temporaries).
-      options: a ``SaveOptions``; any of its fields may also be given as keywords
-        (``dtype=``, ``overwrite=``, ``max_host_bytes=``, ``timeout_s=``, ``pack_bytes=``),
-        which override it.
-
-    Returns:
-      A ``SaveHandle``; ``wait()`` returns ``SaveStats`` once committed or raises the failure.
-    """
-    opts = _options(options, option_overrides)
-    return _start_save(path, {item: tree}, _metadata({item: tree}, step, extras, is_temporary), opts)
-
-
-def save(
-    path: Any,
-    tree: Any,
-    *,
-    step: int | None = None,
-    extras: dict[str, Any] | None = None,
-    item: str = "state",
-    is_temporary: bool = False,
-    options: SaveOptions | None = None,
-    **option_overrides: Any,
-) -> None:
-    """Saves ``tree`` to ``path`` and returns once it is committed; arguments as ``save_async``.
-
-    The caller waits anyway, so the shards are written straight from its buffers: no
-    snapshot copy, and no host memory beyond the writes in flight.
-    """
-    opts = _options(options, option_overrides)
-    metadata = _metadata({item: tree}, step, extras, is_temporary)
-    _start_save(path, {item: tree}, metadata, opts, copy=False).wait()
-
-
-def save_items_async(
-    path: Any,
-    items: Mapping[str, Any],
-    *,
-    step: int | None = None,
-    extras: dict[str, Any] | None = None,
-    is_temporary: bool = False,
-    add: bool = False,
-    options: SaveOptions | None = None,
-    **option_overrides: Any,
-) -> SaveHandle:
-    """Saves several named items (``{"model": ..., "optimizer": ..., "loader": {...}}``) as one
-    checkpoint, committed together; returns after the snapshot, like ``save_async``.
-
-    With ``add=True`` the items join the checkpoint already committed at ``path`` (its other
-    items are kept; an item it already has needs ``overwrite=True``), or start a new one: one
-    call per item into the same step, each committed on its own. A reader never sees a
-    half-written item: until the marker is rewritten, the checkpoint is what it was.
-    JSON items (a data loader's position) are plain pytrees of Python scalars and strings.
-    """
-    if not items:
-        raise ValueError("save_items needs at least one item")
-    opts = _options(options, option_overrides)
-    return _start_save(path, dict(items), _metadata(items, step, extras, is_temporary), opts, add=add)
-
-
-def save_items(path: Any, items: Mapping[str, Any], **kwargs: Any) -> None:
-    """``save_items_async(...).wait()``: blocking, arguments as ``save_items_async``."""
-    save_items_async(path, items, **kwargs).wait()

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ckpt_callbacks import directory as claims
-from ckpt_callbacks import distributed
+from ckpt_callbacks import distributed, layouts
 from ckpt_callbacks import format as planning
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.saving._snapshot import MemoryStats, SnapshotMode
@@ -56,7 +56,8 @@ class SaveOptions:
       layout: ``"zarr3"`` (one zarr3 array per large leaf, one object per chunk) or
         ``"process"`` (each process's chunks in its own data files of at most 1 GiB plus one
         index file: objects grow with processes, not leaves x shards; see
-        ``ckpt_callbacks.process_files``). ``pack_bytes`` applies to ``"zarr3"`` only.
+        ``ckpt_callbacks.layouts``). ``pack_bytes`` applies to ``"zarr3"`` only. Any layout
+        registered with ``layouts.register_layout`` is accepted by its ``kind``.
     """
 
     dtype: Any = None
@@ -83,8 +84,7 @@ class SaveOptions:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.dtype is not None and not jax.numpy.issubdtype(np.dtype(self.dtype), jax.numpy.floating):
             raise ValueError(f"dtype={self.dtype!r}: floating leaves are cast to it, so it must be a floating dtype")
-        if self.layout not in ("zarr3", "process"):
-            raise ValueError(f"layout must be 'zarr3' or 'process', got {self.layout!r}")
+        layouts.layout_for(self.layout)  # ValueError naming the registered layouts
         if self.snapshot not in ("auto", "device", "host"):
             raise ValueError(f"snapshot must be 'auto', 'device' or 'host', got {self.snapshot!r}")
         if self.storage is not None and not isinstance(self.storage, StorageOptions):

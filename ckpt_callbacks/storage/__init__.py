@@ -1,9 +1,16 @@
 """storage: facade (see README.md here)."""
 
+from ckpt_callbacks.storage._backend import Backend as Backend
+from ckpt_callbacks.storage._backend import backend_for as backend_for
+from ckpt_callbacks.storage._backend import fsspec_options as fsspec_options
+from ckpt_callbacks.storage._backend import register_backend as register_backend
+from ckpt_callbacks.storage._backend import schemes as schemes
+from ckpt_callbacks.storage._backend import tensorstore_resources as tensorstore_resources
 from ckpt_callbacks.storage._location import Location as Location
 from ckpt_callbacks.storage._location import as_storage_error as as_storage_error
 from ckpt_callbacks.storage._location import context as context
 from ckpt_callbacks.storage._location import delete_entry as delete_entry
+from ckpt_callbacks.storage._location import delete_keys as delete_keys
 from ckpt_callbacks.storage._location import delete_tree as delete_tree
 from ckpt_callbacks.storage._location import fsspec_view as fsspec_view
 from ckpt_callbacks.storage._location import has_any as has_any
@@ -11,6 +18,7 @@ from ckpt_callbacks.storage._location import kvstore_spec as kvstore_spec
 from ckpt_callbacks.storage._location import list_dirs as list_dirs
 from ckpt_callbacks.storage._location import list_entries as list_entries
 from ckpt_callbacks.storage._location import list_keys_under as list_keys_under
+from ckpt_callbacks.storage._location import local_path as local_path
 from ckpt_callbacks.storage._location import parse as parse
 from ckpt_callbacks.storage._location import read_bytes as read_bytes
 from ckpt_callbacks.storage._location import write_bytes as write_bytes
@@ -21,9 +29,9 @@ from ckpt_callbacks.storage._options import MAX_OP_TIMEOUT_S as MAX_OP_TIMEOUT_S
 from ckpt_callbacks.storage._options import MAX_RETRIES as MAX_RETRIES
 from ckpt_callbacks.storage._options import MIN_SECONDS as MIN_SECONDS
 from ckpt_callbacks.storage._options import StorageOptions as StorageOptions
-from ckpt_callbacks.storage._options import fsspec_options as fsspec_options
 from ckpt_callbacks.storage._options import retrying as retrying
-from ckpt_callbacks.storage._options import tensorstore_resources as tensorstore_resources
 from ckpt_callbacks.storage._options import transient as transient
 from ckpt_callbacks.storage._options import wait as wait
 from ckpt_callbacks.storage._swap import swap as swap
+from ckpt_callbacks.storage.backends import GCS_BATCH as GCS_BATCH
+from ckpt_callbacks.storage.backends import S3_BATCH as S3_BATCH

@@ -1,21 +1,24 @@
 """How hard to try object stores: retries with backoff, concurrency, and a bound on every wait.
 
 >>> opts = StorageOptions(max_retries=4, initial_delay_s=0.1, max_delay_s=2.0)
->>> tensorstore_resources("s3", opts)["s3_request_retries"]
-{'max_retries': 4, 'initial_delay': '100ms', 'max_delay': '2000ms'}
->>> tensorstore_resources("file", opts)
-{}
+>>> opts.op_timeout_s
+300.0
+>>> StorageOptions(max_retries=-1)
+Traceback (most recent call last):
+...
+ValueError: StorageOptions.max_retries: expected an int in [0, 1000], found -1
 
 One layer retries each request, never two on top of each other, so ``max_retries`` means
 what it says:
 
 - Arrays and JSON files go through TensorStore, whose S3 and GCS drivers retry a failed
   request (429, 5xx, resets, truncated bodies) ``max_retries`` times with exponential backoff;
-  these options go inline in each kvstore spec (so they apply wherever a ``Location`` carrying
-  them is opened), not through environment variables. The library does not retry these.
+  these options go inline in each kvstore spec (each object-store backend's
+  ``tensorstore_resources``, so they apply wherever a ``Location`` carrying them is opened),
+  not through environment variables. The library does not retry these.
 - Listings, existence checks and deletes go through fsspec, whose clients' own retries are
   off (botocore ``total_max_attempts=1``, s3fs ``retries=1``, gcsfs's per-request retry bypassed:
-  see ``paths``); the library retries each call instead (``retrying``: the same backoff,
+  see ``backends/``); the library retries each call instead (``retrying``: the same backoff,
   logged), ``max_retries`` times.
 
 TensorStore has no per-request timeout on object stores (a server that accepts a request and
@@ -107,43 +110,6 @@ def _check_seconds(name: str, value: Any, lo: float, hi: float) -> None:
 
 
 DEFAULT = StorageOptions()
-
-
-def _ms(seconds: float) -> str:
-    return f"{round(seconds * 1000)}ms"
-
-
-def tensorstore_resources(scheme: str, opts: StorageOptions) -> dict[str, Any]:
-    """The context resources to put inline in a kvstore spec of ``scheme`` (pure)."""
-    if scheme not in ("s3", "gs"):
-        return {}
-    prefix = "s3" if scheme == "s3" else "gcs"
-    out: dict[str, Any] = {
-        f"{prefix}_request_retries": {
-            "max_retries": opts.max_retries,
-            "initial_delay": _ms(opts.initial_delay_s),
-            "max_delay": _ms(opts.max_delay_s),
-        }
-    }
-    if opts.request_concurrency is not None:
-        out[f"{prefix}_request_concurrency"] = {"limit": opts.request_concurrency}
-    return out
-
-
-def fsspec_options(scheme: str, opts: StorageOptions) -> dict[str, Any]:
-    """Keyword arguments for the fsspec filesystem of ``scheme`` (pure): one attempt per request
-    (``retrying`` retries), each waited on at most ``op_timeout_s``.
-
-    >>> fsspec_options("s3", StorageOptions(max_retries=2, max_delay_s=4.0, op_timeout_s=9.0))["config_kwargs"]
-    {'retries': {'total_max_attempts': 1, 'mode': 'standard'}, 'connect_timeout': 9.0, 'read_timeout': 9.0}
-    """
-    if scheme == "s3":
-        retries = {"total_max_attempts": 1, "mode": "standard"}  # botocore's max_attempts counts retries only
-        timeouts = {"connect_timeout": opts.op_timeout_s, "read_timeout": opts.op_timeout_s}
-        return {"config_kwargs": {"retries": retries, **timeouts}}
-    if scheme == "gs":
-        return {"requests_timeout": opts.op_timeout_s}
-    return {}
 
 
 def wait(future: Any, opts: StorageOptions, where: str, what: str = "storage operation") -> Any:

@@ -148,7 +148,7 @@ def swap(loc: paths.Location, name: str, build: Callable[[bytes | None], bytes])
     """
     opts = loc.options
     deadline = time.monotonic() + opts.op_timeout_s
-    once = None if loc.scheme in ("s3", "gs") else _kvstore(loc)
+    once = None if loc.backend.is_object_store else _kvstore(loc)
     replaced_by: dict[bytes, bytes | None] = {}  # what each attempt of ours was built on
     delay, failures = opts.initial_delay_s, 0
     while True:

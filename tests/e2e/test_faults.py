@@ -8,13 +8,10 @@ path within the configured bound, commit nothing, and leave the previous checkpo
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import gc
 import http.client
 import http.server
 import itertools
-import os
 import re
 import time
 import uuid
@@ -29,7 +26,7 @@ import multihost
 import numpy as np
 import object_stores
 import pytest
-from fault_proxy import FaultPlan, Rule
+from fault_proxy import DATA_WRITES, FaultPlan, Rule, through
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
@@ -43,32 +40,6 @@ FAST = cc.StorageOptions(max_retries=6, initial_delay_s=0.01, max_delay_s=0.05, 
 SHORT = cc.StorageOptions(max_retries=2, initial_delay_s=0.01, max_delay_s=0.05, op_timeout_s=2.0)
 _UNIQUE = itertools.count(1)
 HANG_GUARD_S = 30.0  # a wall-clock cap far above every bound below: catches hangs, not speed
-DATA_WRITES = r"PUT|POST"  # S3 puts objects with PUT, GCS uploads with POST
-ENDPOINT_VARS = {"s3": ("AWS_ENDPOINT_URL_S3",), "gs": ("TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST")}
-
-
-@pytest.fixture(params=["s3", "gs"])
-def store(request) -> Iterator[tuple[str, str, str]]:
-    """(scheme, upstream endpoint, a fresh base URL) on moto or fake-gcs-server."""
-    scheme = request.param
-    upstream = request.getfixturevalue("s3_endpoint" if scheme == "s3" else "gcs_endpoint")
-    yield scheme, upstream, f"{scheme}://{object_stores.BUCKET}/faults-{uuid.uuid4().hex[:10]}"
-
-
-@contextlib.contextmanager
-def through(scheme: str, upstream: str, plan: FaultPlan | None = None) -> Iterator[fault_proxy.FaultProxy]:
-    """Points TensorStore and fsspec at a fault proxy in front of ``upstream`` while inside."""
-    # TensorStore keeps a GCS driver, with the endpoint the environment named when it was
-    # created, for as long as something references it: drop unreferenced ones on the way in and out.
-    gc.collect()
-    saved = {var: os.environ[var] for var in ENDPOINT_VARS[scheme]}
-    with fault_proxy.fault_proxy(upstream, plan) as proxy:
-        os.environ.update(dict.fromkeys(ENDPOINT_VARS[scheme], proxy.endpoint))
-        try:
-            yield proxy
-        finally:
-            os.environ.update(saved)
-            gc.collect()
 
 
 def _under(*parts: str) -> str:

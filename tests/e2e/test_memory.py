@@ -1,7 +1,7 @@
 """Host memory while saving: peak extra RSS against the bytes this process writes.
 
 Each case runs in a fresh subprocess that samples its own RSS every 2 ms; the figures are
-printed (run ``pytest -s tests/test_memory.py``) and bounded by the issue's budget.
+printed (run ``pytest -s tests/e2e/test_memory.py``) and bounded by the issue's budget.
 """
 
 from __future__ import annotations

@@ -21,10 +21,9 @@ import uuid
 
 import numpy as np
 import pytest
-from fault_proxy import FaultPlan, Rule
+from fault_proxy import DATA_WRITES, FaultPlan, Rule, through
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_faults import DATA_WRITES, store, through  # noqa: F401  (store is a fixture)
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import directory as claims
@@ -66,7 +65,7 @@ def _marker_items(loc: paths.Location) -> dict[str, str] | None:
 
 
 @pytest.mark.parametrize(("method", "name", "nth"), COMMIT_REQUESTS)
-def test_a_save_that_reported_failure_never_commits_later(store, method, name, nth):  # noqa: F811
+def test_a_save_that_reported_failure_never_commits_later(store, method, name, nth):
     scheme, upstream, base = store
     url = f"{base}/run-1"
     cc.save(url, _tree(1), step=1, storage=QUICK)  # the checkpoint the failed overwrite must not harm
@@ -93,7 +92,7 @@ def test_a_save_that_reported_failure_never_commits_later(store, method, name, n
     assert cc.verify(url).ok
 
 
-def test_a_stalled_marker_fails_the_save_and_never_lands(store):  # noqa: F811
+def test_a_stalled_marker_fails_the_save_and_never_lands(store):
     scheme, upstream, base = store
     url = f"{base}/run-7"
     path = "run-7.*COMMITTED" if scheme == "s3" else _MARKER_UPLOAD[scheme]
@@ -107,7 +106,7 @@ def test_a_stalled_marker_fails_the_save_and_never_lands(store):  # noqa: F811
     assert cc.list_checkpoints(base) == []
 
 
-def test_a_marker_whose_answer_was_lost_counts_as_committed(store):  # noqa: F811
+def test_a_marker_whose_answer_was_lost_counts_as_committed(store):
     """The store applied the marker but the answer never came (a truncated answer): the next
     attempt finds the marker it sent and reports the commit, instead of a failure."""
     scheme, upstream, base = store
@@ -302,7 +301,7 @@ def test_retention_removes_leftovers_of_killed_saves(tmp_path):
     assert_tree_equal(cc.restore(str(base / "run-1")), {"w": np.ones(3)})
 
 
-def test_a_failed_saves_claim_ages_out_and_retention_then_cleans_up(store):  # noqa: F811
+def test_a_failed_saves_claim_ages_out_and_retention_then_cleans_up(store):
     """A failed save leaves its claim (its writes may still land): no later save reuses its
     names until the claim is dead; then the next retention pass deletes its files."""
     scheme, upstream, base = store
