@@ -50,10 +50,12 @@ from ckpt_callbacks.format._records import dumps as dumps
 from ckpt_callbacks.format._records import encode_scalar as encode_scalar
 from ckpt_callbacks.format._records import loads as loads
 from ckpt_callbacks.format._records import zarr_spec as zarr_spec
+from ckpt_callbacks.format._schema import LAYOUT_KINDS as LAYOUT_KINDS
 from ckpt_callbacks.format._schema import MAX_DEPTH as MAX_DEPTH
 from ckpt_callbacks.format._schema import MAX_DIM as MAX_DIM
 from ckpt_callbacks.format._schema import MAX_LEAF_BYTES as MAX_LEAF_BYTES
 from ckpt_callbacks.format._schema import check_json_value as check_json_value
+from ckpt_callbacks.format._schema import check_tree as check_tree
 from ckpt_callbacks.format._schema import parse_manifest as parse_manifest
 from ckpt_callbacks.format._schema import parse_metadata as parse_metadata
 from ckpt_callbacks.format._schema import show as show

@@ -279,6 +279,11 @@ def _entries(body: Any, at: str) -> list[tuple[str | int, Any]]:
     return out
 
 
+# What a format-v1 manifest may record as its layout: none ("zarr3"), or the process layout's
+# block (checked by ``process_index.check_layout``). A new layout is added here first.
+LAYOUT_KINDS = ("zarr3", "process")
+
+
 def check_manifest(data: dict[str, Any], where: str) -> None:
     """Every leaf record, then the tree structure (``data`` is a JSON object of format v1)."""
     leaves = data.get("leaves")

@@ -87,7 +87,14 @@ _LAYOUTS: dict[str, Layout] = {}
 
 def register_layout(layout: Layout) -> None:
     """Makes ``layout`` what ``SaveOptions(layout=layout.kind)`` writes and what a manifest of
-    that kind is read with. Registering a kind twice is a mistake: ``ValueError``."""
+    that kind is read with. ``ValueError`` for a kind registered already, and for one the format
+    does not know (``format.LAYOUT_KINDS``): its saves would commit manifests no reader accepts."""
+    kind = getattr(layout, "kind", None)
+    if not isinstance(kind, str) or kind not in fmt.LAYOUT_KINDS:
+        raise ValueError(
+            f"layout {kind!r}: format v1 manifests record only the layouts {fmt.LAYOUT_KINDS}; a new layout's "
+            "manifest is checked in ckpt_callbacks/format/_schema.py first (see docs/extending.md)"
+        )
     if layout.kind in _LAYOUTS:
         raise ValueError(f"layout {layout.kind!r} is registered already ({_LAYOUTS[layout.kind]!r})")
     _LAYOUTS[layout.kind] = layout

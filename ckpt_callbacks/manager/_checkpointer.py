@@ -35,6 +35,7 @@ from ckpt_callbacks.manager._aftercommit import AfterCommit, ScalarWriter, close
 from ckpt_callbacks.manager._policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
 from ckpt_callbacks.manager._preemption import Preemption, agree
 from ckpt_callbacks.manager._reader import CheckpointReader, announce
+from ckpt_callbacks.manager._retention import Retention
 from ckpt_callbacks.saving import SaveHandle, SaveOptions, save_items_async
 
 log = logging.getLogger("ckpt_callbacks")
@@ -100,6 +101,7 @@ class Checkpointer(CheckpointReader):
             raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
         self.options = dataclasses.replace(options or SaveOptions(), **option_overrides)
         super().__init__(base_path, keep=keep, item=item, storage=self.options.storage)
+        self.retention: Retention = Retention(self.base, self.keep)
         self.policy = SavePolicy(step_policies=tuple(step_policies), save_interval=_seconds(save_interval))
         self._clock = clock or time.time
         self._sync_every = sync_every_steps

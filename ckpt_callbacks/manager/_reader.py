@@ -28,8 +28,8 @@ from ckpt_callbacks import storage as paths
 from ckpt_callbacks.directory import CheckpointInfo, list_checkpoints
 from ckpt_callbacks.errors import CheckpointNotFoundError, ShardingRuleError
 from ckpt_callbacks.format import as_step
+from ckpt_callbacks.manager._metrics import Metrics
 from ckpt_callbacks.manager._policy import KeepPolicy, metric_of
-from ckpt_callbacks.manager._retention import Retention
 from ckpt_callbacks.storage import StorageOptions
 
 log = logging.getLogger("ckpt_callbacks")
@@ -151,7 +151,7 @@ class CheckpointReader:
         self.base = _parse_base(base_path).with_storage(storage)
         self.keep = keep if keep is not None else KeepPolicy()
         self.item = item
-        self.retention = Retention(self.base, self.keep)
+        self.retention: Metrics = Metrics(self.base, self.keep)  # a reader deletes nothing
         self._announced = False
 
     def _settle(self) -> None:

@@ -41,10 +41,11 @@ def restore(
     """Restores a committed checkpoint.
 
     Args:
-      path: checkpoint directory URL, or a ``Checkpoint`` from ``layout.open_checkpoint`` (or
+      path: checkpoint directory URL, or a ``Checkpoint`` from ``open_checkpoint`` (or
         ``CheckpointInfo.checkpoint``): its marker, metadata and manifests are not read again.
         A URL holding no committed checkpoint of ours may hold an orbax PyTree checkpoint (a
-        step or item directory; see ``orbax_format``), restored the same way, unchecksummed.
+        step or item directory; see ``ckpt_callbacks.interop``), restored the same way, unchecksummed,
+        or a directory of any other registered ``restoring.Source``.
       mesh: target mesh; with ``rules`` the specs come from the rules, otherwise from the
         partition specs saved in the manifest.
       rules: ``[(regex, PartitionSpec), ...]`` over '/'-joined key paths; first match wins.
@@ -66,12 +67,12 @@ def restore(
         without it they raise.
       drop: saved leaves the template does not have are dropped (``True``), or those whose
         key matches one of these regexes; otherwise they raise. What was renamed, filled and
-        dropped is logged (see ``restructure``).
+        dropped is logged (see ``restoring/_restructure.py``).
       max_host_bytes: bound on the bytes read into host memory and not yet handed to their
         devices (default 512 MiB): chunk reads of later leaves overlap the host-to-device
         transfers of earlier ones within it. A single leaf's share for this process larger
         than the bound is still read whole. On local disk chunks are read straight into the
-        restored arrays (see ``direct_reads``), so nothing is staged beyond them.
+        restored arrays (see ``layouts/_direct.py``), so nothing is staged beyond them.
       storage: retries of S3/GCS requests and the longest wait on any one read
         (``StorageOptions.op_timeout_s``): a store that stops answering fails the restore with
         ``StorageTimeoutError`` instead of hanging it.

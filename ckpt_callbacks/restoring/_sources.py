@@ -19,7 +19,7 @@ from ckpt_callbacks import directory as layout
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import layouts
 from ckpt_callbacks import storage as paths
-from ckpt_callbacks.errors import CheckpointNotFoundError
+from ckpt_callbacks.errors import CheckpointFormatError, CheckpointNotFoundError
 from ckpt_callbacks.restoring._reads import read_leaves
 from ckpt_callbacks.storage import StorageOptions
 
@@ -54,7 +54,11 @@ _SOURCES: list[Source] = []
 
 
 def register_source(source: Source) -> None:
-    """Asks ``source`` for paths holding no checkpoint of ours (after the sources before it)."""
+    """Asks ``source`` for paths holding no checkpoint of ours (after the sources before it).
+    ``ValueError`` for a source without a name, or with the name of one registered already."""
+    name = getattr(source, "name", None)
+    if not isinstance(name, str) or not name or not callable(getattr(source, "open", None)):
+        raise ValueError(f"a source needs a non-empty str name and an open(loc, item) method, got {source!r}")
     if any(s.name == source.name for s in _SOURCES):
         raise ValueError(f"a source named {source.name!r} is registered already")
     _SOURCES.append(source)
@@ -88,18 +92,51 @@ def native(ckpt: layout.Checkpoint, item: str) -> Located:
 def locate(path: Any, item: str, storage: StorageOptions | None = None) -> Located:
     """The item ``item`` at ``path``: of our format, else of the first source that knows it.
 
-    ``CheckpointNotFoundError`` when none does, naming what was tried.
+    Only a path holding no commit marker of ours is offered to the foreign sources: a committed
+    checkpoint of ours without ``item`` raises here, whatever else the directory holds.
+    ``CheckpointNotFoundError`` when no source claims the path, naming what was tried.
     """
     try:
-        return native(layout.open_checkpoint(path, storage=storage), item)
+        ckpt = layout.open_checkpoint(path, storage=storage)
     except CheckpointNotFoundError as e:
         if isinstance(path, layout.Checkpoint) or not _SOURCES:
             raise
-        missing = e
-    loc = paths.parse(path, storage)
+        return _foreign(paths.parse(path, storage), item, e)
+    return native(ckpt, item)
+
+
+def _foreign(loc: paths.Location, item: str, missing: CheckpointNotFoundError) -> Located:
     for source in _SOURCES:
         found = source.open(loc, item)
-        if found is not None:
-            return found
+        if found is None:
+            continue
+        if not isinstance(found, Located) or not isinstance(found.manifest, fmt.Manifest) or not callable(found.read):
+            raise CheckpointFormatError(
+                f"{loc.url}: source {source.name!r} returned {type(found).__name__}; expected a restoring.Located"
+            )
+        _check_manifest(found.manifest, f"{loc.url} (read as {source.name!r})")
+        return found
     tried = ", ".join(f"{s.name} (not one)" for s in _SOURCES)
     raise CheckpointNotFoundError(f"{missing}; also tried as: {tried}") from missing
+
+
+def _check_manifest(manifest: fmt.Manifest, where: str) -> None:
+    """What the engine relies on in a foreign source's manifest: a tree using each record once,
+    at its path, and every array record a shape of non-negative dims and a dtype we know."""
+    if not all(isinstance(r, fmt.LeafRecord) for r in manifest.leaves):
+        raise CheckpointFormatError(f"{where}: the manifest's leaves are not all LeafRecords")
+    fmt.check_tree(manifest.tree, [r.path for r in manifest.leaves], where)
+    for record in manifest.leaves:
+        if record.kind == "scalar":
+            continue
+        shape, chunks = record.data_shape, record.chunks
+        ok = all(isinstance(n, int) and n >= 0 for n in (*shape, *chunks)) and len(chunks) == len(shape)
+        if not ok or any(c < 1 and n > 0 for n, c in zip(shape, chunks, strict=True)):
+            raise CheckpointFormatError(
+                f"{where}: leaf {record.key!r}: shape {list(shape)}, chunks {list(chunks)}; expected non-negative "
+                "dims and one positive chunk size per stored dim"
+            )
+        try:
+            fmt.dtype_from_name(record.zarr_dtype)
+        except CheckpointFormatError as e:
+            raise CheckpointFormatError(f"{where}: leaf {record.key!r}: {e}") from None

@@ -182,7 +182,7 @@ class _Save:
         if distributed.is_primary():
             self.renewal.start(self.loc, names)
         layout.check_shared(self.loc, names, self.tag, self.options.timeout_s)
-        self.writer.open({item: paths.kvstore_spec(self.loc.join(names.commit.items[item])) for item in self.items})
+        self.writer.open({item: self.loc.join(names.commit.items[item]) for item in self.items})
         return names
 
     def finish(self, names: layout.SaveLayout | None, last: Snapshot) -> int:

@@ -84,6 +84,8 @@ class SaveOptions:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.dtype is not None and not jax.numpy.issubdtype(np.dtype(self.dtype), jax.numpy.floating):
             raise ValueError(f"dtype={self.dtype!r}: floating leaves are cast to it, so it must be a floating dtype")
+        if not isinstance(self.layout, str):
+            raise ValueError(f"layout must be one of {layouts.kinds()}, got {self.layout!r}")
         layouts.layout_for(self.layout)  # ValueError naming the registered layouts
         if self.snapshot not in ("auto", "device", "host"):
             raise ValueError(f"snapshot must be 'auto', 'device' or 'host', got {self.snapshot!r}")

@@ -49,16 +49,18 @@ class Writer:
         self.nbytes = 0
         self.in_memory = False
 
-    def open(self, item_kvstores: dict[str, dict[str, Any]]) -> None:
+    def open(self, item_locs: dict[str, paths.Location]) -> None:
         """Where each item goes (known once the save's names are chosen); before any write."""
+        item_kvstores = {item: paths.kvstore_spec(loc) for item, loc in item_locs.items()}
         self.item_kvstores = item_kvstores
         # TensorStore may reference written data without copying it. Storage drivers drop the
         # reference once the write commits, and a reused staging buffer is only refilled after
         # every commit of its batch. The memory:// store keeps references for good and drops
         # them (taking the GIL) under its own lock, which deadlocks against a thread holding
-        # the GIL in a memory-store call; so memory:// always gets copies.
+        # the GIL in a memory-store call; so TensorStore's memory driver (whatever URL scheme
+        # uses it) always gets copies.
         self.in_memory = any(spec["driver"] == "memory" for spec in item_kvstores.values())
-        self.files.open(item_kvstores)
+        self.files.open(item_kvstores, {item: paths.local_path(loc) for item, loc in item_locs.items()})
 
     def _array(self, leaf: Leaf) -> ts.TensorStore:
         key = (leaf.item, leaf.index)
@@ -137,13 +139,16 @@ class PackWriter:
     def __init__(self, packs: dict[tuple[str, str], tuple[int, int]], options: storage.StorageOptions, where: str):
         self.packs, self.options, self.where = dict(packs), options, where
         self.specs: dict[str, dict[str, Any]] = {}
+        self.local_dirs: dict[str, str | None] = {}
         self.kvstores: dict[str, ts.KvStore] = {}
         self.buffers: dict[tuple[str, str], bytearray] = {}
         self.spare: bytearray | None = None  # a written file's buffer, for the next
         self.local: dict[tuple[str, str], int] = {}  # open local files: descriptors
 
-    def open(self, item_kvstores: dict[str, dict[str, Any]]) -> None:
-        self.specs = item_kvstores
+    def open(self, item_kvstores: dict[str, dict[str, Any]], local_dirs: dict[str, str | None]) -> None:
+        """Each item's kvstore, and its directory on local disk (None: not a local path; its
+        files are assembled in memory and written through TensorStore)."""
+        self.specs, self.local_dirs = item_kvstores, local_dirs
 
     def check_complete(self, where: str) -> None:
         unwritten = sorted(f"{item}/{name}" for (item, name), (_, left) in self.packs.items() if left)
@@ -155,7 +160,7 @@ class PackWriter:
         host bytes its write will hold (None before; 0 on local disk)."""
         size, left = self.packs[(item, name)]
         raw = host.reshape(-1).view(np.uint8)
-        if self.specs[item]["driver"] == "file":
+        if self.local_dirs.get(item) is not None:  # written in place
             path = self._path(item, name)
             fd = self.local.get((item, name))
             if fd is None:
@@ -186,7 +191,9 @@ class PackWriter:
         return future
 
     def _path(self, item: str, name: str) -> str:
-        return os.path.join(self.specs[item]["path"], name)
+        local = self.local_dirs[item]
+        assert local is not None  # only local files have a path
+        return os.path.join(local, name)
 
     def _buffer(self, size: int) -> bytearray:
         """A zeroed buffer of ``size`` bytes: the last written file's if it has that size."""

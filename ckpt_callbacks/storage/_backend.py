@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
@@ -179,8 +180,12 @@ class Location:
 def register_backend(backend: Backend) -> Backend:
     """Makes ``backend`` the one of its scheme (in URLs and ``Location.scheme``); returns it.
 
-    Raises ``ValueError`` if another backend has that scheme already.
+    Raises ``ValueError`` for a scheme that is not a URL scheme (RFC 3986: a letter, then
+    letters, digits, ``+``, ``-`` or ``.``) or that another backend has already.
     """
+    scheme = getattr(backend, "scheme", None)
+    if not isinstance(scheme, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        raise ValueError(f"a storage backend's scheme must be a URL scheme like 's3', got {scheme!r}")
     other = _BACKENDS.setdefault(backend.scheme, backend)
     if other is not backend:
         raise ValueError(f"a storage backend for scheme {backend.scheme!r} is registered already: {other!r}")

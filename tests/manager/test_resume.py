@@ -265,3 +265,9 @@ def test_no_metric_warning_before_the_first_eval(url, caplog):
     ck.on_step({"w": np.ones(1)}, step=5)
     ck.close()
     assert "ranks by metric" not in caplog.text
+
+
+def test_a_reader_only_reads_metrics_it_never_deletes(tmp_path):
+    reader, manager = cc.CheckpointReader(tmp_path), cc.Checkpointer(tmp_path)
+    assert not hasattr(reader.retention, "apply") and hasattr(manager.retention, "apply")
+    manager.close()

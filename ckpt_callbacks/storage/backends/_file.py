@@ -31,7 +31,7 @@ class FileBackend(FsspecBackend):
         return Location(scheme=self.scheme, path=os.path.abspath(rest[len(host) :]))
 
     def url(self, loc: Location) -> str:
-        return "file://" + loc.path
+        return f"{self.scheme}://" + loc.path
 
     def kvstore_spec(self, loc: Location, env: Mapping[str, str]) -> dict[str, Any]:
         return {"driver": "file", "path": loc.path + "/" if loc.path else ""}

@@ -33,7 +33,7 @@ class MemoryBackend(BaseBackend):
         return Location(scheme=self.scheme, path="/".join(path_parts(rest, text)))
 
     def url(self, loc: Location) -> str:
-        return "memory://" + loc.path
+        return f"{self.scheme}://" + loc.path
 
     def kvstore_spec(self, loc: Location, env: Mapping[str, str]) -> dict[str, Any]:
         return {"driver": "memory", "path": loc.path + "/" if loc.path else ""}
