@@ -10,8 +10,6 @@
 from ckpt_callbacks import interop as _interop  # noqa: F401  registers the orbax source with restoring
 from ckpt_callbacks.directory import Checkpoint as Checkpoint
 from ckpt_callbacks.directory import CheckpointInfo as CheckpointInfo
-from ckpt_callbacks.directory import find_latest_checkpoint as find_latest_checkpoint
-from ckpt_callbacks.directory import list_checkpoints as list_checkpoints
 from ckpt_callbacks.directory import open_checkpoint as open_checkpoint
 from ckpt_callbacks.errors import CheckpointError as CheckpointError
 from ckpt_callbacks.errors import CheckpointExistsError as CheckpointExistsError
@@ -20,6 +18,8 @@ from ckpt_callbacks.errors import CheckpointNotFoundError as CheckpointNotFoundE
 from ckpt_callbacks.errors import CheckpointPathError as CheckpointPathError
 from ckpt_callbacks.errors import CheckpointStorageError as CheckpointStorageError
 from ckpt_callbacks.errors import CorruptCheckpointError as CorruptCheckpointError
+from ckpt_callbacks.errors import DeletedArrayError as DeletedArrayError
+from ckpt_callbacks.errors import MissingFileError as MissingFileError
 from ckpt_callbacks.errors import PeerSaveError as PeerSaveError
 from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
@@ -36,6 +36,9 @@ from ckpt_callbacks.manager import Decision as Decision
 from ckpt_callbacks.manager import KeepPolicy as KeepPolicy
 from ckpt_callbacks.manager import SavePolicy as SavePolicy
 from ckpt_callbacks.manager import ScalarWriter as ScalarWriter
+from ckpt_callbacks.manager import discover as list_checkpoints  # ours and an orbax run's steps
+from ckpt_callbacks.manager import find_latest_checkpoint as find_latest_checkpoint
+from ckpt_callbacks.restoring import VerifyProblem as VerifyProblem
 from ckpt_callbacks.restoring import VerifyReport as VerifyReport
 from ckpt_callbacks.restoring import match_partition_rules as match_partition_rules
 from ckpt_callbacks.restoring import restore as restore
@@ -67,9 +70,11 @@ __all__ = [
     "Checkpointer",
     "CorruptCheckpointError",
     "Decision",
+    "DeletedArrayError",
     "KeepPolicy",
     "LayoutCounts",
     "LeafShape",
+    "MissingFileError",
     "PeerSaveError",
     "RestoreMismatchError",
     "SaveHandle",
@@ -81,6 +86,7 @@ __all__ = [
     "StorageNotSharedError",
     "StorageOptions",
     "StorageTimeoutError",
+    "VerifyProblem",
     "VerifyReport",
     "find_latest_checkpoint",
     "list_checkpoints",

@@ -28,7 +28,24 @@ class CheckpointFormatError(CheckpointError, ValueError):
 
 
 class CorruptCheckpointError(CheckpointError, OSError):
-    """Stored bytes do not match the checksums recorded at save time."""
+    """Stored bytes do not match the checksums recorded at save time.
+
+    ``leaf`` and ``chunk`` (its manifest key, ``"0.1"``) name what failed where one chunk did
+    (else None).
+    """
+
+    def __init__(self, *args: object, leaf: str | None = None, chunk: str | None = None) -> None:
+        super().__init__(*args)
+        self.leaf, self.chunk = leaf, chunk
+
+
+class MissingFileError(CorruptCheckpointError):
+    """A file a committed checkpoint needs (a chunk, pack, data or index file, a manifest) is gone."""
+
+
+class DeletedArrayError(CheckpointError, ValueError):
+    """A leaf of the tree to save is a deleted ``jax.Array`` (``x.delete()``, or donated to a
+    jitted step): nothing was written."""
 
 
 class ShardingRuleError(CheckpointError, ValueError):

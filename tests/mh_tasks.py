@@ -208,3 +208,23 @@ def save_golden(path, layout):
     }
     cc.save(path, tree, step=12, layout=layout, max_host_bytes=2048, timeout_s=60.0)
     return {"pid": jax.process_index()}
+
+
+def save_steps(base, mesh_shape, steps):
+    """``build_state`` saved as ``run-<step>`` for each of ``steps`` (every chunk its own file)."""
+    state = build_state(_mesh(mesh_shape))
+    for step in steps:
+        cc.save(f"{base}/run-{step}", state, step=step, pack_bytes=0, timeout_s=60.0)
+    return {"pid": jax.process_index()}
+
+
+def resume_latest(base, mesh_shape, step=None, fallback=True, discard_newer=False):
+    """A Checkpointer's restore of the latest (or of ``step``): what each process got."""
+    ck = cc.Checkpointer(base, handle_sigterm=False)
+    try:
+        tree, meta = ck.restore(step, mesh=_mesh(mesh_shape), fallback=fallback, discard_newer=discard_newer)
+    except cc.CheckpointError as e:
+        return {"pid": jax.process_index(), "error": type(e).__name__, "message": str(e)}
+    finally:
+        ck.close()
+    return {"pid": jax.process_index(), "step": meta["step"], "problems": _check_local(tree), "steps": ck.all_steps()}

@@ -7,9 +7,11 @@ missing chunk from a corrupt one; ``diff`` compares two checkpoints leaf by leaf
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,9 +23,9 @@ from ckpt_callbacks import interop as orbax_format
 from ckpt_callbacks import layouts as process_files
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.cli import _render as show
-from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 from ckpt_callbacks.layouts import PackFiles
-from ckpt_callbacks.restoring import Target, read_leaves
+from ckpt_callbacks.restoring import Target, VerifyProblem, read_leaves
 
 
 def shown(base: str, loc: paths.Location) -> str:
@@ -74,9 +76,8 @@ def found_instead(loc: paths.Location) -> str:
 
 
 def _problem(error: CheckpointError, leaf: str | None = None) -> dict[str, Any]:
-    text = " ".join(str(error).split())
-    kind = "corrupt" if isinstance(error, CorruptCheckpointError) else "invalid"
-    return {"kind": "missing" if " missing" in text else kind, "leaf": leaf, "message": text}
+    """A problem as ``--json`` prints it: the fields of ``cc.verify``'s ``VerifyProblem``."""
+    return dataclasses.asdict(VerifyProblem.of(error, leaf))
 
 
 def _absent_chunks(item_loc: paths.Location, record: fmt.LeafRecord) -> list[str]:
@@ -99,10 +100,10 @@ def _absent_chunks(item_loc: paths.Location, record: fmt.LeafRecord) -> list[str
 
 
 def _leaf_problem(item_loc: paths.Location, record: fmt.LeafRecord, error: CheckpointError) -> dict[str, Any]:
-    """A leaf that failed its re-read: a missing chunk file reads as zeros, so a checksum
-    mismatch is told apart from damage by looking for the files."""
+    """A leaf that failed its re-read; a missing chunk file of a zarr3 leaf names every one of
+    its chunks that has no file (not only the first a read met)."""
     problem = _problem(error, record.key)
-    absent = _absent_chunks(item_loc, record) if problem["kind"] == "corrupt" and not record.pack else []
+    absent = _absent_chunks(item_loc, record) if problem["kind"] == "missing" and not record.pack else []
     if absent:
         chunks = ", ".join(absent[:8]) + (f", ... ({len(absent) - 8} more)" if len(absent) > 8 else "")
         what = show.plural(len(absent), "chunk file")
@@ -184,28 +185,47 @@ def verify_command(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _side(path: str, item: str) -> tuple[dict[str, Any], dict[str, fmt.LeafRecord], Callable[[fmt.LeafRecord], Any]]:
-    """(about, records by key, host reader of one array leaf) of our checkpoint or an orbax one."""
+Side = tuple[dict[str, fmt.LeafRecord], Callable[[fmt.LeafRecord], Any]]
+
+
+def _reader(item_loc: paths.Location, records: Any, packs: Any, opener: Any = None) -> Side:
+    def read(record: fmt.LeafRecord) -> Any:
+        return read_leaves(item_loc, [record], [Target(None, None)], packs=packs, open_unchecked=opener)[0]
+
+    return {r.key: r for r in records}, read
+
+
+def _orbax_item(found: Any) -> Side:
+    return _reader(found.loc, found.manifest.leaves, PackFiles(found.loc), found.open_array)
+
+
+def _side(path: str, item: str | None) -> tuple[dict[str, Any], dict[str, Callable[[], Side]]]:
+    """(about, {item: opener of (records by key, host reader of one array leaf)}) of our
+    checkpoint or an orbax one: every item, or only ``item``."""
     try:
         ckpt = layout.open_checkpoint(path)
     except CheckpointNotFoundError:
         loc = paths.parse(path)
-        found = orbax_format.open_item(loc, item)
-        if found is None:
+        if item is not None:
+            found = orbax_format.open_item(loc, item)
+            if found is None:
+                raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}: {found_instead(loc)}") from None
+            return {"path": path, "step": None}, {item: functools.partial(_orbax_item, found)}
+        items = orbax_format.find_items(loc)
+        if not items:
             raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}: {found_instead(loc)}") from None
-        about: dict[str, Any] = {"path": path, "step": None}
-        records, item_loc, opener = found.manifest.leaves, found.loc, found.open_array
-        packs = PackFiles(item_loc)
-    else:
-        about = {"path": path, "step": ckpt.metadata.step}
-        item_loc, opener = ckpt.item_loc(item), None  # type: ignore[assignment]
-        listed, packs = process_files.locate(item_loc, ckpt.manifest(item))
-        records = tuple(listed)
+        pytrees = {name: tree for name, at in items.items() if (tree := orbax_format.read_item(at)) is not None}
+        return {"path": path, "step": None}, {name: functools.partial(_orbax_item, t) for name, t in pytrees.items()}
+    if item is not None and item not in ckpt.items:
+        raise CheckpointNotFoundError(f"{ckpt.url} has no item {item!r}; its items: {', '.join(ckpt.items)}")
 
-    def read(record: fmt.LeafRecord) -> Any:
-        return read_leaves(item_loc, [record], [Target(None, None)], packs=packs, open_unchecked=opener)[0]
+    def ours(name: str) -> Side:
+        item_loc = ckpt.item_loc(name)
+        listed, packs = process_files.locate(item_loc, ckpt.manifest(name))
+        return _reader(item_loc, listed, packs)
 
-    return about, {r.key: r for r in records}, read
+    names = ckpt.items if item is None else [item]
+    return {"path": path, "step": ckpt.metadata.step}, {name: functools.partial(ours, name) for name in names}
 
 
 def max_abs_diff(a: Any, b: Any) -> tuple[float, int]:
@@ -243,21 +263,43 @@ def _same_kind(ra: fmt.LeafRecord, rb: fmt.LeafRecord) -> bool:
     return (ra.kind, ra.shape, ra.dtype) == (rb.kind, rb.shape, rb.dtype)
 
 
-def diff_command(args: argparse.Namespace) -> int:
-    about_a, leaves_a, read_a = _side(args.a, args.item)
-    about_b, leaves_b, read_b = _side(args.b, args.item)
+def _pairs(items_a: Sequence[str], items_b: Sequence[str]) -> list[tuple[str, str]]:
+    """The items compared: those of one name on both sides; or, when no name is common and each
+    side has one item (ours ``state``, orbax's ``default``), those two."""
+    common = [(name, name) for name in items_a if name in items_b]
+    if not common and len(items_a) == 1 and len(items_b) == 1:
+        return [(items_a[0], items_b[0])]
+    return common
+
+
+def _diff_item(pair: tuple[str, str], side_a: Side, side_b: Side) -> dict[str, list[dict[str, Any]]]:
+    (leaves_a, read_a), (leaves_b, read_b) = side_a, side_b
+    tag = {"item": pair[0]} if pair[0] == pair[1] else {"item": pair[0], "item_b": pair[1]}
     both = [k for k in leaves_a if k in leaves_b]
+    same = [k for k in both if _same_kind(leaves_a[k], leaves_b[k])]
+    return {
+        "added": [tag | leaf_json(r) for k, r in leaves_b.items() if k not in leaves_a],
+        "removed": [tag | leaf_json(r) for k, r in leaves_a.items() if k not in leaves_b],
+        "reshaped": [
+            tag | {"key": k, "a": leaf_json(leaves_a[k]), "b": leaf_json(leaves_b[k])} for k in both if k not in same
+        ],
+        "compared": [tag | _compare(k, leaves_a[k], leaves_b[k], read_a, read_b) for k in same],
+    }
+
+
+def diff_command(args: argparse.Namespace) -> int:
+    about_a, items_a = _side(args.a, args.item)
+    about_b, items_b = _side(args.b, args.item)
+    pairs = _pairs(list(items_a), list(items_b))
+    paired_a, paired_b = {a for a, _ in pairs}, {b for _, b in pairs}
     data: dict[str, Any] = {"a": about_a, "b": about_b, "item": args.item}
-    data["added"] = [leaf_json(r) for k, r in leaves_b.items() if k not in leaves_a]
-    data["removed"] = [leaf_json(r) for k, r in leaves_a.items() if k not in leaves_b]
-    data["reshaped"] = [
-        {"key": k, "a": leaf_json(leaves_a[k]), "b": leaf_json(leaves_b[k])}
-        for k in both
-        if not _same_kind(leaves_a[k], leaves_b[k])
-    ]
-    data["compared"] = [
-        _compare(k, leaves_a[k], leaves_b[k], read_a, read_b) for k in both if _same_kind(leaves_a[k], leaves_b[k])
-    ]
+    data["items"] = [{"a": a, "b": b} for a, b in pairs]
+    data["items_only_in_a"] = [name for name in items_a if name not in paired_a]
+    data["items_only_in_b"] = [name for name in items_b if name not in paired_b]
+    data |= {"added": [], "removed": [], "reshaped": [], "compared": []}
+    for a, b in pairs:
+        for section, entries in _diff_item((a, b), items_a[a](), items_b[b]()).items():
+            data[section] += entries
     if args.json:
         show.print_json(data)
     else:

@@ -41,7 +41,7 @@ from ckpt_callbacks.cli import _render as show
 from ckpt_callbacks.cli._checks import found_instead, leaf_json, shown
 from ckpt_callbacks.cli._plan import keep_text
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
-from ckpt_callbacks.manager import CheckpointReader, KeepPolicy, metric_of
+from ckpt_callbacks.manager import CheckpointReader, KeepPolicy, discover, metric_of
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -57,18 +57,20 @@ def _row(base: str, info: discovery.CheckpointInfo, rank: int | None = None) -> 
     ckpt = info.checkpoint
     try:
         size, problem = (sum(r.nbytes for i in ckpt.items for r in ckpt.manifest(i).leaves) if ckpt else None), None
+        items = ckpt.items if ckpt else sorted(orbax_format.find_items(paths.parse(info.path)))
     except CheckpointError as e:
-        size, problem = None, f"committed, but a manifest cannot be read: {e}"
+        size, problem, items = None, f"committed, but a manifest cannot be read: {e}", []
     metrics = info.extras.get("metrics")
     return {
         "step": info.step,
         "path": shown(base, paths.parse(info.path)),
+        "format": info.source,
         "status": "committed" if problem is None else "damaged",
         "saved": _saved(info.timestamp),
         "timestamp": info.timestamp,
         "temporary": info.is_temporary,
         "bytes": size,
-        "items": ckpt.items if ckpt else [],
+        "items": items,
         "metrics": metrics if isinstance(metrics, dict) else {},
         "best": rank,
         "problem": problem,
@@ -76,8 +78,9 @@ def _row(base: str, info: discovery.CheckpointInfo, rank: int | None = None) -> 
 
 
 def _other_row(base: str, loc: paths.Location) -> dict[str, Any] | None:
-    """A directory ``list_checkpoints`` skipped: damaged, an unfinished save, or not ours (None)."""
-    step = layout.step_of(loc.name)
+    """A directory the listing skipped: damaged, an unfinished save (ours or orbax's), or
+    neither (None)."""
+    step, source = layout.step_of(loc.name), discovery.OURS
     try:
         if layout.try_open(loc) is not None:  # committed while we listed
             return None
@@ -88,7 +91,10 @@ def _other_row(base: str, loc: paths.Location) -> dict[str, Any] | None:
     except CheckpointError as e:
         status, problem = "damaged", f"committed, but cannot be opened: {e}"
     if status == "uncommitted" and step is None:
-        return None
+        step, source = orbax_format.unfinished_step(loc.name), orbax_format.OrbaxSource.name
+        problem = "an orbax save that did not finish (a temporary directory; restore ignores it)"
+        if step is None:
+            return None
     empty: dict[str, Any] = {
         "saved": None,
         "timestamp": None,
@@ -97,7 +103,8 @@ def _other_row(base: str, loc: paths.Location) -> dict[str, Any] | None:
         "items": [],
         "metrics": {},
     }
-    return {"step": step, "path": shown(base, loc), "status": status, **empty, "best": None, "problem": problem}
+    row = {"step": step, "path": shown(base, loc), "format": source, "status": status, **empty}
+    return {**row, "best": None, "problem": problem}
 
 
 def _ranks(infos: Sequence[discovery.CheckpointInfo], metric: str | None, mode: str) -> dict[str, int]:
@@ -115,8 +122,9 @@ def exists(loc: paths.Location) -> bool:
 
 
 def checkpoint_rows(base: str, metric: str | None = None, mode: str = "min") -> list[dict[str, Any]]:
-    """Every checkpoint directory under ``base``: committed ones (recorded metrics merged), then
-    damaged ones and the leftovers of unfinished saves (``run-<step>`` without a marker)."""
+    """Every checkpoint directory under ``base``: committed ones, ours and an orbax run's steps
+    (recorded metrics merged; ``format`` says whose), then damaged ones and the leftovers of
+    unfinished saves (``run-<step>`` without a marker, orbax's temporaries)."""
     loc = paths.parse(base)
     infos = CheckpointReader(loc).checkpoints()
     ranks = _ranks(infos, metric, mode)
@@ -142,6 +150,11 @@ def base_rows(base: str, metric: str | None = None, mode: str = "min") -> list[d
             f"{loc.url} is a checkpoint (step {ckpt.metadata.step}), not a base directory of checkpoints; "
             f"see it with: ckpt-callbacks inspect {base}"
         )
+    if not rows and orbax_format.find_items(loc):
+        raise CheckpointNotFoundError(
+            f"{loc.url} is an orbax checkpoint, not a base directory of checkpoints; "
+            f"see it with: ckpt-callbacks inspect {base}"
+        )
     return rows
 
 
@@ -155,11 +168,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _latest(args: argparse.Namespace) -> int:
-    path = discovery.find_latest_checkpoint(args.base)
-    if path is None:
+    found = discover(args.base)
+    if not found:
         print(f"no committed checkpoint under {args.base}", file=sys.stderr)
         return 1
-    print(path)
+    print(found[-1].path)  # the path alone, for scripts; whose it is, on stderr when not ours
+    if found[-1].source != discovery.OURS:
+        print(f"(an {found[-1].source} checkpoint: restore reads it; new saves go beside it)", file=sys.stderr)
     return 0
 
 
@@ -218,7 +233,11 @@ def _prune(args: argparse.Namespace) -> int:
         metric=args.metric,
         mode=args.mode,
     )
-    data = prune_data(args.base, keep, delete=args.yes)
+    ruled = any(v is not None for v in (args.keep_last, args.keep_every, args.keep_best))
+    if args.after is not None and args.after < 0:
+        raise ValueError(f"--after {args.after}: expected a step >= 0")
+    policy = None if args.after is not None and not ruled else keep  # --after alone deletes only what is newer
+    data = prune_data(args.base, policy, delete=args.yes, after=args.after)
     if args.json:
         show.print_json(data)
     else:
@@ -226,24 +245,35 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def prune_data(base_url: str, keep: KeepPolicy, *, delete: bool) -> dict[str, Any]:
-    """What ``prune`` shows: each checkpoint under ``base_url`` kept or deleted by ``keep`` (deleted,
-    with its recorded metrics, only when ``delete``), and the leftovers of saves that died."""
+def prune_data(base_url: str, keep: KeepPolicy | None, *, delete: bool, after: int | None = None) -> dict[str, Any]:
+    """What ``prune`` shows: each checkpoint under ``base_url`` kept or deleted (deleted, with its
+    recorded metrics, only when ``delete``), and the leftovers of saves that died.
+
+    ``after``: every checkpoint of ours with a step above it goes (a rewind); ``keep`` (None:
+    no rule) applies to the rest. Checkpoints of other writers (orbax) are never deleted.
+    """
     base_rows(base_url)  # refuses a missing base or a checkpoint path
     base = paths.parse(base_url)
     infos = CheckpointReader(base).checkpoints()
-    doomed = {c.path for c in keep.to_delete(infos)}
-    ranks = _ranks(infos, keep.metric, keep.mode)
+    later = [c for c in infos if after is not None and c.step is not None and c.step > after]
+    ours = {c.path for c in infos if c.checkpoint is not None}
+    rest = [c for c in infos if c not in later and c.path in ours]  # keep rules count ours, as retention does
+    doomed = ({c.path for c in later} | {c.path for c in (keep.to_delete(rest) if keep else [])}) & ours
+    ranks = _ranks(infos, keep.metric, keep.mode) if keep else {}
     rows = [{**_row(base_url, c, ranks.get(c.path)), "action": "delete" if c.path in doomed else "keep"} for c in infos]
-    deleted = []
-    for info, row in zip(infos, rows, strict=True):
+    deleted: list[str] = []
+    # The newest first: a prune killed part-way leaves the oldest, never a resume point past STEP.
+    for info, row in reversed(list(zip(infos, rows, strict=True))):
         if delete and info.path in doomed:
             deletes.delete_checkpoint(paths.parse(info.path), info.checkpoint.commit if info.checkpoint else None)
             if info.step is not None:  # its recorded metrics, as retention deletes them
                 paths.delete_entry(base.join(layout.METRICS_DIR), layout.metrics_name(info.step))
-            deleted.append(row["path"])
-    data = {"base": base_url, "policy": keep_text(keep), "dry_run": not delete}
-    data |= {"best": bool(keep.metric), "checkpoints": rows, "deleted": deleted}
+            deleted.insert(0, row["path"])
+    policy = [f"steps up to {after} (--after)"] if after is not None else []
+    policy += [keep_text(keep)] if keep else []
+    data = {"base": base_url, "policy": "; ".join(policy), "dry_run": not delete, "after": after}
+    data |= {"best": bool(keep and keep.metric), "checkpoints": rows, "deleted": deleted}
+    data["not_ours"] = [shown(base_url, paths.parse(c.path)) for c in later if c.checkpoint is None]
     data["leftovers"] = _prune_leftovers(base, delete)
     return data
 
@@ -281,9 +311,9 @@ _HELP = {
         ["gs://bucket/run/run-1000", "gs://bucket/run"],
     ),
     "diff": (
-        "Compare two checkpoints: leaves added, removed, reshaped, and the largest absolute change "
-        "of each leaf in both.",
-        ["run/run-1000 run/run-2000", "a/run-5 b/run-5 --json"],
+        "Compare two checkpoints, item by item: leaves added, removed, reshaped, and the largest "
+        "absolute change of each leaf in both.",
+        ["run/run-1000 run/run-2000", "a/run-5 b/run-5 --item state --json"],
     ),
     "prune": (
         "Apply a keep policy to the checkpoints under BASE: a dry run that shows what would be "
@@ -331,7 +361,7 @@ def _add_reading(sub: Any) -> None:
     p = _add(sub, "diff", cli_checks.diff_command)
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--item", default="state", help="the item to compare (default: state)")
+    p.add_argument("--item", help="compare only this item (default: every item both have)")
 
 
 def _add_policies(sub: Any) -> None:
@@ -340,6 +370,13 @@ def _add_policies(sub: Any) -> None:
     for name, text in (("last", "the N newest"), ("every", "steps that are multiples of N"), ("best", "the N best")):
         p.add_argument(f"--keep-{name}", type=int, metavar="N", help=f"keep {text} permanent checkpoints")
     _metric_options(p, "for --keep-best")
+    p.add_argument(
+        "--after",
+        type=int,
+        metavar="STEP",
+        help="delete every checkpoint with a step above STEP (a rewind: a later resume continues from STEP's "
+        "trajectory); with --keep-* too, those rules apply to the checkpoints up to STEP",
+    )
     p.add_argument("--yes", action="store_true", help="delete (only the library's own files)")
     p = _add(sub, "plan", cli_plan.plan_command)
     p.add_argument("--every", type=int, action="append", default=[], metavar="N", help="save every N steps (repeat)")

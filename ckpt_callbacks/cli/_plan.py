@@ -65,6 +65,32 @@ def simulate(
     return saves
 
 
+def why_no_saves(policy: SavePolicy, steps: int, step_time: float, *, final: bool) -> str:
+    """Why ``simulate`` planned no save (each rule that could have saved, and why it did not).
+
+    >>> print(why_no_saves(SavePolicy(step_policies=(CheckpointInterval(100),)), 50, 1.0, final=False))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    no save: every 100 steps first saves step 100, after the last step (50); no --save-interval;
+    --no-final: no on_train_end save
+    """
+    reasons = []
+    if policy.step_policies:
+        first = policy.step_policies[0].every  # an interval's until is never below its every
+        reasons.append(f"every {first} steps first saves step {first}, after the last step ({steps})")
+    else:
+        reasons.append("no --every schedule")
+    if policy.save_interval is None:
+        reasons.append("no --save-interval")
+    else:  # the clock starts at step 1
+        reasons.append(
+            f"--save-interval {policy.save_interval.total_seconds():g} s is longer than the run after its first step "
+            f"({(steps - 1) * step_time:g} s)"
+        )
+    if not final:
+        reasons.append("--no-final: no on_train_end save")
+    return "no save: " + "; ".join(reasons)
+
+
 def _check_run(args: argparse.Namespace) -> datetime.timedelta | None:
     """Refuses a run plan cannot simulate; the save interval as a timedelta."""
     if args.steps > _MAX_PLAN_STEPS:
@@ -115,10 +141,15 @@ def plan_command(args: argparse.Namespace) -> int:
         "keep": keep_text(keep),
         "saves": saves,
     }
+    if not saves:
+        data["why_no_saves"] = why_no_saves(policy, args.steps, args.step_time, final=not args.no_final)
     if args.json:
         show.print_json(data)
     else:
-        show.show_plan(show.console(), data)
+        out = show.console()
+        show.show_plan(out, data)
+        if not saves:
+            out.print(data["why_no_saves"], soft_wrap=True)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from rich import box
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+from ckpt_callbacks.directory import OURS
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _STATUS_STYLE = {"uncommitted": "yellow", "damaged": "bold red", "temporary": "cyan"}
@@ -130,7 +133,9 @@ def _status_cell(row: dict[str, Any]) -> Text:
 def checkpoint_table(rows: Sequence[dict[str, Any]], *, best: bool = False, action: bool = False) -> Table:
     """One row per checkpoint directory: committed ones, and the leftovers of unfinished saves."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    columns = [("step", "right"), ("saved (UTC)", "left"), ("kind", "left"), ("size", "right")]
+    formats = any(row.get("format", OURS) != OURS for row in rows)  # a column only where another writer's are
+    columns = [("step", "right"), ("saved (UTC)", "left")] + ([("format", "left")] if formats else [])
+    columns += [("kind", "left"), ("size", "right")]
     columns += [("items", "left"), ("metrics", "left")]
     columns += [("best", "right")] if best else []
     columns += [("action", "left")] if action else []
@@ -139,6 +144,7 @@ def checkpoint_table(rows: Sequence[dict[str, Any]], *, best: bool = False, acti
     table.add_column("path", overflow="fold")
     for row in rows:
         cells: list[str | Text] = ["-" if row["step"] is None else str(row["step"]), row["saved"] or "-"]
+        cells += [row.get("format", OURS)] if formats else []
         cells += [_status_cell(row), human_size(row["bytes"]) if row["status"] == "committed" else "-"]
         cells += [",".join(row["items"]) or "-", _metrics(row["metrics"]) or "-"]
         if best:
@@ -163,7 +169,10 @@ def show_list(out: Console, base: str, rows: Sequence[dict[str, Any]], *, best: 
     summary = f"{plural(len(committed), 'checkpoint')} ({len(committed) - temporary} permanent, {temporary} temporary)"
     unfinished = sum(1 for r in rows if r["status"] == "uncommitted")
     damaged = len(rows) - len(committed) - unfinished
-    more = ([plural(unfinished, "unfinished save")] if unfinished else []) + ([f"{damaged} damaged"] if damaged else [])
+    foreign = Counter(r["format"] for r in committed if r.get("format", OURS) != OURS)
+    more = [f"{n} written by {name} (read, never deleted)" for name, n in sorted(foreign.items())]
+    more += [plural(unfinished, "unfinished save")] if unfinished else []
+    more += [f"{damaged} damaged"] if damaged else []
     out.print(f"{summary}, {human_size(total)}" + "".join(f"; {m}" for m in more))
 
 
@@ -256,6 +265,8 @@ def show_prune(out: Console, data: dict[str, Any]) -> None:
         out.print(f"dry run: {verb}, keep {len(rows) - len(doomed)}{hint}")
     else:
         out.print(f"deleted {plural(len(data['deleted']), 'checkpoint')} ({size}), kept {len(rows) - len(doomed)}")
+    if data.get("not_ours"):
+        out.print(f"not deleted, written by another library: {', '.join(data['not_ours'])}", soft_wrap=True)
     left = data.get("leftovers") or []
     if left:
         count = plural(sum(len(d["entries"]) for d in left), "leftover entry", "leftover entries")
@@ -310,25 +321,43 @@ def _shape(leaf: dict[str, Any]) -> str:
     )
 
 
-def show_diff(out: Console, data: dict[str, Any]) -> None:
-    for side in ("a", "b"):
-        step = "" if data[side]["step"] is None else f" (step {data[side]['step']})"
-        out.print(f"{side.upper()}: {data[side]['path']}{step}", soft_wrap=True)
+def _show_item_diff(out: Console, data: dict[str, Any], indent: str) -> None:
     for label, style in (("added", "green"), ("removed", "red")):
         for leaf in data[label]:
-            out.print(Text(f"{label:9} {leaf['key']}: {_shape(leaf)}", style=style), soft_wrap=True)
+            out.print(Text(f"{indent}{label:9} {leaf['key']}: {_shape(leaf)}", style=style), soft_wrap=True)
     for r in data["reshaped"]:
-        out.print(Text(f"reshaped  {r['key']}: {_shape(r['a'])} -> {_shape(r['b'])}", style="yellow"), soft_wrap=True)
+        text = f"{indent}reshaped  {r['key']}: {_shape(r['a'])} -> {_shape(r['b'])}"
+        out.print(Text(text, style="yellow"), soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("leaf", overflow="fold")
+    table.add_column(f"{indent}leaf", overflow="fold")
     table.add_column("max |A - B|", justify="right")
     table.add_column("elements differing", justify="right")
     for c in data["compared"]:
         diff = "-" if c["max_abs_diff"] is None else format(c["max_abs_diff"], ".6g")
         style = "" if c["equal"] else "bold"
-        table.add_row(Text(c["key"], style=style), Text(diff, style=style), f"{c['differing']} of {c['size']}")
+        table.add_row(Text(indent + c["key"], style=style), Text(diff, style=style), f"{c['differing']} of {c['size']}")
     if data["compared"]:
         print_table(out, table)
+
+
+def show_diff(out: Console, data: dict[str, Any]) -> None:
+    """Each item compared (under a heading when there are several), the items only one side
+    has, and a line of totals."""
+    for side in ("a", "b"):
+        step = "" if data[side]["step"] is None else f" (step {data[side]['step']})"
+        out.print(f"{side.upper()}: {data[side]['path']}{step}", soft_wrap=True)
+    pairs = data["items"]
+    sections = ("added", "removed", "reshaped", "compared")
+    for pair in pairs:
+        if len(pairs) > 1:
+            out.print(f"item {pair['a']!r}:")
+        of_item = {name: [e for e in data[name] if e["item"] == pair["a"]] for name in sections}
+        _show_item_diff(out, of_item, "  " if len(pairs) > 1 else "")
+    for side in ("a", "b"):
+        if data[f"items_only_in_{side}"]:
+            names = ", ".join(repr(n) for n in data[f"items_only_in_{side}"])
+            out.print(f"only in {side.upper()}: {plural(len(data[f'items_only_in_{side}']), 'item')} {names}")
     changed = sum(1 for c in data["compared"] if not c["equal"])
     counts = f"{len(data['added'])} added, {len(data['removed'])} removed, {len(data['reshaped'])} reshaped"
-    out.print(f"{plural(len(data['compared']), 'leaf', 'leaves')} in both: {changed} changed; {counts}")
+    items = f" of {plural(len(pairs), 'item')}" if len(pairs) != 1 else ""
+    out.print(f"{plural(len(data['compared']), 'leaf', 'leaves')} in both{items}: {changed} changed; {counts}")

@@ -12,7 +12,9 @@ from ckpt_callbacks.directory._deletes import finish_delete as finish_delete
 from ckpt_callbacks.directory._deletes import list_keys as list_keys
 from ckpt_callbacks.directory._leftovers import clean as clean
 from ckpt_callbacks.directory._leftovers import find as find
+from ckpt_callbacks.directory._listing import OURS as OURS
 from ckpt_callbacks.directory._listing import CheckpointInfo as CheckpointInfo
+from ckpt_callbacks.directory._listing import as_given as as_given
 from ckpt_callbacks.directory._listing import find_latest_checkpoint as find_latest_checkpoint
 from ckpt_callbacks.directory._listing import list_checkpoints as list_checkpoints
 from ckpt_callbacks.directory._open import CLAIM_PREFIX as CLAIM_PREFIX

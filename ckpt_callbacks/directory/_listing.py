@@ -25,10 +25,14 @@ from ckpt_callbacks.errors import CheckpointError
 
 log = logging.getLogger("ckpt_callbacks")
 
+OURS = "ckpt_callbacks"  # ``CheckpointInfo.source`` of our own checkpoints
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointInfo:
-    """A committed checkpoint as ``list_checkpoints`` sees it."""
+    """A committed checkpoint as ``list_checkpoints`` sees it (``source``: who wrote it, e.g.
+    ``"orbax"`` for a step a ``restoring`` source lists; then ``checkpoint`` is None and
+    ``restore(info.path)`` reads it through that source)."""
 
     path: str
     step: int | None
@@ -37,13 +41,14 @@ class CheckpointInfo:
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The opened checkpoint: ``restore(info.checkpoint)`` reads no marker or metadata again.
     checkpoint: layout.Checkpoint | None = dataclasses.field(default=None, compare=False, repr=False)
+    source: str = OURS
 
     @property
     def name(self) -> str:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _as_given(base: Any, loc: paths.Location) -> str:
+def as_given(base: Any, loc: paths.Location) -> str:
     """A checkpoint's path in the form its base was given: a local path stays a plain path a
     user can ``os.path.join`` and ``open``; URLs (and parsed locations) stay URLs."""
     if isinstance(base, str | os.PathLike) and "://" not in os.fspath(base):
@@ -70,7 +75,7 @@ def list_checkpoints(base: Any) -> list[CheckpointInfo]:
         meta = ckpt.metadata
         out.append(
             CheckpointInfo(
-                path=_as_given(base, loc),
+                path=as_given(base, loc),
                 step=meta.step,
                 timestamp=meta.timestamp,
                 is_temporary=meta.is_temporary,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import uuid
 from collections.abc import Collection
@@ -39,6 +40,7 @@ from ckpt_callbacks.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    MissingFileError,
     StorageNotSharedError,
 )
 from ckpt_callbacks.storage import StorageOptions
@@ -98,13 +100,13 @@ def read_committed_json(loc: paths.Location, commit: fmt.Commit, name: str) -> A
     where = f"{loc.url}/{name}"
     raw = paths.read_bytes(loc.join(*dirs) if dirs else loc, base)
     if raw is None:
-        raise CorruptCheckpointError(f"{where}: named by the commit marker but missing")
+        raise MissingFileError(f"{where}: named by the commit marker but missing")
     expected = commit.checksums.get(name)
     found = crc32c.crc32c(raw)
     if expected != found:
+        shown = "no crc32c" if expected is None else f"{expected:#010x}"
         raise CorruptCheckpointError(
-            f"{where}: crc32c {found:#010x} on disk, {expected!r} in the commit marker "
-            "(the file was modified or damaged)"
+            f"{where}: crc32c {found:#010x} read, {shown} in the commit marker (the file was modified or damaged)"
         )
     return fmt.loads(raw, where)
 
@@ -174,9 +176,47 @@ def open_checkpoint(path: Any, *, storage: StorageOptions | None = None) -> Chec
     loc = paths.parse(path, storage)
     ckpt = try_open(loc)
     if ckpt is None:
-        hint = " (it holds files but no commit marker: a save that did not finish)" if paths.has_any(loc) else ""
+        hint = _why_not_committed(path, loc) if paths.has_any(loc) else ""
         raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}{hint}")
     return ckpt
+
+
+_SHOWN_STEPS = 5  # a base's newest committed steps a refusal names (markers read newest first)
+
+
+def _why_not_committed(path: Any, loc: paths.Location) -> str:
+    """The hint of a refusal at a directory holding files: a base of ``run-<step>`` checkpoints
+    (its newest committed steps and how to read one), else a save that did not finish."""
+    runs = sorted(((s, n) for n in paths.list_dirs(loc) if (s := step_of(n)) is not None), reverse=True)
+    if not runs:
+        return " (it holds files but no commit marker: a save that did not finish)"
+    steps: list[int] = []
+    unread = 0
+    for i, (step, name) in enumerate(runs):
+        if len(steps) == _SHOWN_STEPS:
+            unread = len(runs) - i
+            break
+        if read_commit_quietly(loc.join(name)) is not None:
+            steps.append(step)
+    if not steps:
+        return f": it is a checkpoint base, but none of its {len(runs)} run-<step> directories is committed"
+    newest = _child_as_given(path, loc, run_name(steps[0]))
+    shown = ", ".join(map(str, steps)) + (", ..." if unread else "")
+    return (
+        f": it is a checkpoint base holding run-<step> checkpoints (committed steps {shown}, newest first); "
+        f"pass one checkpoint ({newest!r}) or read a step with "
+        f"CheckpointReader({_as_given(path, loc)!r}).restore(step={steps[0]})"
+    )
+
+
+def _as_given(path: Any, loc: paths.Location) -> str:
+    """``loc`` as its user wrote it: a local path stays a path, anything else is a URL."""
+    return os.fspath(path) if isinstance(path, str | os.PathLike) and "://" not in os.fspath(path) else loc.url
+
+
+def _child_as_given(path: Any, loc: paths.Location, name: str) -> str:
+    given = _as_given(path, loc)
+    return os.path.join(given, name) if given != loc.url else loc.join(name).url
 
 
 # ---------------------------------------------------------------------------------------- saving

@@ -64,5 +64,6 @@ from ckpt_callbacks.format._trees import escape_component as escape_component
 from ckpt_callbacks.format._trees import flatten as flatten
 from ckpt_callbacks.format._trees import key_string as key_string
 from ckpt_callbacks.format._trees import leaf_dir as leaf_dir
+from ckpt_callbacks.format._trees import parse_key_string as parse_key_string
 from ckpt_callbacks.format._trees import path_of as path_of
 from ckpt_callbacks.format._trees import unflatten as unflatten

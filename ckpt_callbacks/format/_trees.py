@@ -44,9 +44,45 @@ def leaf_dir(path: KeyPath) -> str:
     return "/".join(escape_component(k) for k in path) if path else "%root"
 
 
+def _spelled(key: str | int) -> str:
+    text = str(key)
+    return text.replace("%", "%25").replace("/", "%2F") if text else "%"
+
+
 def key_string(path: Sequence[str | int]) -> str:
-    """The '/'-joined key path that partition rules and error messages use."""
-    return "/".join(str(k) for k in path)
+    """The '/'-joined key path that every display, ``keys=``, partition rules and error
+    messages use. Inside one key, '/' is written %2F, '%' as %25 and an empty key as %, so
+    ``{"a/b": x}`` (key ``a%2Fb``) and ``{"a": {"b": x}}`` (key ``a/b``) never read alike.
+
+    >>> key_string(("params", "a/b", 0)), key_string(("100%", ""))
+    ('params/a%2Fb/0', '100%25/%')
+    """
+    return "/".join(_spelled(k) for k in path)
+
+
+_ESCAPES = {"%25": "%", "%2F": "/"}
+_ESCAPE = re.compile("%(?:25|2F)", re.IGNORECASE)
+
+
+def parse_key_string(text: str) -> tuple[str, ...]:
+    """The key components a ``key_string`` spells (an int index comes back as its digits); an
+    empty part (``"params/"``) names nothing, so a leading or trailing '/' does not count.
+
+    >>> parse_key_string("params/a%2Fb/0"), parse_key_string("100%25/%/")
+    (('params', 'a/b', '0'), ('100%', ''))
+    """
+    parts: list[str] = []
+    for raw in text.split("/"):
+        if raw == "%":
+            parts.append("")
+        elif raw:
+            if "%" in _ESCAPE.sub("", raw):
+                raise ValueError(
+                    f"key {text!r}: part {raw!r} has a '%' that is not %25 ('%'), %2F ('/') or a whole part "
+                    "(an empty key)"
+                )
+            parts.append(_ESCAPE.sub(lambda m: _ESCAPES[m.group().upper()], raw))
+    return tuple(parts)
 
 
 def _key_of(entry: Any) -> str | int:

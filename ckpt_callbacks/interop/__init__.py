@@ -4,4 +4,8 @@ from ckpt_callbacks.interop import _orbax_source as _orbax_source  # registers "
 from ckpt_callbacks.interop._orbax_reader import METADATA as METADATA
 from ckpt_callbacks.interop._orbax_reader import find_items as find_items
 from ckpt_callbacks.interop._orbax_reader import open_item as open_item
+from ckpt_callbacks.interop._orbax_reader import pick_item as pick_item
 from ckpt_callbacks.interop._orbax_reader import read_item as read_item
+from ckpt_callbacks.interop._orbax_reader import step_of_name as step_of_name
+from ckpt_callbacks.interop._orbax_reader import unfinished_step as unfinished_step
+from ckpt_callbacks.interop._orbax_source import OrbaxSource as OrbaxSource

@@ -22,7 +22,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,9 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 DEFAULT_ITEM = "default"  # orbax's name of an unnamed item
 MAX_JSON = 256 << 20  # bytes of _METADATA, _sharding or _strings.json
 MAX_ARRAY_JSON = 1 << 20  # bytes of one array's .zarray or zarr.json
+# orbax's ``step_from_checkpoint_name``: digits, or any prefix, '_' and digits (ASCII, as its regex)
+_STEP_NAME = re.compile(r"(?:.+_)?([0-9]+)")
+_TMP_NAME = re.compile(r"(?:.*_)?([0-9]+)\.orbax-checkpoint-tmp")  # orbax's TMP_DIR_STEP_PATTERN
 
 
 @functools.cache
@@ -130,13 +134,51 @@ def _check_finalized(loc: paths.Location) -> None:
         raise CheckpointNotFoundError(f"{loc.url} is an orbax checkpoint whose save did not finish")
 
 
+def step_of_name(name: str) -> int | None:
+    """The step of a directory name orbax's ``CheckpointManager`` lists: ``<step>`` or
+    ``<prefix>_<step>`` (zero-padded or not); None for any other name, its temporaries too.
+
+    >>> [step_of_name(n) for n in ("1000", "ckpt_00042", "7.orbax-checkpoint-tmp-1", "run-3")]
+    [1000, 42, None, None]
+    """
+    match = _STEP_NAME.fullmatch(name)
+    return None if match is None or TMP_MARK in name else int(match.group(1))
+
+
+def unfinished_step(name: str) -> int | None:
+    """The step of an orbax save that has not finished (``<name>.orbax-checkpoint-tmp-<time>``).
+
+    >>> unfinished_step("ckpt_0042.orbax-checkpoint-tmp-17"), unfinished_step("42")
+    (42, None)
+    """
+    match = _TMP_NAME.match(name)
+    return None if match is None else int(match.group(1))
+
+
+def step_metadata(loc: paths.Location) -> dict[str, Any] | None:
+    """The ``_CHECKPOINT_METADATA`` object of an orbax step directory (None: it has none)."""
+    raw = _read(loc, CHECKPOINT_METADATA, MAX_JSON)
+    return None if raw is None else _json_object(raw, loc.join(CHECKPOINT_METADATA).url)
+
+
+def _legacy_items(loc: paths.Location) -> dict[str, paths.Location]:
+    """The items of a step directory of an orbax that wrote no ``_CHECKPOINT_METADATA``: under
+    a step's name, its subdirectories, if one is a PyTree item (``_METADATA``)."""
+    if step_of_name(loc.name) is None:
+        return {}
+    items = {name: loc.join(name) for name in paths.list_dirs(loc) if fmt.ITEM_NAME.fullmatch(name)}
+    if len(items) > 10_000 or not any(_read(i, METADATA, MAX_JSON) is not None for i in items.values()):
+        return {}
+    return items
+
+
 def _step_items(loc: paths.Location) -> dict[str, paths.Location]:
     """The items of an orbax step directory by name ({} if ``loc`` is none)."""
-    raw = _read(loc, CHECKPOINT_METADATA, MAX_JSON)
-    if raw is None:
-        return {}
+    data = step_metadata(loc)
+    if data is None:
+        return _legacy_items(loc)
     where = loc.join(CHECKPOINT_METADATA).url
-    handlers = _json_object(raw, where).get("item_handlers")
+    handlers = data.get("item_handlers")
     if isinstance(handlers, str):
         raise CheckpointFormatError(f"{where}: an orbax checkpoint of {handlers[:200]!r}, not a PyTree (no {METADATA})")
     if not isinstance(handlers, dict):  # no item names recorded: the subdirectories are the items
@@ -158,8 +200,7 @@ def find_items(loc: paths.Location) -> dict[str, paths.Location]:
 def open_item(loc: paths.Location, item: str) -> OrbaxItem | None:
     """The orbax PyTree item at ``loc`` (None: no orbax checkpoint there).
 
-    ``loc`` is an item directory, or a step directory: then its item ``item``, or orbax's
-    unnamed item ``default`` when it has no such item.
+    ``loc`` is an item directory, or a step directory: then its item ``item`` (``pick_item``).
     """
     raw = _read(loc, METADATA, MAX_JSON)
     if raw is not None:
@@ -169,13 +210,30 @@ def open_item(loc: paths.Location, item: str) -> OrbaxItem | None:
     if not items:
         return None
     _check_finalized(loc)
-    name = item if item in items else DEFAULT_ITEM
-    if name not in items:
-        raise CheckpointNotFoundError(f"{loc.url} has no orbax item {item!r}; items: {sorted(items)}")
+    name = pick_item(items, item, loc.url)
     found = read_item(items[name])
     if found is None:
         raise CheckpointFormatError(f"{items[name].url}: orbax item {name!r} is not a PyTree (no {METADATA})")
     return found
+
+
+def pick_item(items: Collection[str], item: str, where: str) -> str:
+    """The item of an orbax step a restore of ``item`` reads, as orbax's ``CheckpointManager``
+    picks it: ``item`` itself, else its unnamed item ``default``, else the only one.
+
+    >>> pick_item(["default"], "state", "ckpts/5"), pick_item(["params"], "state", "ckpts/5")
+    ('default', 'params')
+    """
+    if item in items:
+        return item
+    if DEFAULT_ITEM in items:
+        return DEFAULT_ITEM
+    if len(items) == 1:
+        return next(iter(items))
+    raise CheckpointNotFoundError(
+        f"{where} has no orbax item {item!r}; items: {sorted(items)} (and no {DEFAULT_ITEM!r} item, which "
+        "orbax restores when none is named): pass item= one of them"
+    )
 
 
 def _partition_specs(loc: paths.Location, names: Sequence[str]) -> dict[str, tuple[Any, ...]]:

@@ -31,7 +31,7 @@ import numpy as np
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import format as planning
 from ckpt_callbacks import storage as paths
-from ckpt_callbacks.errors import CorruptCheckpointError
+from ckpt_callbacks.errors import CorruptCheckpointError, MissingFileError
 from ckpt_callbacks.layouts._regions import chunk_regions, claimed_bytes
 
 ALIGN = 64  # JAX's CPU client aliases host buffers aligned to this instead of copying them
@@ -79,8 +79,18 @@ def applies(loc: paths.Location, record: fmt.LeafRecord) -> bool:
     return paths.local_path(loc) is not None and sys.byteorder == "little" and not record.pack
 
 
+def chunk_file_key(idx: tuple[int, ...]) -> str:
+    """A chunk's key under its zarr3 array: the "default" chunk key encoding ("c" if 0-d)."""
+    return "/".join(["c", *(str(i) for i in idx)])
+
+
 def _chunk_file(array_dir: str, idx: tuple[int, ...]) -> str:
-    return os.path.join(array_dir, "c", *(str(i) for i in idx))  # zarr3 "default" chunk key encoding ("c" if 0-d)
+    return os.path.join(array_dir, *chunk_file_key(idx).split("/"))
+
+
+def crc_text(crc: int | None) -> str:
+    """A crc32c as every message prints it (``0x%08x``), or "no crc32c"."""
+    return "no crc32c" if crc is None else f"{crc:#010x}"
 
 
 def _prefix_layout(creg: planning.Region, idx: tuple[int, ...], chunks: tuple[int, ...]) -> bool:
@@ -130,34 +140,46 @@ class DirectRead:
             and dst.flags.c_contiguous
             and _prefix_layout(creg, idx, self.record.chunks)
         ):
-            self._load(idx, dst)  # straight into the destination
-            self._check(idx, creg, dst)
+            stored = self._load(idx, dst)  # straight into the destination
+            self._check(idx, creg, dst, stored)
             return
         with _SCRATCH.hold(self.chunk_bytes):
             whole = aligned_empty(self.record.chunks, self.dtype)
-            self._load(idx, whole)
+            stored = self._load(idx, whole)
             chunk = whole[tuple(slice(0, b - a) for a, b in creg)]
-            self._check(idx, creg, chunk)
+            self._check(idx, creg, chunk, stored)
             for inter, dst in dsts:
                 dst[...] = chunk[tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))]
 
-    def _check(self, idx: tuple[int, ...], creg: planning.Region, chunk: np.ndarray) -> None:
+    def _check(self, idx: tuple[int, ...], creg: planning.Region, chunk: np.ndarray, stored: bool) -> None:
         found = int(crc32c.crc32c(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data))
-        expected = self.record.crc32c.get(fmt.chunk_key(idx))
-        if expected is None or found != expected:
-            raise CorruptCheckpointError(
-                f"{self._what(idx)} (region {[list(r) for r in creg]}, file {_chunk_file(self.array_dir, idx)}): "
-                f"crc32c {found:#010x} on disk, {expected!r} in the manifest"
+        key = fmt.chunk_key(idx)
+        expected = self.record.crc32c.get(key)
+        if expected is not None and found == expected:
+            return
+        path = _chunk_file(self.array_dir, idx)
+        if not stored and expected is not None:  # zeros are stored as no file; this chunk was not zeros
+            raise MissingFileError(
+                f"{self._what(idx)} (region {[list(r) for r in creg]}): its chunk file {path} is missing "
+                f"(the manifest records crc32c {expected:#010x})",
+                leaf=self.record.key,
+                chunk=key,
             )
+        raise CorruptCheckpointError(
+            f"{self._what(idx)} (region {[list(r) for r in creg]}, file {path}): "
+            f"crc32c {found:#010x} read, {crc_text(expected)} in the manifest",
+            leaf=self.record.key,
+            chunk=key,
+        )
 
-    def _load(self, idx: tuple[int, ...], into: np.ndarray) -> None:
+    def _load(self, idx: tuple[int, ...], into: np.ndarray) -> bool:
         """Fills ``into`` (C-contiguous) with the first bytes of chunk ``idx``'s file; a missing
-        file is a chunk of zeros (zarr3 stores no chunk equal to the fill value)."""
+        file is a chunk of zeros (zarr3 stores no chunk equal to the fill value): False."""
         path = _chunk_file(self.array_dir, idx)
         fd = open_regular(path, self._what(idx))
         if fd is None:
             into.fill(0)
-            return
+            return False
         try:
             size = os.fstat(fd).st_size
             if size != self.chunk_bytes:
@@ -168,6 +190,7 @@ class DirectRead:
             _read_into(fd, path, 0, into.reshape(-1).view(np.uint8).data, self._what(idx))
         finally:
             os.close(fd)
+        return True
 
     def result(self) -> dict[planning.Region, np.ndarray]:
         """Each requested region as one aligned host array of the stored dtype."""
@@ -236,7 +259,7 @@ def read_range(path: str, offset: int, nbytes: int, what: str) -> bytearray:
     """Bytes ``offset`` to ``offset + nbytes`` of the regular file at ``path``, all inside it."""
     fd = open_regular(path, what)
     if fd is None:
-        raise CorruptCheckpointError(f"{what}: file {path} is missing")
+        raise MissingFileError(f"{what}: file {path} is missing")
     try:
         size = os.fstat(fd).st_size
         if offset + nbytes > size:

@@ -7,8 +7,8 @@ count, with devices numbered in mesh order and process ``p`` holding devices
 
 >>> leaves = [LeafShape(path="w", shape=(8, 4), dtype="float32", spec=("x",))]
 >>> zarr = plan_layout(leaves, {"x": 4}, processes=2, layout="zarr3", pack_bytes=0)
->>> zarr.objects, zarr.chunks  # 2 chunks each, plus zarr.json, manifest, metadata, marker on 0
-((6, 2), 4)
+>>> zarr.objects, zarr.chunks  # 2 chunks each, plus 2 zarr.json, manifest, metadata, marker on 0
+((7, 2), 4)
 >>> plan_layout(leaves, {"x": 4}, processes=2, layout="process").objects  # a data file and an index each
 (5, 2)
 """
@@ -241,7 +241,7 @@ def plan_layout(
     cap = file_bytes if every else min(planning.PACK_MAX_FILE_BYTES, max_chunk_bytes)
     index, json_layout = _place_packed(tally, spec, cap)
     json_bytes = _json_files(tally.records, leaves, json_layout) + tally.crc_bytes
-    tally.objects[0] += 3  # manifest, metadata, marker
+    tally.objects[0] += 3 if every else 4  # manifest, metadata, marker; a zarr3 item's group zarr.json
     tally.nbytes[0] += json_bytes
     return LayoutCounts(
         layout=layout,

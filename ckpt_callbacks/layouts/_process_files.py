@@ -32,7 +32,7 @@ from ckpt_callbacks import format as fmt
 from ckpt_callbacks import format as pidx
 from ckpt_callbacks import format as planning
 from ckpt_callbacks import storage as paths
-from ckpt_callbacks.errors import CorruptCheckpointError, StorageTimeoutError
+from ckpt_callbacks.errors import CorruptCheckpointError, MissingFileError, StorageTimeoutError
 from ckpt_callbacks.layouts._base import register_layout
 from ckpt_callbacks.layouts._reads import PackFiles, read_value, settle
 from ckpt_callbacks.layouts._regions import chunk_regions, data_sharding
@@ -134,7 +134,7 @@ def _index_bytes(future: Any, loc: paths.Location, where: str) -> bytes | bytear
         raise CorruptCheckpointError(f"{where}: cannot be read: {e}") from e
     value = read_value(result)
     if value is None:
-        raise CorruptCheckpointError(f"{where}: named by the manifest but missing")
+        raise MissingFileError(f"{where}: named by the manifest but missing")
     return value
 
 
@@ -216,7 +216,7 @@ class _RangedChunk:
         count = math.prod(self.shape)
         value = read_value(self.future.result(timeout=timeout))
         if value is None:
-            raise CorruptCheckpointError(f"{self.where}: data file is missing")
+            raise MissingFileError(f"{self.where}: data file is missing")
         if len(value) != count * self.dtype.itemsize:
             raise CorruptCheckpointError(
                 f"{self.where}: {len(value)} bytes read, the chunk is {count * self.dtype.itemsize}"

@@ -23,7 +23,7 @@ import tensorstore as ts
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import format as planning
 from ckpt_callbacks import storage as paths
-from ckpt_callbacks.errors import CorruptCheckpointError, StorageTimeoutError
+from ckpt_callbacks.errors import CorruptCheckpointError, MissingFileError, StorageTimeoutError
 from ckpt_callbacks.layouts import _direct as direct_reads
 from ckpt_callbacks.layouts._regions import chunk_regions, claimed_bytes
 
@@ -73,7 +73,7 @@ class PackFiles:
                 ) from e
             value = read_value(result)
             if value is None:
-                raise CorruptCheckpointError(f"pack file {self.loc.join(name).url} is missing")
+                raise MissingFileError(f"pack file {self.loc.join(name).url} is missing")
             data = self.files[name] = value
         return data
 
@@ -140,6 +140,7 @@ class LeafRead:
         self.source: dict[tuple[int, ...], tuple[planning.Region, planning.Region]] = {}  # chunk -> (its region, read)
         self.checked: set[tuple[int, ...]] = set()
         packed = isinstance(source, PackFiles)
+        self.store = None if isinstance(source, PackFiles) else source  # asked which chunk files exist
         itemsize = fmt.dtype_from_name(record.zarr_dtype).itemsize
         claimed = claimed_bytes(record, regions, where)
         if not checksums:
@@ -177,11 +178,17 @@ class LeafRead:
         part = f"region {[list(r) for r in read]}" if idx is None else f"chunk {fmt.chunk_key(idx)}"
         return f"{self.where}: leaf {self.record.key!r} {part}"
 
+    def _unreadable(self, read: planning.Region, idx: tuple[int, ...] | None, e: Exception) -> CorruptCheckpointError:
+        """A failed read as the error a restore raises: a missing file stays a ``MissingFileError``."""
+        kind = type(e) if isinstance(e, CorruptCheckpointError) else CorruptCheckpointError
+        chunk = None if idx is None else fmt.chunk_key(idx)
+        return kind(f"{self._what(read, idx)} could not be read: {e}", leaf=self.record.key, chunk=chunk)
+
     def _zarr_read(self, source: ts.TensorStore, read: planning.Region, idx: tuple[int, ...] | None) -> Any:
         try:
             return source[planning.slices(read)].read()
         except Exception as e:  # TensorStore refuses a region synchronously (ValueError, IndexError)
-            raise CorruptCheckpointError(f"{self._what(read, idx)} could not be read: {e}") from e
+            raise self._unreadable(read, idx, e) from e
 
     def _packed_at(self, idx: tuple[int, ...]) -> tuple[str, int]:
         try:
@@ -189,7 +196,9 @@ class LeafRead:
         except KeyError:
             raise CorruptCheckpointError(
                 f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} is in no pack file; "
-                f"the manifest lists chunks {sorted(self.record.pack)}"
+                f"the manifest lists chunks {sorted(self.record.pack)}",
+                leaf=self.record.key,
+                chunk=fmt.chunk_key(idx),
             ) from None
 
     def _read(self, read: planning.Region, idx: tuple[int, ...] | None) -> np.ndarray:
@@ -207,7 +216,7 @@ class LeafRead:
                     self.where,
                 ) from e
             except Exception as e:
-                raise CorruptCheckpointError(f"{self._what(read, idx)} could not be read: {e}") from e
+                raise self._unreadable(read, idx, e) from e
         return data
 
     def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
@@ -219,12 +228,27 @@ class LeafRead:
             expected = self.record.crc32c.get(fmt.chunk_key(idx))
             found = fmt.crc32c_of(data)
             if expected is None or found != expected:
-                raise CorruptCheckpointError(
-                    f"{self.where}: leaf {self.record.key!r} chunk {fmt.chunk_key(idx)} (region "
-                    f"{[list(r) for r in creg]}): crc32c {found:#010x} on disk, {expected!r} in the manifest"
-                )
+                raise self._mismatch(idx, creg, found, expected)
             self.checked.add(idx)
         return data
+
+    def _mismatch(
+        self, idx: tuple[int, ...], creg: planning.Region, found: int, expected: int | None
+    ) -> CorruptCheckpointError:
+        """A chunk that fails its crc32c; read as the fill value, for want of a file, it is missing."""
+        what, key = f"{self._what(creg, idx)} (region {[list(r) for r in creg]})", fmt.chunk_key(idx)
+        if self.store is not None and expected is not None and not _stored(self.store, idx):
+            where = f"{self.where}/{self.record.array}/{direct_reads.chunk_file_key(idx)}"
+            return MissingFileError(
+                f"{what}: its chunk file {where} is missing (the manifest records crc32c {expected:#010x})",
+                leaf=self.record.key,
+                chunk=key,
+            )
+        return CorruptCheckpointError(
+            f"{what}: crc32c {found:#010x} read, {direct_reads.crc_text(expected)} in the manifest",
+            leaf=self.record.key,
+            chunk=key,
+        )
 
     def result(self) -> dict[planning.Region, np.ndarray]:
         """Each requested region as one host array of the stored dtype."""
@@ -250,6 +274,17 @@ class LeafRead:
             src = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(inter, creg, strict=True))
             host[dst] = chunk[src]
         return host
+
+
+def _stored(store: ts.TensorStore, idx: tuple[int, ...]) -> bool:
+    """Whether chunk ``idx`` has a file in its zarr3 array (a missing one reads as zeros)."""
+    kvstore = store.kvstore
+    if kvstore is None:  # the store cannot say: the mismatch is reported as it is
+        return True
+    try:
+        return kvstore.read(direct_reads.chunk_file_key(idx)).result().state != "missing"
+    except Exception:
+        return True
 
 
 def _covers(parts: list[tuple[tuple[int, ...], planning.Region]], region: planning.Region) -> bool:

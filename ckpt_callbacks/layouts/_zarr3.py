@@ -1,5 +1,7 @@
 """The "zarr3" layout: one zarr3 array per large leaf (one object per chunk), small leaves
-packed into a few shared files per process; every chunk's crc32c in the manifest.
+packed into a few shared files per process; every chunk's crc32c in the manifest. Process 0
+makes the item directory a zarr3 group (its ``zarr.json``), so zarr-python opens it as one
+(``zarr.open_group(item)["params/w"]``); no reader of ours reads that file.
 
 >>> import jax.numpy as jnp, ckpt_callbacks as cc
 >>> cc.save("memory://doc/zarr3", {"w": jnp.arange(4.0)}, layout="zarr3")
@@ -14,6 +16,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import tensorstore as ts
+
+from ckpt_callbacks import distributed
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.layouts._base import register_layout
@@ -29,6 +34,8 @@ class Zarr3Layout:
         return None  # leaves pack only under pack_bytes
 
     def report(self, item_locs: Mapping[str, paths.Location], leaves_of: Mapping[str, Sequence[Any]], crcs: Any) -> Any:
+        if distributed.is_primary():
+            write_groups(item_locs)
         return {i: {str(k): v for k, v in c.items()} for i, c in crcs.items()}
 
     def manifests(
@@ -58,6 +65,21 @@ class Zarr3Layout:
         targets: Sequence[Any] | None,
     ) -> tuple[list[fmt.LeafRecord], PackFiles]:
         return list(manifest.leaves if records is None else records), PackFiles(loc)
+
+
+# The item's group (zarr v3 has no implicit groups). Not every directory above an array: in a
+# tree of nested dicts those are nearly as many objects again as the arrays' own zarr.json.
+GROUP_JSON = b'{"zarr_format":3,"node_type":"group"}'
+
+
+def write_groups(item_locs: Mapping[str, paths.Location]) -> None:
+    """Makes each item directory a zarr3 group (its ``zarr.json``), the writes in flight at once."""
+    pending = []
+    for loc in item_locs.values():
+        store = ts.KvStore.open(paths.kvstore_spec(loc), context=paths.context()).result()
+        pending.append((store.write("zarr.json", GROUP_JSON), loc.join("zarr.json")))
+    for future, at in pending:
+        paths.wait(future, at.options, at.url, "write")
 
 
 register_layout(Zarr3Layout())

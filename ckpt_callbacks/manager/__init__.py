@@ -3,6 +3,8 @@
 from ckpt_callbacks.manager._aftercommit import ScalarWriter as ScalarWriter
 from ckpt_callbacks.manager._callback import CheckpointCallback as CheckpointCallback
 from ckpt_callbacks.manager._checkpointer import Checkpointer as Checkpointer
+from ckpt_callbacks.manager._discovery import discover as discover
+from ckpt_callbacks.manager._discovery import find_latest_checkpoint as find_latest_checkpoint
 from ckpt_callbacks.manager._policy import CheckpointInterval as CheckpointInterval
 from ckpt_callbacks.manager._policy import Decision as Decision
 from ckpt_callbacks.manager._policy import KeepPolicy as KeepPolicy

@@ -135,8 +135,10 @@ class CheckpointCallback:
     def restore_or_init_into(self, **objects: Any) -> dict[str, Any] | None:
         """NNX restore-or-init: restores the latest checkpoint into freshly initialised objects
         (in place, their shardings kept), or leaves them as initialised if there is none.
-        Returns the metadata, or None when nothing was restored."""
-        if self.checkpointer.latest_step() is None:
+        Returns the metadata, or None when nothing was restored; raises when every checkpoint
+        is damaged (as ``restore_or_init``)."""
+        self.checkpointer._settle()
+        if self.checkpointer._fresh():
             return None
         return self.restore_into(**objects)
 

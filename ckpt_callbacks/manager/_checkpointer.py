@@ -28,10 +28,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ckpt_callbacks import directory as layout
-from ckpt_callbacks.directory import CheckpointInfo, list_checkpoints
+from ckpt_callbacks import distributed
+from ckpt_callbacks.directory import CheckpointInfo
 from ckpt_callbacks.errors import CheckpointExistsError
 from ckpt_callbacks.format import as_step
+from ckpt_callbacks.manager import _rewinds as rewinds
 from ckpt_callbacks.manager._aftercommit import AfterCommit, ScalarWriter, close_at_exit
+from ckpt_callbacks.manager._discovery import discover
 from ckpt_callbacks.manager._policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
 from ckpt_callbacks.manager._preemption import Preemption, agree
 from ckpt_callbacks.manager._reader import CheckpointReader, announce
@@ -168,8 +171,16 @@ class Checkpointer(CheckpointReader):
             self._save_now(
                 {self.item: state_fn()}, layout.run_name(step), step=step, extras=extras, now=now, decision=decision
             )
-        except CheckpointExistsError:  # saved before (a resumed run): never twice, never overwritten
+        except CheckpointExistsError as e:  # saved before (a resumed run): never twice, never overwritten
             self._last_save_step = step
+            # A WARNING: the checkpoint there is another trajectory's (a restore older than the
+            # latest, or another run on this base); this run's state at ``step`` is not saved.
+            log.warning(
+                "step %d: a checkpoint is due, but skipped: %s. After a restore older than the latest, "
+                "restore(..., discard_newer=True) deletes the newer checkpoints",
+                step,
+                e,
+            )
             return False
         return True
 
@@ -193,14 +204,20 @@ class Checkpointer(CheckpointReader):
         self._wait_inflight()
         step = as_step(step)
         if not self._announced:
-            announce(self, list_checkpoints(self.base), None)
+            announce(self, discover(self.base), None)
         loc = self.base.join(dest)
-        if loc.url not in self._started:
+        new = loc.url not in self._started
+        if new:
             self._started.append(loc.url)
         temporary = decision.temporary
-        handle = save_items_async(
-            loc, items, step=step, extras=extras, is_temporary=temporary, add=add, options=self.options
-        )
+        try:
+            handle = save_items_async(
+                loc, items, step=step, extras=extras, is_temporary=temporary, add=add, options=self.options
+            )
+        except CheckpointExistsError:  # an earlier run's checkpoint, not this run's
+            if new:
+                self._started.remove(loc.url)
+            raise
         log.info("checkpoint at step %d (%s%s)", step, decision.reason, ", temporary" if decision.temporary else "")
         with self._lock:
             self._inflight = (handle, self._last_save_step, threading.get_ident())
@@ -291,7 +308,29 @@ class Checkpointer(CheckpointReader):
     def _settle(self) -> None:
         self.wait_until_finished()
 
-    def _restored(self, step: int | None) -> None:
-        if step is not None:  # resume rules: the restored step is not saved again; the schedule goes on
-            self._last_save_step = self._previous_step = step
-            self._last_save_time = _timestamp(self._clock())
+    def _check_discard(self) -> None:
+        """A ``Checkpointer`` may discard newer checkpoints."""
+
+    def _restored(self, step: int | None, found: Sequence[CheckpointInfo] | None, discard_newer: bool) -> None:
+        if step is None:
+            return
+        self._rewound(step, found, discard_newer)
+        # resume rules: the restored step is not saved again; the schedule goes on from there
+        self._last_save_step = self._previous_step = step
+        self._last_save_time = _timestamp(self._clock())
+
+    def _rewound(self, step: int, found: Sequence[CheckpointInfo] | None, discard: bool) -> None:
+        """Newer checkpoints than the restored ``step``: warned of, or deleted with ``discard``
+        (process 0 lists and decides; every process returns once the deletes are done)."""
+        later: list[CheckpointInfo] = []
+        damaged: list[Any] = []
+        if distributed.is_primary():
+            listing = discover(self.base) if found is None else found
+            later = rewinds.newer(listing, step)
+            if discard:
+                unreadable = rewinds.unreadable(self.base, listing)
+                damaged = [loc for loc, _ in unreadable if (layout.step_of(loc.name) or 0) > step]
+        if discard:
+            rewinds.discard(self.base, step, later, damaged)
+        elif later:
+            rewinds.warn(self.base.url, step, later)

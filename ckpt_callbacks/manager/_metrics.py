@@ -24,6 +24,7 @@ from ckpt_callbacks import directory as layout
 from ckpt_callbacks import distributed
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.directory import CheckpointInfo, list_checkpoints
+from ckpt_callbacks.manager._discovery import discover
 from ckpt_callbacks.manager._policy import KeepPolicy, metric_of
 
 log = logging.getLogger("ckpt_callbacks")
@@ -82,7 +83,12 @@ class Metrics:
             paths.write_bytes(self.metrics_dir, layout.metrics_name(step), raw)
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, by step, with recorded eval metrics merged into ``extras``."""
+        """Committed checkpoints, by step, with recorded eval metrics merged into ``extras``:
+        ours and the foreign ones a source lists (an orbax run's steps, ``discover``)."""
+        return [self._with_metrics(info) for info in discover(self.base)]
+
+    def own_checkpoints(self) -> list[CheckpointInfo]:
+        """``checkpoints`` of ours only: what retention counts and may delete."""
         return [self._with_metrics(info) for info in list_checkpoints(self.base)]
 
     def _with_metrics(self, info: CheckpointInfo) -> CheckpointInfo:

@@ -32,6 +32,11 @@ class CheckpointInterval:
             raise ValueError(f"CheckpointInterval.every must be a positive int, got {self.every!r}")
         if self.until is not None and (isinstance(self.until, bool) or not isinstance(self.until, int)):
             raise ValueError(f"CheckpointInterval.until must be an int or None, got {self.until!r}")
+        if self.until is not None and self.until < self.every:
+            raise ValueError(
+                f"CheckpointInterval(every={self.every}, until={self.until}) would never save: its first due "
+                f"step is {self.every}, after until={self.until}; give until >= every (or until=None: for ever)"
+            )
 
 
 def _validate_intervals(intervals: Sequence[CheckpointInterval]) -> tuple[CheckpointInterval, ...]:
@@ -49,6 +54,15 @@ def _validate_intervals(intervals: Sequence[CheckpointInterval]) -> tuple[Checkp
             raise ValueError(
                 f"step_policies[{i}] has until={interval.until}, not after step_policies[{i - 1}]'s "
                 f"until={previous}; policies must be sorted by until"
+            )
+        if (
+            interval.until is not None
+            and previous is not None
+            and interval.until // interval.every <= previous // interval.every
+        ):
+            raise ValueError(
+                f"step_policies[{i}] (every={interval.every}, until={interval.until}) governs steps "
+                f"{previous + 1}..{interval.until}, which hold no multiple of {interval.every}: it would never save"
             )
     return out
 

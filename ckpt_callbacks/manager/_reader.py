@@ -25,9 +25,13 @@ import jax
 from ckpt_callbacks import directory as layout
 from ckpt_callbacks import restoring as restore_lib
 from ckpt_callbacks import storage as paths
-from ckpt_callbacks.directory import CheckpointInfo, list_checkpoints
+from ckpt_callbacks.directory import CheckpointInfo
 from ckpt_callbacks.errors import CheckpointNotFoundError, ShardingRuleError
 from ckpt_callbacks.format import as_step
+from ckpt_callbacks.manager import _fallback as fallback_lib
+from ckpt_callbacks.manager import _init_shardings as init_shardings
+from ckpt_callbacks.manager import _rewinds as rewinds
+from ckpt_callbacks.manager._discovery import discover
 from ckpt_callbacks.manager._metrics import Metrics
 from ckpt_callbacks.manager._policy import KeepPolicy, metric_of
 from ckpt_callbacks.storage import StorageOptions
@@ -46,22 +50,28 @@ def _unplaced(template: Any) -> list[str]:
 
 
 def init_template(init_fn: Callable[[], Any], restore_kwargs: Mapping[str, Any], devices: int | None = None) -> Any:
-    """``jax.eval_shape(init_fn)``: the structure, dtypes and, where ``init_fn`` is jitted with
-    ``out_shardings``, the shardings a restored state must land on.
+    """``jax.eval_shape(init_fn)``: the structure, dtypes and shardings a restored state must
+    land on. The shardings come from ``out_shardings`` of a jitted init, or, when no
+    ``shardings=`` or ``mesh=`` is given, from the ``device_put`` s and sharding constraints
+    inside ``init_fn`` (read from its jaxpr; nothing is allocated).
 
-    With more than one device visible, a state whose placement can be found nowhere (no
-    shardings from the init, no ``shardings=`` or ``mesh=`` given) is refused rather than
-    restored onto one device.
+    With more than one device visible, a state with a leaf whose placement can be found
+    nowhere is refused, naming the leaves, rather than restored onto one device.
     """
     template = jax.eval_shape(init_fn)
     devices = jax.device_count() if devices is None else devices
     placed = restore_kwargs.get("shardings") is not None or restore_kwargs.get("mesh") is not None
+    if placed or devices <= 1 or not _unplaced(template):
+        return template
+    template = init_shardings.place(template, init_fn)
     unplaced = _unplaced(template)
-    if unplaced and not placed and devices > 1:
+    if unplaced:
         raise ShardingRuleError(
-            f"restore_or_init: {len(unplaced)} leaves of init_fn's state have no sharding under jax.eval_shape "
-            f"(e.g. {unplaced[:3]}), and {devices} devices are visible: the restored state would land on one "
-            "device. Jit init_fn with out_shardings=..., or pass mesh= (with rules=) or shardings= to restore_or_init"
+            f"restore_or_init: {len(unplaced)} leaves of init_fn's state are placed nowhere (e.g. {unplaced[:3]}): "
+            f"no out_shardings, device_put or sharding constraint gives them a sharding, and {devices} devices are "
+            "visible: the restored state would land on one device. device_put them (a leaf computed from a placed "
+            "one, like optax's zeros_like, is not seen), jit init_fn with out_shardings=..., or pass mesh= "
+            "(with rules=) or shardings= to restore_or_init"
         )
     return template
 
@@ -77,27 +87,61 @@ def best(checkpoints: Sequence[CheckpointInfo], keep: KeepPolicy) -> CheckpointI
     return pick(scored, key=lambda mc: mc[0])[1]
 
 
-def _to_restore(
-    base: paths.Location, step: Any, path: Any, storage: StorageOptions | None = None
-) -> tuple[layout.Checkpoint, list[CheckpointInfo] | None]:
-    """What to restore: ``path`` (relative to ``base`` unless a URL), ``run-<step>``, or the
-    latest (then also the listing it came from); read with ``storage`` (None: the base's), a
-    ``Location`` or ``Checkpoint`` given with options of its own keeping them."""
-    storage = storage or base.storage
-    base = base.with_storage(storage)
-    if path is None and step is None:
-        found = list_checkpoints(base)
-        if not found or found[-1].checkpoint is None:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {base.url}")
-        return found[-1].checkpoint, found
+def _info(ckpt: layout.Checkpoint) -> CheckpointInfo:
+    meta = ckpt.metadata
+    return CheckpointInfo(
+        path=ckpt.url,
+        step=meta.step,
+        timestamp=meta.timestamp,
+        is_temporary=meta.is_temporary,
+        extras=meta.extras,
+        checkpoint=ckpt,
+    )
+
+
+def _explicit(base: paths.Location, step: Any, path: Any, storage: StorageOptions | None) -> CheckpointInfo:
+    """What ``restore(step=)`` or ``restore(path=)`` reads: ``path`` (relative to ``base`` unless a
+    URL) or ``run-<step>``; a path or step of no checkpoint of ours is left to the foreign
+    sources (an orbax step under ``base``). A ``Location`` or ``Checkpoint`` given with options
+    of its own keeps them."""
+    own = isinstance(path, paths.Location) and path.storage is not None
     if path is None:
-        return layout.open_checkpoint(base.join(layout.run_name(as_step(step)))), None
-    if isinstance(path, paths.Location) and path.storage is not None:
-        return layout.open_checkpoint(path), None
-    text = path.url if isinstance(path, layout.Checkpoint) else str(path)
-    if isinstance(path, layout.Checkpoint | paths.Location) or "://" in text or text.startswith("/"):
-        return layout.open_checkpoint(path, storage=storage), None
-    return layout.open_checkpoint(base.join(*text.split("/"))), None
+        loc: Any = base.join(layout.run_name(as_step(step)))
+    elif own:
+        loc = path
+    elif isinstance(path, layout.Checkpoint | paths.Location) or "://" in str(path) or str(path).startswith("/"):
+        loc = path if isinstance(path, layout.Checkpoint) else paths.parse(path, storage)
+    else:
+        loc = base.join(*str(path).split("/"))
+    try:
+        return _info(layout.open_checkpoint(loc, storage=None if own else storage))
+    except CheckpointNotFoundError:
+        if path is not None:
+            return CheckpointInfo(path=loc.url, step=None, timestamp=0.0)  # a foreign source's, or not found
+        foreign = [c for c in discover(base) if c.step == as_step(step) and c.checkpoint is None]
+        if not foreign:
+            raise
+        return foreign[-1]
+
+
+def _metadata(info: CheckpointInfo) -> dict[str, Any]:
+    if info.checkpoint is not None:
+        return info.checkpoint.metadata.to_json()
+    return {"step": info.step, "timestamp": info.timestamp, "is_temporary": info.is_temporary, "extras": info.extras}
+
+
+def _unlisted(base: paths.Location, found: Sequence[CheckpointInfo]) -> list[tuple[int | None, str, BaseException]]:
+    """The committed directories under ``base`` the listing skipped: (step, path, error)."""
+    return [(layout.step_of(loc.name), loc.url, e) for loc, e in rewinds.unreadable(base, found)]
+
+
+def _no_checkpoint(base: paths.Location, found: Sequence[CheckpointInfo]) -> BaseException:
+    """Why nothing under ``base`` restores when the listing found nothing: the damage of the
+    committed directories it skipped, or that there is none."""
+    damaged = _unlisted(base, found)
+    if not damaged:
+        return CheckpointNotFoundError(f"no committed checkpoint under {base.url}")
+    return fallback_lib.none_restored(damaged, base.url)
 
 
 def announce(ck: CheckpointReader, found: Sequence[CheckpointInfo] | None, restored: Any) -> None:
@@ -157,8 +201,10 @@ class CheckpointReader:
     def _settle(self) -> None:
         """Before reading: nothing to wait for (a ``Checkpointer`` waits for its saves)."""
 
-    def _restored(self, step: int | None) -> None:
-        """After a restore of ``step`` (a ``Checkpointer`` resumes its schedule there)."""
+    def _restored(self, step: int | None, found: Sequence[CheckpointInfo] | None, discard_newer: bool) -> None:
+        """After a restore of ``step`` (``found``: the listing it came from, None for an explicit
+        one): a ``Checkpointer`` warns of newer checkpoints or discards them, and resumes its
+        schedule there."""
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints under the base, by step, with recorded eval metrics merged in."""
@@ -169,7 +215,7 @@ class CheckpointReader:
         return next(reversed(self.all_steps()), None)
 
     def all_steps(self) -> list[int]:
-        return [c.step for c in list_checkpoints(self.base) if c.step is not None]
+        return [c.step for c in discover(self.base) if c.step is not None]
 
     def best_checkpoint(self) -> CheckpointInfo | None:
         """The committed checkpoint with the best ``keep.metric`` (recorded eval metrics included)."""
@@ -179,36 +225,101 @@ class CheckpointReader:
         return getattr(self.best_checkpoint(), "step", None)
 
     def restore(
-        self, step: int | None = None, *, path: Any = None, **restore_kwargs: Any
+        self,
+        step: int | None = None,
+        *,
+        path: Any = None,
+        fallback: bool = True,
+        discard_newer: bool = False,
+        **restore_kwargs: Any,
     ) -> tuple[Any, dict[str, Any]]:
         """Restores ``path``, ``run-<step>`` or the latest checkpoint; returns (tree, metadata dict).
 
         ``restore_kwargs`` go to ``ckpt_callbacks.restore`` (mesh, rules, template, item, ...);
         every read, of a URL ``path`` too, uses the reader's ``StorageOptions`` unless
         ``storage=`` is given here (or ``path`` is a ``Location`` with options of its own).
+
+        The latest is the newest checkpoint that restores: a damaged one (a missing or corrupt
+        chunk, a damaged manifest or metadata) is skipped with a WARNING, unless ``fallback=False``.
+        An explicit ``step`` or ``path`` never falls back. ``discard_newer=True`` (a
+        ``Checkpointer`` only) deletes the checkpoints newer than the one restored, once it is.
         """
         self._settle()
-        ckpt, found = _to_restore(self.base, step, path, restore_kwargs.pop("storage", None))
+        found = None
+        if path is None and step is None:
+            found = discover(self.base.with_storage(restore_kwargs.get("storage")))
+        return self._restore(step, path, found, fallback=fallback, discard_newer=discard_newer, **restore_kwargs)
+
+    def _restore(
+        self,
+        step: Any,
+        path: Any,
+        found: list[CheckpointInfo] | None,
+        *,
+        fallback: bool = True,
+        discard_newer: bool = False,
+        **restore_kwargs: Any,
+    ) -> tuple[Any, dict[str, Any]]:
+        """``restore`` of ``path`` or ``step``, or else the newest of ``found`` that restores."""
+        if discard_newer:
+            self._check_discard()
+        storage = restore_kwargs.pop("storage", None) or self.base.storage
+        base = self.base.with_storage(storage)
         restore_kwargs.setdefault("item", self.item)
-        tree = restore_lib.restore(ckpt, **restore_kwargs)
-        announce(self, found, ckpt.metadata.step)
-        self._restored(ckpt.metadata.step)
-        return tree, ckpt.metadata.to_json()
+
+        def attempt(info: CheckpointInfo) -> Any:
+            target = info.checkpoint if info.checkpoint is not None else info.path
+            return restore_lib.restore(target, storage=storage, **restore_kwargs)
+
+        if found is not None:
+            if not found:
+                raise _no_checkpoint(base, found)
+            tree, info = fallback_lib.restore_newest(
+                found, attempt, fallback=fallback, base=base.url, unlisted=lambda: _unlisted(base, found)
+            )
+        else:
+            info = _explicit(base, step, path, storage)
+            tree = fallback_lib.restore_one(info, attempt)
+        announce(self, found, info.step)
+        self._restored(info.step, found, discard_newer)
+        return tree, _metadata(info)
+
+    def _check_discard(self) -> None:
+        raise ValueError(
+            f"restore(discard_newer=True) on a CheckpointReader of {self.base.url}: a reader deletes nothing; "
+            "use a Checkpointer of the base to discard the checkpoints newer than the one restored"
+        )
 
     def restore_or_init(self, init_fn: Callable[[], Any], **restore_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
         """Restores the latest checkpoint, or returns ``(init_fn(), None)`` if there is none.
 
-        Without a ``template``, ``jax.eval_shape(init_fn)`` gives structure, dtypes and (for an
-        init jitted with ``out_shardings``) shardings; ``mesh``/``rules`` or ``shardings`` place
-        the rest. With several devices and no placement found, it raises (``init_template``).
+        Without a ``template``, ``jax.eval_shape(init_fn)`` gives structure and dtypes, and the
+        init's ``out_shardings``, ``device_put`` s and sharding constraints (read from its jaxpr,
+        not run) give shardings, unless ``mesh``/``rules`` or ``shardings`` are given. With
+        several devices and a leaf placed nowhere, it raises naming it (``init_template``).
+        Leaves saved as None (not checkpointed) are filled only with ``missing=``, say
+        ``missing=init_fn()``: never by default, as that builds a second whole state.
+        Damaged checkpoints are skipped as by ``restore``; when checkpoints exist and none
+        restores, it raises rather than start fresh.
         """
         self._settle()
-        found = list_checkpoints(self.base)
-        if not found:
+        found = discover(self.base)
+        if self._fresh(found):
             return init_fn(), None
         if "template" not in restore_kwargs:
             restore_kwargs["template"] = init_template(init_fn, restore_kwargs)
-        return self.restore(path=found[-1].checkpoint, **restore_kwargs)
+        return self._restore(None, None, found, **restore_kwargs)
+
+    def _fresh(self, found: Sequence[CheckpointInfo] | None = None) -> bool:
+        """True when the base holds nothing to restore (a fresh start); raises when it holds
+        only damaged checkpoints, naming them: never a silent fresh start."""
+        found = discover(self.base) if found is None else found
+        if found:
+            return False
+        error = _no_checkpoint(self.base, found)
+        if not isinstance(error, CheckpointNotFoundError):
+            raise error
+        return True
 
     def load_pytree(
         self, mesh: Any = None, *, prefix: str, path: str | None = None, discover_latest: bool = True, **kw: Any

@@ -28,7 +28,11 @@ log = logging.getLogger("ckpt_callbacks")
 
 
 class Retention(Metrics):
-    """Applies a ``KeepPolicy`` to the committed checkpoints under ``base`` (process 0 deletes)."""
+    """Applies a ``KeepPolicy`` to our committed checkpoints under ``base`` (process 0 deletes).
+
+    Only ours count and go: ``keep_last``, ``keep_every`` and best-k rank our checkpoints
+    alone, and the steps of another writer under the base (an orbax run's) are never deleted.
+    """
 
     def __init__(self, base: paths.Location, keep: KeepPolicy) -> None:
         super().__init__(base, keep)
@@ -42,7 +46,7 @@ class Retention(Metrics):
         read after listing, so checkpoints that committed during the listing count as this run's.
         """
         try:
-            listed = self.checkpoints()
+            listed = self.own_checkpoints()
             this_run = None if committed_this_run is None else list(committed_this_run)
             doomed = self.keep.to_delete(listed, committed_this_run=this_run)
             self._warn_if_never_ranked(listed)

@@ -6,9 +6,12 @@ from ckpt_callbacks.restoring._rules import match_partition_rules as match_parti
 from ckpt_callbacks.restoring._rules import shardings_from_rules as shardings_from_rules
 from ckpt_callbacks.restoring._sources import Located as Located
 from ckpt_callbacks.restoring._sources import Source as Source
+from ckpt_callbacks.restoring._sources import StepSource as StepSource
+from ckpt_callbacks.restoring._sources import foreign_steps as foreign_steps
 from ckpt_callbacks.restoring._sources import register_source as register_source
 from ckpt_callbacks.restoring._sources import sources as sources
 from ckpt_callbacks.restoring._sources import unregister_source as unregister_source
 from ckpt_callbacks.restoring._targets import Target as Target
+from ckpt_callbacks.restoring._verify import VerifyProblem as VerifyProblem
 from ckpt_callbacks.restoring._verify import VerifyReport as VerifyReport
 from ckpt_callbacks.restoring._verify import verify as verify

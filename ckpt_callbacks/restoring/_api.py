@@ -53,7 +53,9 @@ def restore(
         ``.sharding`` (jax arrays, ``ShapeDtypeStruct``) give the target sharding.
       shardings: one ``Sharding`` for every array leaf, or a pytree of them (None = default).
       dtype: cast floating leaves to this dtype (a template's dtypes take precedence).
-      keys: restore only the leaves under these '/'-joined key prefixes.
+      keys: restore only the leaves under these '/'-joined key prefixes, spelled as ``inspect``
+        shows them: a '/' inside one key is %2F, a '%' is %25 (``"opt/a%2Fb"`` is the key
+        ``"a/b"`` of ``opt``, ``"opt/a/b"`` is ``opt -> a -> b``).
       strict: with a template, fail on missing or unexpected keys and on shape, rank and kind
         mismatches (a scalar saved where the template has an array, a string where it has a
         float), naming every offending path. With ``strict=False`` such template leaves keep
@@ -64,7 +66,9 @@ def restore(
         the template (first match wins): renamed modules restore into the new names.
       missing: a tree with the template's structure (say, the freshly initialised state) that
         template leaves absent from the checkpoint are taken from (new heads, added layers);
-        without it they raise.
+        without it they raise. A leaf saved as ``None`` where the template has a value (not
+        checkpointed, as Levanter and equinox filters save it) counts as absent, as does every
+        template leaf under a subtree saved as ``None``.
       drop: saved leaves the template does not have are dropped (``True``), or those whose
         key matches one of these regexes; otherwise they raise. What was renamed, filled and
         dropped is logged (see ``restoring/_restructure.py``).

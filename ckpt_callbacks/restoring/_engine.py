@@ -36,6 +36,8 @@ from ckpt_callbacks.restoring._targets import (
 
 log = logging.getLogger("ckpt_callbacks")
 
+_UNSAVED = " (saved as None, not checkpointed: pass missing= to fill it, e.g. the fresh init)"
+
 
 def _select(records: Sequence[fmt.LeafRecord], keys: Sequence[str] | None, where: str) -> list[int]:
     if keys is None:
@@ -44,10 +46,13 @@ def _select(records: Sequence[fmt.LeafRecord], keys: Sequence[str] | None, where
         keys = [keys]
     chosen: list[int] = []
     for key in keys:
-        parts = [p for p in key.split("/") if p]
-        hits = [i for i, r in enumerate(records) if [str(k) for k in r.path[: len(parts)]] == parts]
+        try:
+            parts = fmt.parse_key_string(key)
+        except ValueError as e:
+            raise RestoreMismatchError(f"{where}: keys: {e}") from None
+        hits = [i for i, r in enumerate(records) if tuple(str(k) for k in r.path[: len(parts)]) == parts]
         if not hits:
-            top = sorted({str(r.path[0]) for r in records if r.path})
+            top = sorted({fmt.key_string(r.path[:1]) for r in records if r.path})
             raise RestoreMismatchError(f"{where}: no leaf under key {key!r}; top-level keys: {top}")
         chosen.extend(i for i in hits if i not in chosen)
     return sorted(chosen)
@@ -116,11 +121,14 @@ def _match_template(
         missing=fill,
         drop=reshape.get("drop", False),
         where=where,
+        unsaved=[restructure.match_key(records[i].path) for i in chosen if restructure.saved_none(records[i])],
+        empty=[key for key, (_, leaf) in zip(by_key, t_leaves, strict=True) if leaf is None],
     )
     changes.log(where)
     index = {restructure.match_key(records[i].path): i for i in chosen}
     on_disk = {by_key[new]: index[old] for old, new in changes.target.items()}
-    problems = [f"missing on disk: {key!r}" for key in changes.missing]
+    unsaved = set(changes.unsaved)
+    problems = [f"missing on disk: {key!r}" + (_UNSAVED if key in unsaved else "") for key in changes.missing]
     usable: dict[fmt.KeyPath, int] = {}
     for path, i in on_disk.items():
         problem = _template_problem(records[i], dict(t_leaves)[path])

@@ -5,7 +5,9 @@
 - ``rename`` applies to the saved key paths ('/'-joined): the first rule whose regex is found
   in a saved key rewrites it (``re.sub``, once); two saved keys may not land on one name.
 - template leaves not on disk raise by default, listing them; with ``missing=`` (a tree with
-  the template's structure, e.g. the freshly initialised state) they are taken from it.
+  the template's structure, e.g. the freshly initialised state) they are taken from it. A leaf
+  saved as ``None`` where the template has a value (not checkpointed: the Levanter/equinox
+  convention) counts as not on disk, as does every template leaf under a subtree saved as None.
 - saved leaves the template does not have raise by default; ``drop=True`` drops them all,
   ``drop=[regex, ...]`` only those whose (renamed) key matches one.
 
@@ -15,6 +17,8 @@ What was renamed, filled and dropped is logged and returned by ``plan``.
 ...                rename=[("dense", "Dense_0")], missing={"head2/w": 0.0}, drop=["^head/"])
 >>> changes.renamed, changes.filled, changes.dropped
 ([('params/dense/kernel', 'params/Dense_0/kernel')], ['head2/w'], ['head/w'])
+>>> plan(["a", "b"], ["a", "b/w"], unsaved=["b"]).missing  # 'b' was saved as None
+['b/w']
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +49,7 @@ class Changes:
     dropped: list[str]
     missing: list[str]  # template keys with no saved leaf and nothing to fill them
     unexpected: list[str]  # saved keys the template does not have, not dropped
+    unsaved: list[str] = dataclasses.field(default_factory=list)  # template keys saved as None (filled or missing)
 
     def log(self, where: str) -> None:
         if self.renamed or self.filled or self.dropped:
@@ -81,8 +86,14 @@ def plan(
     missing: Mapping[str, Any] | None = None,
     drop: bool | Sequence[str] = False,
     where: str = "",
+    unsaved: Collection[str] = (),
+    empty: Collection[str] = (),
 ) -> Changes:
-    """Maps saved keys onto template keys (pure; see the module docstring)."""
+    """Maps saved keys onto template keys (pure; see the module docstring).
+
+    ``unsaved``: saved keys holding None (not checkpointed); ``empty``: template keys whose leaf
+    is None (a saved None restores into them as None).
+    """
     target: dict[str, str] = {}
     renamed = []
     for key in saved:
@@ -93,20 +104,42 @@ def plan(
         target[key] = new
         if new != key:
             renamed.append((key, new))
-    wanted_set, produced = set(wanted), set(target.values())
+    wanted_set = set(wanted)
+    nones = set(unsaved)
+    holes = _holes(target, [k for k in saved if k in nones], wanted, set(empty))
+    produced = set(target.values()) | {k for k in holes if k in empty}
     filled = [k for k in wanted if k not in produced and missing is not None and k in missing]
     absent = [k for k in wanted if k not in produced and k not in filled]
-    extra = [k for k in saved if target[k] not in wanted_set]
+    extra = [k for k in saved if k in target and target[k] not in wanted_set]
     dropped = [k for k in extra if _dropping(drop, target[k])]
     used = {k: v for k, v in target.items() if v in wanted_set}
     unexpected = [target[k] if target[k] == k else f"{k} (renamed {target[k]})" for k in extra if k not in dropped]
-    return Changes(used, renamed, filled, dropped, absent, unexpected)
+    return Changes(used, renamed, filled, dropped, absent, unexpected, [k for k in holes if k not in empty])
+
+
+def _holes(target: dict[str, str], unsaved: Sequence[str], wanted: Sequence[str], empty: set[str]) -> list[str]:
+    """The template keys at or under a saved None's (renamed) key, that None taken out of
+    ``target``; a None saved where the template has None too stays (it restores as None)."""
+    holes: list[str] = []
+    leaves = set(wanted)
+    for key in unsaved:
+        new = target[key]
+        under = [new] if new in leaves else [w for w in wanted if w.startswith(new + "/")]
+        if under and not (under == [new] and new in empty):
+            del target[key]
+            holes += under
+    return holes
 
 
 def match_key(path: fmt.KeyPath) -> str:
-    """The '/'-joined key a leaf is matched and renamed by; a '/' inside one key component is
-    written %2F (and '%' as %25), so ``{"a/b": x}`` and ``{"a": {"b": y}}`` never collide."""
-    return "/".join(str(k).replace("%", "%25").replace("/", "%2F") for k in path)
+    """The '/'-joined key a leaf is matched and renamed by: ``format.key_string``, so
+    ``{"a/b": x}`` and ``{"a": {"b": y}}`` never collide."""
+    return fmt.key_string(path)
+
+
+def saved_none(record: fmt.LeafRecord) -> bool:
+    """Whether ``record`` is a None saved in place of a leaf (a leaf that was not checkpointed)."""
+    return record.kind == "scalar" and record.value_type == "none"
 
 
 def flat_values(tree: Any) -> dict[str, Any]:

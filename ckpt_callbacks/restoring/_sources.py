@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ckpt_callbacks import directory as layout
 from ckpt_callbacks import format as fmt
@@ -43,11 +43,26 @@ class Source(Protocol):
     1. ``open(loc, item)`` -> ``Located`` when the directory is of this kind; None for "not
        mine" (the next source is asked); raises a ``CheckpointError`` for "mine, but broken"
        (unfinished, malformed, no such item), which fails the restore with that error.
+
+    Optionally (a ``StepSource``), ``steps(base)``: the committed checkpoints of this kind
+    directly under a base, which the manager's discovery lists beside ours.
     """
 
     name: ClassVar[str]
 
     def open(self, loc: paths.Location, item: str) -> Located | None: ...
+
+
+@runtime_checkable
+class StepSource(Source, Protocol):
+    """A ``Source`` that also finds its checkpoints under a base directory:
+
+    2. ``steps(base)`` -> one ``CheckpointInfo`` per committed checkpoint of this kind directly
+       under ``base`` (``checkpoint=None``; ``path`` a URL that ``open`` accepts), by its own
+       rules of what is finished; the unfinished and the unreadable are left out.
+    """
+
+    def steps(self, base: paths.Location) -> list[layout.CheckpointInfo]: ...
 
 
 _SOURCES: list[Source] = []
@@ -75,6 +90,27 @@ def unregister_source(name: str) -> None:
 def sources() -> tuple[Source, ...]:
     """The registered foreign sources, in the order they are asked."""
     return tuple(_SOURCES)
+
+
+def foreign_steps(base: paths.Location) -> list[layout.CheckpointInfo]:
+    """The committed checkpoints every registered ``StepSource`` sees directly under ``base``,
+    each marked with its source's name (``CheckpointInfo.source``), by step.
+
+    ``CheckpointFormatError`` for a source that returns anything but infos of a step >= 0.
+    """
+    out = []
+    for source in _SOURCES:
+        if not isinstance(source, StepSource):
+            continue
+        for info in source.steps(base):
+            ok = isinstance(info, layout.CheckpointInfo) and info.checkpoint is None
+            if not ok or not isinstance(info.step, int) or isinstance(info.step, bool) or info.step < 0:
+                raise CheckpointFormatError(
+                    f"{base.url}: source {source.name!r} listed {info!r:.200}; expected a CheckpointInfo of a "
+                    "step >= 0 with checkpoint=None"
+                )
+            out.append(dataclasses.replace(info, source=source.name))
+    return sorted(out, key=lambda c: (c.step or 0, c.name))
 
 
 def native(ckpt: layout.Checkpoint, item: str) -> Located:

@@ -20,6 +20,7 @@ import tensorstore as ts
 from ckpt_callbacks import distributed
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import format as planning
+from ckpt_callbacks.errors import DeletedArrayError
 
 # Plans of recently saved trees, by tree signature: a training loop saves the same structure,
 # shapes and shardings every time, and planning thousands of leaves costs tens of ms.
@@ -218,11 +219,25 @@ def _native(value: np.ndarray) -> np.ndarray:
     return value if value.dtype == little else value.astype(little)
 
 
+def check_live(flat: list[tuple[fmt.KeyPath, Any]]) -> None:
+    """Refuses a tree holding deleted ``jax.Array`` leaves (donated to a jitted step, or
+    ``.delete()``d), naming them, before anything is written."""
+    dead = [fmt.key_string(p) or "<root>" for p, v in flat if isinstance(v, jax.Array) and v.is_deleted()]
+    if dead:
+        shown = ", ".join(map(repr, dead[:5])) + (f" and {len(dead) - 5} more" if len(dead) > 5 else "")
+        what = "leaf {}: the jax.Array was" if len(dead) == 1 else "leaves {}: their jax.Arrays were"
+        raise DeletedArrayError(
+            f"{what.format(shown)} deleted, or donated to a jitted step (donate_argnums / donate_argnames) "
+            "that has run since; save the state before that step, or pass the new state it returned"
+        )
+
+
 def plan_tree(
     flat: list[tuple[fmt.KeyPath, Any]], cast: Any, max_chunk_bytes: int, pack_bytes: int, file_bytes: int | None = None
 ) -> list[Leaf]:
-    """``describe``, ``check_dirs`` and ``plan`` for a flattened tree, reusing the plan of a tree
-    with the same signature (paths, shapes, dtypes, shardings, settings) saved before."""
+    """``check_live``, ``describe``, ``check_dirs`` and ``plan`` for a flattened tree, reusing the
+    plan of a tree with the same signature (paths, shapes, dtypes, shardings, settings) saved before."""
+    check_live(flat)
     try:
         key: Any = (
             cast,

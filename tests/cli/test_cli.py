@@ -259,7 +259,7 @@ def test_diff_two_checkpoints(tmp_path):
     compared = {c["key"]: c for c in data["compared"]}
     assert (compared["w"]["max_abs_diff"], compared["w"]["differing"], compared["w"]["size"]) == (2.5, 1, 6)
     assert compared["n"]["max_abs_diff"] == 2.0 and compared["name"] == {
-        "key": "name", "max_abs_diff": None, "equal": False, "differing": 1, "size": 1,
+        "item": "state", "key": "name", "max_abs_diff": None, "equal": False, "differing": 1, "size": 1,
     }  # fmt: skip
     out = _cli("diff", str(tmp_path / "run-1"), str(tmp_path / "run-2"))
     assert out.returncode == 0 and re.search(r"^w\s+2\.5\s+1 of 6$", out.stdout, re.M)

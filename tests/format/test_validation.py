@@ -39,7 +39,7 @@ def _refused(url, error, match):
     with pytest.raises(error, match=match):
         cc.restore(url)
     report = cc.verify(url)
-    assert not report.ok and any(re.search(match, p) for p in report.problems), report.problems
+    assert not report.ok and any(re.search(match, p.message) for p in report.problems), report.problems
 
 
 def _swap_indices(m):
@@ -197,6 +197,6 @@ def test_verify_reports_a_broken_marker_and_raises_only_without_a_checkpoint(mem
     _save(mem_url)
     paths.write_bytes(paths.parse(mem_url), "COMMITTED", b"[]")
     report = cc.verify(mem_url)
-    assert not report.ok and "COMMITTED: expected a JSON object" in report.problems[0]
+    assert not report.ok and "COMMITTED: expected a JSON object" in report.problems[0].message
     with pytest.raises(cc.CheckpointNotFoundError):
         cc.verify(mem_url + "-nothing")

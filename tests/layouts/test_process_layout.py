@@ -104,12 +104,12 @@ def test_plan_layout_counts_what_a_real_save_writes(tmp_path, layout):
 
 def test_plan_layout_by_hand():
     # (16, 8) float32 over 8 devices on 2 processes, sharded on dim 0: 8 chunks of 64 bytes,
-    # 4 per process. zarr3 with no packing: 4 chunk objects each, zarr.json + 3 JSON on process 0.
+    # 4 per process. zarr3 with no packing: 4 chunk objects each, 2 zarr.json + 3 JSON on process 0.
     leaves = [LeafShape(path="a/w", shape=(16, 8), dtype="float32", spec=("d",))]
     zarr = plan_layout(leaves, {"d": 8}, 2, layout="zarr3", pack_bytes=0)
-    assert zarr.objects == (4 + 1 + 3, 4) and zarr.chunks == 8 and zarr.bytes[1] == 4 * 64
+    assert zarr.objects == (4 + 2 + 3, 4) and zarr.chunks == 8 and zarr.bytes[1] == 4 * 64
     packed = plan_layout(leaves, {"d": 8}, 2, layout="zarr3")  # 512 bytes: packed, one file each
-    assert packed.objects == (1 + 3, 1)
+    assert packed.objects == (1 + 1 + 3, 1)
     # process layout, files of 128 bytes: 2 data files + 1 index each; index = 16 + 4 x 48 bytes
     proc = plan_layout(leaves, {"d": 8}, 2, layout="process", file_bytes=128)
     assert proc.objects == (3 + 3, 3) and proc.index_bytes == (208, 208)
@@ -117,7 +117,7 @@ def test_plan_layout_by_hand():
     many = [LeafShape(path=f"l{i}", shape=(8192, 1024), dtype="bfloat16", spec=("d",)) for i in range(100)]
     big = plan_layout(many, {"d": 8192}, 1024, layout="process")
     assert big.total_objects == 2 * 1024 + 3 and big.chunks == 100 * 8192
-    assert plan_layout(many, {"d": 8192}, 1024, layout="zarr3").total_objects == 100 * (8192 + 1) + 3
+    assert plan_layout(many, {"d": 8192}, 1024, layout="zarr3").total_objects == 100 * (8192 + 1) + 4
     with pytest.raises(ValueError, match="not divisible"):
         plan_layout([LeafShape(path="x", shape=(10,), dtype="float32", spec=("d",))], {"d": 4}, 1)
 
@@ -198,9 +198,9 @@ def test_an_index_rewritten_with_consistent_records_is_caught_by_verify(tmp_path
     forged = (r0[0], r1[1], r0[2], r1[3], r0[4], r0[5], r1[6])  # chunk 0 now points at chunk 1's bytes and crc32c
     record = process_index.pack_record(0, forged)
     index.write_bytes(data[:head] + record + data[head + size :])
-    assert any("index.0" in p for p in cc.verify(path).problems)
+    assert any("index.0" in p.message for p in cc.verify(path).problems)
     index.write_bytes(pathlib.Path(other, "state", "index.0").read_bytes())  # another save's index
-    assert any("index.0" in p for p in cc.verify(path).problems)
+    assert any("index.0" in p.message for p in cc.verify(path).problems)
     with pytest.raises(cc.CheckpointError):
         cc.restore(path, mesh=make_mesh((4, 2)))  # b's records carry b's chunk checksums: a's data fails them
 
@@ -250,7 +250,7 @@ def _refused(path: str, match: str) -> None:
     with pytest.raises(cc.CheckpointError, match=match):
         cc.restore(path, mesh=make_mesh((4, 2)))
     problems = cc.verify(path).problems
-    assert any(re.search(match, p) for p in problems), problems
+    assert any(re.search(match, p.message) for p in problems), problems
 
 
 def _pair(tmp_path, offset: float = 100.0) -> tuple[str, dict]:
@@ -367,4 +367,4 @@ def test_a_fifo_in_place_of_a_file_is_refused_at_once(tmp_path, layout, name, tr
     assert isinstance(restored.get("error"), cc.CorruptCheckpointError), restored
     assert f"{fifo} is not a regular file" in str(restored["error"])
     report = _promptly(lambda: cc.verify(path), fifo)["value"]
-    assert any(f"{fifo} is not a regular file" in p for p in report.problems), report.problems
+    assert any(f"{fifo} is not a regular file" in p.message for p in report.problems), report.problems

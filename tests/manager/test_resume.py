@@ -44,8 +44,8 @@ def test_restore_or_init_keeps_a_jitted_inits_shardings(url, mesh42):
 
 
 def test_restore_or_init_places_an_unjitted_init_with_mesh_and_rules(url, mesh42):
-    def init():  # the device_put pattern: eval_shape cannot see these shardings
-        return {"w": jax.device_put(jnp.zeros((8, 4)), NamedSharding(mesh42, P("x")))}
+    def init():  # placed nowhere: mesh= and rules= say where it goes
+        return {"w": jnp.zeros((8, 4))}
 
     ck = cc.Checkpointer(url, handle_sigterm=False)
     ck.save_checkpoint({"w": jnp.ones((8, 4))}, "run-1", step=1)
@@ -271,3 +271,18 @@ def test_a_reader_only_reads_metrics_it_never_deletes(tmp_path):
     reader, manager = cc.CheckpointReader(tmp_path), cc.Checkpointer(tmp_path)
     assert not hasattr(reader.retention, "apply") and hasattr(manager.retention, "apply")
     manager.close()
+
+
+def test_nnx_restore_or_init_into_never_starts_fresh_past_only_damaged_checkpoints(tmp_path):
+    """Every checkpoint's metadata damaged: ``restore_or_init_into`` raises naming them (it used to
+    return None and leave the model as initialised: a silent fresh start)."""
+    model = Tiny(nnx.Rngs(0))
+    cb = cc.CheckpointCallback(str(tmp_path), state_fn=lambda: {"model": model}, handle_sigterm=False)
+    cb.on_train_end(2)
+    cb.close()
+    (tmp_path / "run-2" / "metadata.json").write_bytes(b'{"step": 2, "timestamp": "not json')
+    fresh = Tiny(nnx.Rngs(5))
+    cb = cc.CheckpointCallback(str(tmp_path), state_fn=lambda: {"model": fresh}, handle_sigterm=False)
+    with pytest.raises(cc.CheckpointError, match="run-2"):
+        cb.restore_or_init_into(model=fresh)
+    cb.close()

@@ -212,7 +212,7 @@ def test_flipped_byte_in_any_chunk_is_detected(tmp_path, mesh42):
         with pytest.raises(cc.CorruptCheckpointError, match=rf"leaf '{leaf}' chunk [0-9.]+ .*crc32c"):
             cc.restore(path)
         report = cc.verify(path)
-        assert not report.ok and len(report.problems) == 1 and f"leaf '{leaf}'" in report.problems[0]
+        assert not report.ok and len(report.problems) == 1 and f"leaf '{leaf}'" in report.problems[0].message
         raw[len(raw) // 2] ^= 0x40
         pathlib.Path(victim).write_bytes(raw)
     assert cc.verify(path).ok and cc.verify(path).chunks == 9
@@ -233,7 +233,8 @@ def test_flipped_byte_in_any_packed_chunk_is_detected(tmp_path, mesh42):
         with pytest.raises(cc.CorruptCheckpointError, match=rf"leaf '{leaf}' chunk {chunk} .*crc32c"):
             cc.restore(str(path))
         report = cc.verify(str(path))
-        assert not report.ok and len(report.problems) == 1 and f"leaf '{leaf}' chunk {chunk}" in report.problems[0]
+        (problem,) = report.problems
+        assert not report.ok and f"leaf '{leaf}' chunk {chunk}" in problem.message
         raw[offset + 1] ^= 0x40
         pack.write_bytes(raw)
     assert cc.verify(str(path)).ok and cc.verify(str(path)).chunks == 9

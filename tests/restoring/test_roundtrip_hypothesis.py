@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
+from ckpt_callbacks import format as fmt
 from conftest import assert_tree_equal, make_mesh
 
 MESHES = [
@@ -78,7 +79,7 @@ def case(draw):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     rules = []
     for path, value in flat:
-        key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        key = fmt.key_string(fmt.path_of(path))  # the spelling rules match: '/' in a key is %2F
         rules.append((f"^{re.escape(key)}$", draw(spec_for(np.shape(value), target))))
     # packing: none (every leaf a zarr3 array), some leaves (a 64-byte threshold), all (the default)
     pack_bytes = draw(st.sampled_from([0, 64, 1 << 20]))

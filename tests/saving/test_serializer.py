@@ -158,7 +158,12 @@ def test_small_leaves_are_packed_into_few_files(url, mesh42):
         "key": jax.random.key(0),
     }
     cc.save(url, tree)
-    assert paths.list_entries(cc.open_checkpoint(url).item_loc("state")) == ["big", "manifest.json", "pack.0-0"]
+    assert paths.list_entries(cc.open_checkpoint(url).item_loc("state")) == [
+        "big",
+        "manifest.json",
+        "pack.0-0",
+        "zarr.json",
+    ]
     records = {r.key: r for r in _manifest(url).leaves}
     assert records["big"].pack == {} and len(records["sharded"].pack) == 8 and records["key"].pack
     assert_tree_equal(cc.restore(url), tree)

@@ -1,13 +1,22 @@
 """``file://`` and plain paths: a directory on a local (or mounted) filesystem.
 
+A ``file://`` URL is percent-decoded as UTF-8 (RFC 8089, what ``pathlib.Path.as_uri`` writes);
+a plain path is taken as it is. ``url`` encodes what a URL must (spaces, '%', non-ASCII), so
+``parse(loc.url) == loc``:
+
 >>> from ckpt_callbacks.storage import _location as paths
 >>> FILE.local_path(paths.parse("file://localhost/tmp/runs"))
 '/tmp/runs'
+>>> loc = paths.parse("file:///tmp/uri%20test/%C3%BC")
+>>> loc.path, loc.url
+('/tmp/uri test/ü', 'file:///tmp/uri%20test/%C3%BC')
 """
 
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -17,6 +26,30 @@ import fsspec.implementations.local  # loaded with the package, not by a first l
 from ckpt_callbacks.errors import CheckpointPathError
 from ckpt_callbacks.storage._backend import Location, register_backend
 from ckpt_callbacks.storage.backends._base import FsspecBackend
+
+# What a URL path keeps as it is (RFC 3986 pchar and '/'): ordinary paths print unencoded.
+_SAFE = "/!$&'()*+,;=:@~"
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def decode_path(encoded: str, text: str) -> str:
+    """The path of a ``file://`` URL ``text`` from its percent-encoded ``encoded`` part;
+    ``CheckpointPathError`` for an invalid escape, bytes that are not UTF-8, or a NUL."""
+    bad = _BAD_ESCAPE.search(encoded)
+    if bad:
+        raise CheckpointPathError(
+            f"{text!r}: invalid percent-escape {encoded[bad.start() : bad.start() + 3]!r} in a file URL "
+            "(expected %XX, two hex digits; write %25 for a '%', or give a plain path)"
+        )
+    try:
+        path = urllib.parse.unquote_to_bytes(encoded).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointPathError(
+            f"{text!r}: a file URL must decode to UTF-8, found bytes that are not UTF-8 ({e.reason})"
+        ) from None
+    if "\x00" in path:
+        raise CheckpointPathError(f"{text!r}: a file URL names a path with a NUL character (%00)")
+    return path
 
 
 class FileBackend(FsspecBackend):
@@ -28,10 +61,11 @@ class FileBackend(FsspecBackend):
             raise CheckpointPathError(
                 f"{text!r}: a file URL names no host (file:///abs/path or file://localhost/abs/path), found {host!r}"
             )
-        return Location(scheme=self.scheme, path=os.path.abspath(rest[len(host) :]))
+        return Location(scheme=self.scheme, path=os.path.abspath(decode_path(rest[len(host) :], text)))
 
     def url(self, loc: Location) -> str:
-        return f"{self.scheme}://" + loc.path
+        # surrogateescape: a name that is not UTF-8 prints as its bytes (parse refuses it back).
+        return f"{self.scheme}://" + urllib.parse.quote(loc.path, safe=_SAFE, errors="surrogateescape")
 
     def kvstore_spec(self, loc: Location, env: Mapping[str, str]) -> dict[str, Any]:
         return {"driver": "file", "path": loc.path + "/" if loc.path else ""}

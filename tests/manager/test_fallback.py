@@ -1,0 +1,234 @@
+"""Resuming past a damaged latest checkpoint: each kind of damage, through the public API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckpt_callbacks as cc
+from conftest import forge_committed_json
+
+
+def _state(step):
+    return {"w": jnp.arange(8.0) + step, "b": jnp.full(3, float(step))}
+
+
+def _init():
+    return _state(0)
+
+
+def _resume(ck, **kwargs):
+    """``restore_or_init`` of a state on one device (its template says where it goes)."""
+    return ck.restore_or_init(_init, template=_init(), **kwargs)
+
+
+def _train(base, steps):
+    """A run that saved every step (each chunk its own file, so one can be damaged alone)."""
+    ck = cc.Checkpointer(base, step_policies=[cc.CheckpointInterval(every=1)], handle_sigterm=False, pack_bytes=0)
+    for step in steps:
+        ck.on_step(_state(step), step=step)
+    ck.close()
+
+
+def _chunk(ckpt: pathlib.Path) -> pathlib.Path:
+    return ckpt / "state" / "w" / "c" / "0"
+
+
+def _delete_chunk(ckpt):
+    _chunk(ckpt).unlink()
+
+
+def _flip_chunk(ckpt):
+    raw = bytearray(_chunk(ckpt).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    _chunk(ckpt).write_bytes(bytes(raw))
+
+
+def _truncate_manifest(ckpt):
+    manifest = ckpt / "state" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+
+
+def _forge_manifest(ckpt):
+    data = json.loads((ckpt / "state" / "manifest.json").read_bytes())
+    data["leaves"][0]["kind"] = "forged"
+    forge_committed_json(str(ckpt), "state/manifest.json", json.dumps(data).encode())
+
+
+def _damage_metadata(ckpt):
+    (ckpt / "metadata.json").write_bytes(b'{"step": 1, "timestamp": "not json')
+
+
+def _forge_metadata(ckpt):
+    forge_committed_json(str(ckpt), "metadata.json", b'{"step": "three", "timestamp": 0}')
+
+
+DAMAGE = {
+    "chunk deleted": _delete_chunk,
+    "chunk bit-flipped": _flip_chunk,
+    "manifest truncated": _truncate_manifest,
+    "manifest forged": _forge_manifest,
+    "metadata damaged": _damage_metadata,
+    "metadata forged": _forge_metadata,
+}
+ERRORS = (cc.CorruptCheckpointError, cc.CheckpointFormatError)
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_restore_or_init_falls_back_past_a_damaged_latest(tmp_path, caplog, kind):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2, 3])
+    DAMAGE[kind](base / "run-3")
+    ck = cc.Checkpointer(str(base), step_policies=[cc.CheckpointInterval(every=1)], handle_sigterm=False)
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        state, meta = _resume(ck)
+    assert meta["step"] == 2
+    np.testing.assert_array_equal(state["w"], np.arange(8.0) + 2)
+    skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "run-3" in r.getMessage()]
+    assert skipped, f"no WARNING names the damaged run-3: {[r.getMessage() for r in caplog.records]}"
+    ck.close()
+
+
+@pytest.mark.parametrize("kind", ["chunk deleted", "manifest forged"])
+def test_restore_of_the_latest_falls_back_and_fallback_false_raises(tmp_path, caplog, kind):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2])
+    DAMAGE[kind](base / "run-2")
+    reader = cc.CheckpointReader(str(base))
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        tree, meta = reader.restore()
+    assert meta["step"] == 1 and tree["b"].tolist() == [1.0, 1.0, 1.0]
+    assert any(
+        "skipping the damaged checkpoint" in r.getMessage() and "run-2" in r.getMessage() for r in caplog.records
+    )
+    with pytest.raises(ERRORS, match="run-2"):
+        reader.restore(fallback=False)
+    with pytest.raises(ERRORS, match="run-2"):
+        _resume(cc.Checkpointer(str(base), handle_sigterm=False), fallback=False)
+
+
+def test_an_explicit_step_never_falls_back(tmp_path):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2])
+    _delete_chunk(base / "run-2")
+    with pytest.raises(cc.CorruptCheckpointError, match="run-2"):
+        cc.CheckpointReader(str(base)).restore(step=2)
+    with pytest.raises(cc.CorruptCheckpointError, match="run-2"):
+        cc.CheckpointReader(str(base)).restore(path="run-2")
+
+
+def test_a_template_that_does_not_fit_is_raised_at_once(tmp_path, caplog):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2])
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"), pytest.raises(cc.RestoreMismatchError, match="shape"):
+        cc.CheckpointReader(str(base)).restore(template={"w": jnp.zeros(9), "b": jnp.zeros(3)})
+    assert not any("skipping" in r.getMessage() for r in caplog.records)
+
+
+def test_when_nothing_restores_restore_or_init_raises_listing_every_one_tried(tmp_path):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2, 3])
+    _delete_chunk(base / "run-3")
+    _flip_chunk(base / "run-2")
+    _truncate_manifest(base / "run-1")
+    ck = cc.Checkpointer(str(base), handle_sigterm=False)
+    with pytest.raises(cc.CorruptCheckpointError, match=r"no checkpoint under .* restores") as raised:
+        _resume(ck)
+    for name in ("run-3", "run-2", "run-1"):
+        assert name in str(raised.value)
+    ck.close()
+
+
+def test_every_metadata_damaged_is_no_fresh_start(tmp_path):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2])
+    _damage_metadata(base / "run-1")
+    _damage_metadata(base / "run-2")
+    with pytest.raises(cc.CorruptCheckpointError, match="run-2"):
+        _resume(cc.Checkpointer(str(base), handle_sigterm=False))
+    assert _resume(cc.Checkpointer(str(tmp_path / "empty"), handle_sigterm=False))[1] is None
+
+
+def test_after_a_fallback_the_schedule_resumes_and_discard_newer_replaces_the_damaged(tmp_path):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2, 3])
+    _delete_chunk(base / "run-3")
+    ck = cc.Checkpointer(str(base), step_policies=[cc.CheckpointInterval(every=1)], handle_sigterm=False)
+    _, meta = _resume(ck, discard_newer=True)
+    assert meta["step"] == 2 and ck.all_steps() == [1, 2]
+    assert ck.on_step(_state(2), step=2) is False  # the restored step is not saved again
+    assert ck.on_step(_state(30), step=3) is True
+    ck.close()
+    tree, meta = cc.CheckpointReader(str(base)).restore()
+    assert meta["step"] == 3 and tree["w"].tolist() == (np.arange(8.0) + 30).tolist()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    count=st.integers(1, 4),
+    damaged=st.dictionaries(st.integers(0, 3), st.sampled_from(sorted(DAMAGE)), max_size=4),
+)
+def test_the_newest_checkpoint_that_restores_is_resumed(caplog, count, damaged):
+    """Any kinds of damage on any of the newest checkpoints (0: the newest)."""
+    damaged = {age: kind for age, kind in damaged.items() if age < count}
+    steps = list(range(1, count + 1))
+    intact = [s for i, s in enumerate(reversed(steps)) if i not in damaged]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = pathlib.Path(tmp) / "run"
+        _train(str(base), steps)
+        for age, kind in damaged.items():
+            DAMAGE[kind](base / f"run-{steps[-1 - age]}")
+        ck = cc.Checkpointer(str(base), handle_sigterm=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+            if not intact:
+                with pytest.raises(ERRORS, match=f"run-{steps[-1 - min(damaged)]}"):
+                    _resume(ck)
+                ck.close()
+                return
+            state, meta = _resume(ck)
+        ck.close()
+    assert meta["step"] == intact[0]
+    np.testing.assert_array_equal(state["w"], np.arange(8.0) + intact[0])
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for age in damaged:
+        if steps[-1 - age] > intact[0]:  # tried (or skipped by the listing) before the one resumed
+            assert f"run-{steps[-1 - age]}" in warned
+
+
+OUTCOMES = st.sampled_from(
+    [
+        {"kind": "ok", "step": 3},
+        {"kind": "damaged", "step": 3, "type": "CorruptCheckpointError", "error": "chunk missing"},
+        {"kind": "fatal", "step": 3, "type": "RestoreMismatchError", "error": "shape"},
+    ]
+)
+
+
+@given(st.lists(OUTCOMES, min_size=1, max_size=5))
+def test_processes_act_on_the_worst_outcome_of_any_of_them(outcomes):
+    """What every process does after one attempt: any fatal error stops all, any damage moves
+    all to the next older checkpoint, and only where every process restored is the result kept."""
+    from ckpt_callbacks.manager._fallback import verdict
+
+    agreed = verdict(outcomes)
+    kinds = [o["kind"] for o in outcomes]
+    worst = "fatal" if "fatal" in kinds else "damaged" if "damaged" in kinds else "ok"
+    assert agreed["kind"] == worst
+    if worst != "ok":
+        assert agreed["pid"] == kinds.index(worst)
+
+
+def test_processes_that_listed_different_steps_fail_together():
+    from ckpt_callbacks.manager._fallback import verdict
+
+    agreed = verdict([{"kind": "ok", "step": 3}, {"kind": "ok", "step": 2}])
+    assert agreed["kind"] == "fatal" and "different steps [2, 3]" in agreed["error"]

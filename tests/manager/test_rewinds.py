@@ -1,0 +1,167 @@
+"""Rewinds are explicit: a restore older than the latest warns, skipped saves are logged, and
+newer checkpoints go only when asked (``discard_newer=True``, ``ckpt-callbacks prune --after``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import jax.numpy as jnp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckpt_callbacks as cc
+from ckpt_callbacks.cli import main as cli
+
+
+def _state(step, trajectory=0.0):
+    return {"w": jnp.arange(4.0) + step + trajectory}
+
+
+def _every(base, n=10):
+    return cc.Checkpointer(base, step_policies=[cc.CheckpointInterval(every=n)], handle_sigterm=False)
+
+
+def _train(base, last, n=10):
+    with _every(base, n) as ck:
+        for step in range(1, last + 1):
+            ck.on_step(_state(step), step=step)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_restore_older_than_the_latest_warns_naming_the_newer_steps(tmp_path, caplog):
+    base = str(tmp_path / "run")
+    _train(base, 30)
+    with _every(base) as ck, caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        tree, meta = ck.restore(step=10)
+    assert meta["step"] == 10 and tree["w"].tolist() == [10.0, 11.0, 12.0, 13.0]
+    (warning,) = [w for w in _warnings(caplog) if "newer checkpoints" in w]
+    assert "steps [20, 30]" in warning and "tries step 30 first" in warning
+    assert "discard_newer=True" in warning and "--after 10 --yes" in warning
+    assert cc.CheckpointReader(base).all_steps() == [10, 20, 30]  # nothing deleted by default
+
+
+def test_a_restore_of_the_latest_or_by_path_warns_only_when_newer_exist(tmp_path, caplog):
+    base = str(tmp_path / "run")
+    _train(base, 20)
+    with _every(base) as ck, caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        ck.restore()
+        ck.restore(step=20)
+        assert not [w for w in _warnings(caplog) if "newer checkpoints" in w]
+        ck.restore(path="run-10")
+    assert [w for w in _warnings(caplog) if "newer checkpoints" in w and "steps [20]" in w]
+
+
+def test_a_reader_restoring_an_older_step_is_an_evaluation_not_a_rewind(tmp_path, caplog):
+    base = str(tmp_path / "run")
+    _train(base, 20)
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        cc.CheckpointReader(base).restore(step=10)
+    assert not _warnings(caplog)
+
+
+def test_each_due_save_skipped_because_its_step_exists_is_a_warning(tmp_path, caplog):
+    base = str(tmp_path / "run")
+    _train(base, 30)
+    with _every(base) as ck:
+        ck.restore(step=10)
+        with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+            saved = [ck.on_step(_state(step, 0.5), step=step) for step in range(11, 41)]
+    assert [s for s, ok in zip(range(11, 41), saved, strict=True) if ok] == [40]
+    skipped = [w for w in _warnings(caplog) if "a checkpoint is due, but skipped" in w]
+    assert len(skipped) == 2 and "step 20:" in skipped[0] and "step 30:" in skipped[1]
+    assert "run-20" in skipped[0] and "discard_newer=True" in skipped[0]
+
+
+def test_discard_newer_deletes_them_after_the_restore_and_the_schedule_resumes(tmp_path, caplog):
+    base = str(tmp_path / "run")
+    _train(base, 30)
+    with _every(base) as ck:
+        ck.record_metrics(30, {"loss": 0.1})
+        with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+            tree, meta = ck.restore(step=10, discard_newer=True)
+        assert meta["step"] == 10 and ck.all_steps() == [10]
+        assert [w for w in _warnings(caplog) if "discard_newer: deleted 2 checkpoint(s)" in w]
+        assert not (tmp_path / "run" / "metrics" / "run-30.json").exists()
+        saved = [s for s in range(10, 31) if ck.on_step(_state(s, 0.5), step=s)]
+    assert saved == [20, 30]  # the restored step is not saved again; 20 and 30 are this trajectory's
+    tree, meta = cc.CheckpointReader(base).restore()
+    assert meta["step"] == 30 and tree["w"].tolist() == [30.5, 31.5, 32.5, 33.5]
+
+
+def test_a_failed_restore_discards_nothing(tmp_path):
+    base = str(tmp_path / "run")
+    _train(base, 30)
+    with _every(base) as ck:
+        with pytest.raises(cc.RestoreMismatchError):
+            ck.restore(step=10, discard_newer=True, template={"w": jnp.zeros(5)})
+        with pytest.raises(cc.CheckpointNotFoundError):
+            ck.restore(step=15, discard_newer=True)
+        assert ck.all_steps() == [10, 20, 30]
+
+
+def test_a_reader_refuses_discard_newer(tmp_path):
+    base = str(tmp_path / "run")
+    _train(base, 20)
+    with pytest.raises(ValueError, match="a reader deletes nothing"):
+        cc.CheckpointReader(base).restore(step=10, discard_newer=True)
+    assert cc.CheckpointReader(base).all_steps() == [10, 20]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.sets(st.integers(1, 60), min_size=1, max_size=6), data=st.data())
+def test_discard_newer_keeps_exactly_the_steps_up_to_the_restored_one(caplog, steps, data):
+    base = f"memory://rewinds/{uuid.uuid4().hex}"
+    for step in steps:
+        cc.save(f"{base}/run-{step}", _state(step), step=step)
+    back = data.draw(st.sampled_from(sorted(steps)))
+    discard = data.draw(st.booleans())
+    caplog.clear()
+    with _every(base) as ck, caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        _, meta = ck.restore(step=back, discard_newer=discard)
+        left = ck.all_steps()
+    newer = sorted(s for s in steps if s > back)
+    assert meta["step"] == back
+    assert left == (sorted(s for s in steps if s <= back) if discard else sorted(steps))
+    warned = [w for w in _warnings(caplog) if "newer checkpoints" in w]
+    assert bool(warned) == (bool(newer) and not discard)
+    if warned:
+        assert f"steps {newer}" in warned[0]
+
+
+def test_prune_after_lists_then_deletes_the_newer_checkpoints(tmp_path, capsys):
+    base = tmp_path / "run"
+    _train(str(base), 40)
+    (base / "run-30" / "notes.txt").write_text("mine")  # not ours: survives the deletion of run-30
+    assert cli(["prune", str(base), "--after", "20", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["dry_run"] and [(r["step"], r["action"]) for r in dry["checkpoints"]] == [
+        (10, "keep"),
+        (20, "keep"),
+        (30, "delete"),
+        (40, "delete"),
+    ]
+    assert cc.CheckpointReader(str(base)).all_steps() == [10, 20, 30, 40]
+    assert cli(["prune", str(base), "--after", "20"]) == 0
+    assert "would delete 2 checkpoints" in capsys.readouterr().out
+    assert cli(["prune", str(base), "--after", "20", "--yes"]) == 0
+    assert "deleted 2 checkpoints" in capsys.readouterr().out
+    assert cc.CheckpointReader(str(base)).all_steps() == [10, 20]
+    assert sorted(p.name for p in (base / "run-30").iterdir()) == ["notes.txt"]
+
+
+def test_prune_after_combines_with_the_keep_rules(tmp_path, capsys):
+    base = tmp_path / "run"
+    _train(str(base), 50)
+    assert cli(["prune", str(base), "--after", "30", "--keep-last", "1", "--yes", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in done["checkpoints"] if r["action"] == "delete"] == [10, 20, 40, 50]
+    assert "--after" in done["policy"] and "--keep-last 1" in done["policy"]
+    assert cc.CheckpointReader(str(base)).all_steps() == [30]
+    assert cli(["prune", str(base), "--after", "-1"]) == 2
+    assert "--after -1" in capsys.readouterr().err
