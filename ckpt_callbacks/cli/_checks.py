@@ -21,6 +21,7 @@ from ckpt_callbacks import directory as layout
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks import interop as orbax_format
 from ckpt_callbacks import layouts as process_files
+from ckpt_callbacks import restoring
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.cli import _render as show
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
@@ -149,22 +150,31 @@ def _check(
             advance(record.nbytes, None)
 
 
-def _to_verify(path: str) -> tuple[list[paths.Location], bool]:
-    """The checkpoints ``verify`` re-reads: the one at ``path``, or those under it (then True)."""
+def _to_verify(path: str) -> tuple[list[paths.Location], bool, list[dict[str, Any]]]:
+    """The checkpoints ``verify`` re-reads: the one at ``path``, or those under it (then True),
+    and the steps of other writers under it (orbax's), which record no checksums to verify."""
     loc = paths.parse(path)
     if paths.read_bytes(loc, layout.COMMIT_MARKER) is not None:
-        return [loc], False
+        return [loc], False, []
     found = [loc.join(d) for d in paths.list_dirs(loc) if paths.read_bytes(loc.join(d), layout.COMMIT_MARKER)]
+    foreign = restoring.foreign_steps(loc)
+    others = [{"path": shown(path, paths.parse(c.path)), "step": c.step, "format": c.source} for c in foreign]
     if found:
         found.sort(key=lambda c: (layout.step_of(c.name) is None, layout.step_of(c.name) or 0, c.name))
-        return found, True
+        return found, True, others
     if orbax_format.find_items(loc):
         raise CheckpointNotFoundError(f"{loc.url} is an orbax checkpoint: orbax records no checksums to verify against")
+    if foreign:
+        names = ", ".join(f"{c['step']} ({c['format']})" for c in others[:8]) + (", ..." if len(others) > 8 else "")
+        raise CheckpointNotFoundError(
+            f"{loc.url} holds no checkpoint of ours to verify, only steps {names}: they record no checksums to "
+            "verify against"
+        )
     raise CheckpointNotFoundError(f"no committed checkpoint at {loc.url}: {found_instead(loc)}")
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    targets, is_base = _to_verify(args.path)
+    targets, is_base, unverified = _to_verify(args.path)
     out = show.console()
     opened = [_open_for_check(loc, shown(args.path, loc) if is_base else loc.url) for loc in targets]
     total = sum(r.nbytes for _, items in opened for _, records, _ in items for r in records)
@@ -179,9 +189,9 @@ def verify_command(args: argparse.Namespace) -> int:
     reports = [report for report, _ in opened]
     ok = not any(r["problems"] for r in reports)
     if args.json:
-        show.print_json({"ok": ok, "checkpoints": reports})
+        show.print_json({"ok": ok, "checkpoints": reports, "not_verified": unverified})
     else:
-        out.print(show.verify_summary(reports, base=is_base))
+        out.print(show.verify_summary(reports, base=is_base, unverified=unverified), soft_wrap=True)
     return 0 if ok else 1
 
 

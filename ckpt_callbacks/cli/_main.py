@@ -107,6 +107,21 @@ def _other_row(base: str, loc: paths.Location) -> dict[str, Any] | None:
     return {**row, "best": None, "problem": problem}
 
 
+def _skipped_row(base: str, loc: paths.Location, step: int, why: str) -> dict[str, Any]:
+    """A step directory orbax lists that holds nothing we read (``interop.scan``)."""
+    row = {"step": step, "path": shown(base, loc), "format": orbax_format.OrbaxSource.name, "status": "damaged"}
+    problem = orbax_format.skipped_message(step, why) + " (resume skips it)"
+    empty: dict[str, Any] = {
+        "saved": None,
+        "timestamp": None,
+        "temporary": None,
+        "bytes": None,
+        "items": [],
+        "metrics": {},
+    }
+    return {**row, **empty, "best": None, "problem": problem}
+
+
 def _ranks(infos: Sequence[discovery.CheckpointInfo], metric: str | None, mode: str) -> dict[str, int]:
     """Best-k rank (1 = best) of each checkpoint recording ``metric``, by path."""
     if not metric:
@@ -130,8 +145,12 @@ def checkpoint_rows(base: str, metric: str | None = None, mode: str = "min") -> 
     ranks = _ranks(infos, metric, mode)
     rows = [_row(base, info, ranks.get(info.path)) for info in infos]
     listed = {paths.parse(info.path).name for info in infos}
+    skipped = orbax_format.skipped_steps(loc)  # orbax lists them, we cannot read them
     for name in paths.list_dirs(loc):
-        other = None if name in listed else _other_row(base, loc.join(name))
+        if name in skipped:
+            other: dict[str, Any] | None = _skipped_row(base, loc.join(name), *skipped[name])
+        else:
+            other = None if name in listed else _other_row(base, loc.join(name))
         if other is not None:
             rows.append(other)
     return sorted(rows, key=lambda r: (-1 if r["step"] is None else r["step"], r["path"]))

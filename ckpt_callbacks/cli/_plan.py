@@ -102,10 +102,6 @@ def _check_run(args: argparse.Namespace) -> datetime.timedelta | None:
         )
     if len(args.every) > _MAX_INTERVALS:
         raise ValueError(f"{len(args.every)} --every: plan simulates at most {_MAX_INTERVALS} intervals")
-    if not args.every and args.save_interval is None:
-        raise ValueError(
-            "nothing would ever be saved: give --every N (and --until STEP) and/or --save-interval SECONDS"
-        )
     if args.save_interval is None:
         return None
     if not 1e-6 <= args.save_interval <= _MAX_SECONDS:  # NaN too; timedelta counts microseconds

@@ -229,8 +229,24 @@ def show_inspect(out: Console, data: dict[str, Any]) -> None:
 
 
 def verify_header(report: dict[str, Any]) -> str:
-    leaves, chunks = plural(report["leaves"], "leaf", "leaves"), plural(report["chunks"], "chunk")
-    return f"{report['path']}: {leaves}, {chunks}, {human_size(report['bytes_read'])} checked"
+    """What was re-read of one checkpoint: every leaf when it is intact; with problems, how many
+    leaves came back intact (only those count as checked) or that none was re-read at all.
+
+    >>> verify_header({"path": "r/run-3", "leaves": 2, "chunks": 1, "bytes_read": 400,
+    ...                "problems": [{"kind": "missing", "leaf": "w", "message": "..."}]})
+    'r/run-3: 1 of 2 leaves intact (1 chunk, 400 B checked); 1 damaged:'
+    """
+    leaves, chunks = report["leaves"], plural(report["chunks"], "chunk")
+    checked = f"{chunks}, {human_size(report['bytes_read'])} checked"
+    if not report["problems"]:
+        return f"{report['path']}: {plural(leaves, 'leaf', 'leaves')}, {checked}"
+    damaged = sum(1 for p in report["problems"] if p.get("leaf") is not None)
+    if leaves == 0:
+        return f"{report['path']}: not re-read:"
+    if damaged >= leaves:
+        return f"{report['path']}: {plural(leaves, 'leaf', 'leaves')} re-read, none intact:"
+    intact = f"{leaves - damaged} of {plural(leaves, 'leaf', 'leaves')} intact"
+    return f"{report['path']}: {intact} ({checked}); {damaged} damaged:"
 
 
 def show_problems(out: Console, report: dict[str, Any]) -> None:
@@ -239,17 +255,26 @@ def show_problems(out: Console, report: dict[str, Any]) -> None:
         out.print(Text(f"  {p['kind'].upper():8} {p['message']}", style=_PROBLEM_STYLE[p["kind"]]), soft_wrap=True)
 
 
-def verify_summary(reports: Sequence[dict[str, Any]], *, base: bool) -> str:
+def verify_summary(reports: Sequence[dict[str, Any]], *, base: bool, unverified: Sequence[dict[str, Any]] = ()) -> str:
+    """The last line of ``verify``; ``unverified``: checkpoints of other writers under the base
+    (orbax's), which record no checksums to re-read against."""
     problems = [p for r in reports for p in r["problems"]]
     if not problems:
-        return f"OK ({plural(len(reports), 'checkpoint')})" if base else "OK"
-    kinds = ", ".join(
-        f"{sum(1 for p in problems if p['kind'] == k)} {k}"
-        for k in _PROBLEM_STYLE
-        if any(p["kind"] == k for p in problems)
-    )
-    damaged = sum(1 for r in reports if r["problems"])
-    return f"DAMAGED: {damaged} of {plural(len(reports), 'checkpoint')}, {plural(len(problems), 'problem')} ({kinds})"
+        line = f"OK ({plural(len(reports), 'checkpoint')})" if base else "OK"
+    else:
+        kinds = ", ".join(
+            f"{sum(1 for p in problems if p['kind'] == k)} {k}"
+            for k in _PROBLEM_STYLE
+            if any(p["kind"] == k for p in problems)
+        )
+        damaged = sum(1 for r in reports if r["problems"])
+        line = (
+            f"DAMAGED: {damaged} of {plural(len(reports), 'checkpoint')}, {plural(len(problems), 'problem')} ({kinds})"
+        )
+    for name, count in sorted(Counter(u["format"] for u in unverified).items()):
+        steps = _steps(sorted(u["step"] for u in unverified if u["format"] == name))
+        line += f"; {plural(count, f'{name} step')} not verified (steps {steps}): no checksums recorded"
+    return line
 
 
 def show_prune(out: Console, data: dict[str, Any]) -> None:

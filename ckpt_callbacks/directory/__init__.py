@@ -27,6 +27,7 @@ from ckpt_callbacks.directory._open import SaveLayout as SaveLayout
 from ckpt_callbacks.directory._open import check_item_name as check_item_name
 from ckpt_callbacks.directory._open import check_shared as check_shared
 from ckpt_callbacks.directory._open import choose_layout as choose_layout
+from ckpt_callbacks.directory._open import has_marker as has_marker
 from ckpt_callbacks.directory._open import is_ours as is_ours
 from ckpt_callbacks.directory._open import metrics_name as metrics_name
 from ckpt_callbacks.directory._open import open_checkpoint as open_checkpoint

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import posixpath
 import re
 import uuid
 from collections.abc import Collection
@@ -39,6 +40,7 @@ from ckpt_callbacks.errors import (
     CheckpointExistsError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointPathError,
     CorruptCheckpointError,
     MissingFileError,
     StorageNotSharedError,
@@ -269,6 +271,52 @@ def refuse_committed(loc: paths.Location, overwrite: bool, tag: str, add: list[s
         )
 
 
+def has_marker(loc: paths.Location) -> bool:
+    """Whether ``loc`` holds a commit marker, readable or not (one read): it is a checkpoint."""
+    return paths.read_bytes(loc, COMMIT_MARKER) is not None
+
+
+def _parent(loc: paths.Location) -> paths.Location | None:
+    parent = posixpath.dirname(loc.path)
+    return None if parent == loc.path else dataclasses.replace(loc, path=parent)
+
+
+def inside_checkpoint(loc: paths.Location) -> str | None:
+    """Why a save may not go to ``loc``: its parent or grandparent is a committed checkpoint
+    (``loc`` is its item directory, or a leaf's in one); None if neither is. At most two reads."""
+    inner = loc
+    for _ in range(2):
+        outer = _parent(inner)
+        if outer is None:
+            return None
+        if has_marker(outer):
+            return (
+                f"{loc.url} is inside the committed checkpoint {outer.url} (its entry {inner.name!r}); a "
+                "checkpoint is never saved into another. Save beside it (a sibling directory), or add an item "
+                f"to it with save_items({outer.url!r}, {{name: tree}}, add=True)"
+            )
+        inner = outer
+    return None
+
+
+_BASE_MARKERS = 5  # the newest run-<step> markers read before a directory is taken for no base
+
+
+def _base_of(loc: paths.Location, entries: Collection[str]) -> str | None:
+    """Why a save may not go to ``loc`` (not itself committed), whose listing is ``entries``:
+    it is a base holding committed ``run-<step>`` checkpoints; None if it is not."""
+    runs = sorted(((s, n) for n in entries if (s := step_of(n)) is not None), reverse=True)
+    for step, name in runs[:_BASE_MARKERS]:
+        if has_marker(loc.join(name)):
+            return (
+                f"{loc.url} is a checkpoint base: it holds committed run-<step> checkpoints (found "
+                f"{loc.join(name).url}), and a save there would wrap a checkpoint around them. Save each step "
+                f"into its own directory, {loc.url}/run-<step> (e.g. {loc.join(run_name(step + 1)).url}), "
+                "or use a Checkpointer of the base"
+            )
+    return None
+
+
 def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: bool, lease_s: float) -> dict[str, Any]:
     """Process 0: claim, list, and choose (see ``choose_layout``)."""
     nonce = uuid.uuid4().hex[:8]
@@ -276,6 +324,9 @@ def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: b
     # The claim names every name this save may use, plain ones too (it decides after listing):
     # another save never takes them for leftovers while this one writes.
     names = [METADATA, *items, f"metadata.ckpt-{nonce}.json", *(f"{i}.ckpt-{nonce}" for i in items)]
+    misplaced = inside_checkpoint(loc)  # before the claim: a refused save writes nothing
+    if misplaced is not None:
+        return {"refused": misplaced, "misplaced": True}
     paths.write_bytes(loc, claim, claims.new_claim(names, lease_s).to_bytes())
     committed = read_commit_quietly(loc)  # a damaged marker is replaced, and none of its names trusted
     why = None if overwrite else _collision(committed, items, add)
@@ -283,6 +334,10 @@ def _decide_names(loc: paths.Location, items: list[str], overwrite: bool, add: b
         paths.delete_entry(loc, claim)
         return {"refused": why}
     entries = [n for n in paths.list_entries(loc) if n != claim]
+    misplaced = None if committed is not None else _base_of(loc, entries)
+    if misplaced is not None:  # the claim was its only write, and it goes
+        paths.delete_entry(loc, claim)
+        return {"refused": misplaced, "misplaced": True}
     others = [n for n in entries if n.startswith(CLAIM_PREFIX)]
     busy, dead = claims.held(loc, others)
     if add and committed is not None:  # the items this save does not replace stay
@@ -315,6 +370,8 @@ def choose_layout(
     """
     decision = _decide_names(loc, items, overwrite, add, lease_s) if distributed.is_primary() else None
     decision = distributed.broadcast_json(f"{tag}/layout", decision)
+    if decision["refused"] and decision.get("misplaced"):
+        raise CheckpointPathError(decision["refused"])
     if decision["refused"]:
         raise CheckpointExistsError(f"{loc.url} {decision['refused']} (committed while this save started?)")
     nonce = decision["nonce"]

@@ -9,3 +9,5 @@ from ckpt_callbacks.interop._orbax_reader import read_item as read_item
 from ckpt_callbacks.interop._orbax_reader import step_of_name as step_of_name
 from ckpt_callbacks.interop._orbax_reader import unfinished_step as unfinished_step
 from ckpt_callbacks.interop._orbax_source import OrbaxSource as OrbaxSource
+from ckpt_callbacks.interop._orbax_source import skipped_message as skipped_message
+from ckpt_callbacks.interop._orbax_source import skipped_steps as skipped_steps

@@ -50,6 +50,7 @@ STRINGS = "_strings.json"
 COMMIT_SUCCESS = "commit_success.txt"
 TMP_MARK = ".orbax-checkpoint-tmp"
 DEFAULT_ITEM = "default"  # orbax's name of an unnamed item
+RESTORED_BY_DEFAULT = "state"  # the item ``restore`` and a ``Checkpointer`` read unless told
 MAX_JSON = 256 << 20  # bytes of _METADATA, _sharding or _strings.json
 MAX_ARRAY_JSON = 1 << 20  # bytes of one array's .zarray or zarr.json
 # orbax's ``step_from_checkpoint_name``: digits, or any prefix, '_' and digits (ASCII, as its regex)
@@ -124,13 +125,23 @@ def _json_object(raw: bytes, where: str) -> dict[str, Any]:
     return data
 
 
+def has_commit_success(loc: paths.Location) -> bool:
+    """Whether ``loc`` holds orbax's ``commit_success.txt`` (the commit of a step on GCS)."""
+    return _read(loc, COMMIT_SUCCESS, MAX_JSON) is not None
+
+
+def finalized(loc: paths.Location) -> bool:
+    """Whether orbax counts the directory ``loc`` as finalized (its ``is_path_finalized``):
+    not a temporary, and on GCS (where orbax commits with a file, not a rename) holding
+    ``commit_success.txt``."""
+    if TMP_MARK in loc.name:
+        return False
+    return not loc.url.startswith("gs://") or has_commit_success(loc)  # orbax: gcs_utils.is_gcs_path, on the URL
+
+
 def _check_finalized(loc: paths.Location) -> None:
-    """Refuses what orbax itself would not restore: a temporary directory, or on GCS (where
-    orbax commits with a file, not a rename) one without ``commit_success.txt``."""
-    unfinished = TMP_MARK in loc.name
-    if not unfinished and loc.url.startswith("gs://"):  # orbax's own test: gcs_utils.is_gcs_path, on the URL
-        unfinished = _read(loc, COMMIT_SUCCESS, MAX_JSON) is None
-    if unfinished:
+    """Refuses what orbax itself would not restore (not ``finalized``)."""
+    if not finalized(loc):
         raise CheckpointNotFoundError(f"{loc.url} is an orbax checkpoint whose save did not finish")
 
 
@@ -230,6 +241,11 @@ def pick_item(items: Collection[str], item: str, where: str) -> str:
         return DEFAULT_ITEM
     if len(items) == 1:
         return next(iter(items))
+    if item == RESTORED_BY_DEFAULT:  # most likely named by no one: restore's default
+        raise CheckpointNotFoundError(
+            f"{where} holds orbax items {sorted(items)}, none of them {RESTORED_BY_DEFAULT!r} (the item restored "
+            f"by default) or {DEFAULT_ITEM!r} (orbax's unnamed item): pass item= to pick one"
+        )
     raise CheckpointNotFoundError(
         f"{where} has no orbax item {item!r}; items: {sorted(items)} (and no {DEFAULT_ITEM!r} item, which "
         "orbax restores when none is named): pass item= one of them"

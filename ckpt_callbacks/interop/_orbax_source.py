@@ -8,6 +8,7 @@ beside ours (``steps``), so a ``Checkpointer`` of an orbax run directory resumes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -15,9 +16,19 @@ from typing import Any, ClassVar
 
 from ckpt_callbacks import restoring
 from ckpt_callbacks import storage as paths
-from ckpt_callbacks.directory import CheckpointInfo
+from ckpt_callbacks.directory import COMMIT_MARKER, CheckpointInfo
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
-from ckpt_callbacks.interop._orbax_reader import find_items, open_item, step_metadata, step_of_name
+from ckpt_callbacks.interop._orbax_reader import (
+    CHECKPOINT_METADATA,
+    METADATA,
+    finalized,
+    find_items,
+    has_commit_success,
+    open_item,
+    step_metadata,
+    step_of_name,
+    unfinished_step,
+)
 
 log = logging.getLogger("ckpt_callbacks")
 
@@ -54,6 +65,84 @@ def step_info(loc: paths.Location, step: int) -> CheckpointInfo | None:
     return CheckpointInfo(path=loc.url, step=step, timestamp=_seconds(data), extras=extras, source=OrbaxSource.name)
 
 
+def _why_unreadable(loc: paths.Location) -> str:
+    """What a step directory orbax lists holds instead of a checkpoint we read, in a few words."""
+    entries = paths.list_entries(loc)
+    if not entries:
+        return "it is empty"
+    listed = ", ".join(entries[:5]) + (f", ... ({len(entries) - 5} more)" if len(entries) > 5 else "")
+    head = f"its {CHECKPOINT_METADATA} names no item" if CHECKPOINT_METADATA in entries else f"no {CHECKPOINT_METADATA}"
+    return f"{head}, and no item directory holding {METADATA} (it holds {listed})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """An orbax run directory as ``scan`` reads it: its committed steps, and the step
+    directories orbax lists that hold nothing we read (name -> (step, why))."""
+
+    steps: list[CheckpointInfo]
+    skipped: dict[str, tuple[int, str]]
+
+
+def scan(base: paths.Location) -> Scan:
+    """The orbax steps directly under ``base``, and those orbax lists but we cannot read.
+
+    Orbax's ``CheckpointManager`` lists every directory with a step name that is finalized
+    (not a temporary; on GCS, holding ``commit_success.txt``), whatever it holds: an empty
+    ``4/`` is its latest step. Such a directory holding no orbax checkpoint we read is
+    ``skipped`` (and never restored) only where orbax's claim is plausible: it holds
+    ``commit_success.txt`` itself, or ``base`` holds other orbax steps (readable, or broken
+    ones) or an orbax temporary. A numbered directory of an unrelated folder is none of ours
+    to report, nor is a checkpoint of ours so named. Broken orbax files (a malformed
+    ``_CHECKPOINT_METADATA``) are skipped too.
+    """
+    steps: list[CheckpointInfo] = []
+    unread: list[tuple[str, int, paths.Location]] = []
+    skipped: dict[str, tuple[int, str]] = {}
+    temporaries = False
+    for name in paths.list_dirs(base):
+        step = step_of_name(name)
+        if step is None:
+            temporaries = temporaries or unfinished_step(name) is not None
+            continue
+        loc = base.join(name)
+        try:
+            info = step_info(loc, step)
+        except CheckpointError as e:  # orbax's files are there, but broken
+            skipped[name] = (step, str(e))
+            continue
+        if info is not None:
+            steps.append(info)
+        elif finalized(loc) and paths.read_bytes(loc, COMMIT_MARKER) is None:  # not one of ours named "7"
+            unread.append((name, step, loc))
+    claimed = bool(steps or skipped or temporaries)
+    for name, step, loc in unread:
+        if claimed or has_commit_success(loc):
+            skipped[name] = (step, _why_unreadable(loc))
+    return Scan(steps, dict(sorted(skipped.items(), key=lambda kv: kv[1][0])))
+
+
+def skipped_steps(base: paths.Location) -> dict[str, tuple[int, str]]:
+    """The step directories under ``base`` orbax lists but we cannot read (see ``scan``):
+    name -> (step, why), for listings that show them (``ckpt-callbacks list``)."""
+    return scan(base).skipped
+
+
+def skipped_message(step: int, why: str, url: str = "") -> str:
+    """What a listing says of a step orbax lists that we cannot read (``url``: where it is).
+
+    >>> skipped_message(4, "it is empty")
+    'orbax lists step 4 but it holds no readable checkpoint: it is empty'
+    """
+    return f"orbax lists step {step}{f' ({url})' if url else ''} but it holds no readable checkpoint: {why}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _warn_once(step: int, url: str, why: str) -> None:
+    """Each skipped step logged once per process: a manager lists its base at every save."""
+    log.warning("%s; skipping it (never resumed from)", skipped_message(step, why, url))
+
+
 class OrbaxSource:
     """``restoring.StepSource`` for orbax PyTree checkpoints."""
 
@@ -69,22 +158,12 @@ class OrbaxSource:
     def steps(self, base: paths.Location) -> list[CheckpointInfo]:
         """Orbax's committed steps directly under ``base``: directories named as its
         ``CheckpointManager`` names steps (``<step>``, ``<prefix>_<step>``, zero-padded or not)
-        holding an orbax checkpoint; temporaries and unfinished ones are left out, unreadable
-        ones too (logged)."""
-        out = []
-        for name in paths.list_dirs(base):
-            step = step_of_name(name)
-            if step is None:
-                continue
-            loc = base.join(name)
-            try:
-                info = step_info(loc, step)
-            except CheckpointError as e:  # committed but unreadable: say so, keep looking
-                log.warning("skipping %s: %s", loc.url, e)
-                continue
-            if info is not None:
-                out.append(info)
-        return out
+        holding an orbax checkpoint; temporaries and unfinished ones are left out. A step
+        directory orbax lists that we cannot read is left out with a WARNING (``scan``)."""
+        found = scan(base)
+        for name, (step, why) in found.skipped.items():
+            _warn_once(step, base.join(name).url, why)
+        return found.steps
 
 
 restoring.register_source(OrbaxSource())

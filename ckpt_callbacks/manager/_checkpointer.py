@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import logging
+import math
+import numbers
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,26 +34,58 @@ from typing import Any
 from ckpt_callbacks import directory as layout
 from ckpt_callbacks import distributed
 from ckpt_callbacks.directory import CheckpointInfo
-from ckpt_callbacks.errors import CheckpointExistsError
+from ckpt_callbacks.errors import CheckpointExistsError, CheckpointPathError
 from ckpt_callbacks.format import as_step
 from ckpt_callbacks.manager import _rewinds as rewinds
 from ckpt_callbacks.manager._aftercommit import AfterCommit, ScalarWriter, close_at_exit
-from ckpt_callbacks.manager._discovery import discover
+from ckpt_callbacks.manager._discovery import Listing, foreign_steps, listing
 from ckpt_callbacks.manager._policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
 from ckpt_callbacks.manager._preemption import Preemption, agree
-from ckpt_callbacks.manager._reader import CheckpointReader, announce
+from ckpt_callbacks.manager._reader import CheckpointReader, announce, directly_under
 from ckpt_callbacks.manager._retention import Retention
 from ckpt_callbacks.saving import SaveHandle, SaveOptions, save_items_async
 
 log = logging.getLogger("ckpt_callbacks")
 
 _ASKED = Decision(True, False, "asked")
+_ROUNDS = itertools.count()  # names of the agreements on foreign steps: every process lists in the same order
+_DISCARD_HINT = (
+    ". After a restore older than the latest, restore(..., discard_newer=True) deletes the newer checkpoints"
+)
+
+
+def _skipped(step: int, why: object, hint: str = "", level: int = logging.WARNING) -> None:
+    # A WARNING: the checkpoint there is another trajectory's (a restore older than the latest,
+    # another run on this base, another writer's step); this run's state at ``step`` is not saved.
+    # INFO for a step this run saved or restored itself (``on_train_end`` after the last due save).
+    log.log(level, "step %d: a checkpoint is due, but skipped: %s%s", step, why, hint)
 
 
 def _seconds(interval: datetime.timedelta | float | None) -> datetime.timedelta | None:
+    """``save_interval`` as a timedelta; a count of seconds must be finite and positive."""
     if interval is None or isinstance(interval, datetime.timedelta):
         return interval
-    return datetime.timedelta(seconds=float(interval))
+    if isinstance(interval, bool) or not isinstance(interval, numbers.Real):
+        raise TypeError(f"save_interval must be seconds (a number) or a timedelta, got {interval!r}")
+    if not math.isfinite(interval) or interval <= 0:
+        raise ValueError(f"save_interval must be a positive, finite number of seconds, got {interval!r}")
+    try:
+        return datetime.timedelta(seconds=float(interval))
+    except OverflowError:
+        raise ValueError(f"save_interval of {interval!r} seconds is longer than a timedelta holds") from None
+
+
+def _refuse_checkpoint_as_base(base_path: Any, base: Any) -> None:
+    """A base that is itself a committed checkpoint (one read) is refused, naming its parent."""
+    if not layout.has_marker(base):
+        return
+    given = os.fspath(base_path) if isinstance(base_path, str | os.PathLike) else base.url
+    parent = (os.path.dirname(given.rstrip("/")) or ".") if "://" not in given else base.url.rsplit("/", 1)[0]
+    raise CheckpointPathError(
+        f"Checkpointer({given!r}): {base.url} is a committed checkpoint (it holds {layout.COMMIT_MARKER}), not a "
+        f"base of run-<step> checkpoints; pass its parent, Checkpointer({parent!r}), to save and resume "
+        f"there, or read this one with restore({given!r})"
+    )
 
 
 def _timestamp(now: Any) -> float:
@@ -105,7 +141,8 @@ class Checkpointer(CheckpointReader):
         self.options = dataclasses.replace(options or SaveOptions(), **option_overrides)
         super().__init__(base_path, keep=keep, item=item, storage=self.options.storage)
         self.retention: Retention = Retention(self.base, self.keep)
-        self.policy = SavePolicy(step_policies=tuple(step_policies), save_interval=_seconds(save_interval))
+        self.policy = SavePolicy(step_policies=step_policies, save_interval=_seconds(save_interval))
+        _refuse_checkpoint_as_base(base_path, self.base)  # arguments first: a bad one is refused without I/O
         self._clock = clock or time.time
         self._sync_every = sync_every_steps
         self._last_save_step: int | None = None
@@ -164,6 +201,12 @@ class Checkpointer(CheckpointReader):
         )
         self._previous_step = step
         if not decision.save:
+            if force and step == self._last_save_step:  # asked for, so never refused in silence
+                _skipped(
+                    step,
+                    f"step {step} was saved, restored or skipped by this run already (a step is saved once)",
+                    level=logging.INFO,
+                )
             return False
         extras = self.retention.with_recorded_metrics(step, extras)
         self._wait_inflight()  # the previous save's failure is raised here, never taken for this step's
@@ -173,14 +216,7 @@ class Checkpointer(CheckpointReader):
             )
         except CheckpointExistsError as e:  # saved before (a resumed run): never twice, never overwritten
             self._last_save_step = step
-            # A WARNING: the checkpoint there is another trajectory's (a restore older than the
-            # latest, or another run on this base); this run's state at ``step`` is not saved.
-            log.warning(
-                "step %d: a checkpoint is due, but skipped: %s. After a restore older than the latest, "
-                "restore(..., discard_newer=True) deletes the newer checkpoints",
-                step,
-                e,
-            )
+            _skipped(step, e, "" if step in (self._foreign or {}) else _DISCARD_HINT)
             return False
         return True
 
@@ -203,8 +239,16 @@ class Checkpointer(CheckpointReader):
         self._check_open()
         self._wait_inflight()
         step = as_step(step)
+        listed = None
         if not self._announced:
-            announce(self, discover(self.base), None)
+            listed = listing(self.base)
+            announce(self, listed.found, None)
+        foreign = self._foreign if self._foreign is not None else self._agree_foreign(listed)
+        if step in foreign and dest == layout.run_name(step):
+            raise CheckpointExistsError(
+                f"{foreign[step]} holds step {step} under {self.base.url}: a {dest} beside it would shadow it. To "
+                f"save step {step} here, move that checkpoint out of {self.base.url}"
+            )
         loc = self.base.join(dest)
         new = loc.url not in self._started
         if new:
@@ -311,26 +355,45 @@ class Checkpointer(CheckpointReader):
     def _check_discard(self) -> None:
         """A ``Checkpointer`` may discard newer checkpoints."""
 
-    def _restored(self, step: int | None, found: Sequence[CheckpointInfo] | None, discard_newer: bool) -> None:
+    def _restored(self, info: CheckpointInfo, listed: Listing | None, discard_newer: bool) -> None:
+        step = info.step
         if step is None:
             return
-        self._rewound(step, found, discard_newer)
+        outside = None if listed is not None or directly_under(self.base, info.path) else info.path
+        self._rewound(step, listed, discard_newer, outside)
         # resume rules: the restored step is not saved again; the schedule goes on from there
         self._last_save_step = self._previous_step = step
         self._last_save_time = _timestamp(self._clock())
 
-    def _rewound(self, step: int, found: Sequence[CheckpointInfo] | None, discard: bool) -> None:
-        """Newer checkpoints than the restored ``step``: warned of, or deleted with ``discard``
-        (process 0 lists and decides; every process returns once the deletes are done)."""
+    def _rewound(self, step: int, listed: Listing | None, discard: bool, outside: str | None) -> None:
+        """Newer checkpoints than the restored ``step`` (restored from ``outside`` the base, if
+        given): warned of, or deleted with ``discard`` (process 0 lists and decides; every
+        process returns once the deletes are done). The foreign steps listed are kept."""
         later: list[CheckpointInfo] = []
+        left: list[CheckpointInfo] = []
         damaged: list[Any] = []
         if distributed.is_primary():
-            listing = discover(self.base) if found is None else found
-            later = rewinds.newer(listing, step)
+            listed = listing(self.base) if listed is None else listed
+            later, left = rewinds.newer(listed.found, step), rewinds.newer(listed.foreign, step)
             if discard:
-                unreadable = rewinds.unreadable(self.base, listing)
+                unreadable = rewinds.unreadable(self.base, listed.found)
                 damaged = [loc for loc, _ in unreadable if (layout.step_of(loc.name) or 0) > step]
+        self._agree_foreign(listed)
         if discard:
-            rewinds.discard(self.base, step, later, damaged)
+            rewinds.discard(self.base, step, later, damaged, left)
         elif later:
-            rewinds.warn(self.base.url, step, later)
+            rewinds.warn(self.base.url, step, later, outside=outside)
+
+    # Foreign sources' steps under the base ({step: what holds it}), as process 0 listed them at
+    # the last restore or the first save: they gain none while this run goes on.
+    _foreign: dict[int, str] | None = None
+
+    def _agree_foreign(self, listed: Listing | None) -> dict[int, str]:
+        """Process 0's foreign steps (of ``listed``, else listed now), kept on every process."""
+        mine = None
+        if distributed.is_primary():
+            foreign = listed.foreign if listed is not None else foreign_steps(self.base)
+            mine = [[c.step, f"{c.source}'s checkpoint {c.path}"] for c in foreign]
+        agreed = distributed.broadcast_json(f"ck-foreign/{next(_ROUNDS)}", mine)
+        self._foreign = {int(step): what for step, what in agreed}
+        return self._foreign

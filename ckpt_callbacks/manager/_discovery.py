@@ -14,26 +14,40 @@ An orbax ``CheckpointManager`` directory's committed steps are listed beside our
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 from ckpt_callbacks import restoring
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.directory import CheckpointInfo, as_given, list_checkpoints
 
 
+class Listing(NamedTuple):
+    """What a base holds: ``found`` as ``discover`` lists it, and ``foreign``: every step a
+    foreign source lists (those that share a step with one of ours too), by step."""
+
+    found: list[CheckpointInfo]
+    foreign: list[CheckpointInfo]
+
+
+def foreign_steps(base: Any) -> list[CheckpointInfo]:
+    """The steps the foreign sources list under ``base``, by step (ours are not listed)."""
+    loc = paths.parse(base)
+    return [dataclasses.replace(c, path=as_given(base, paths.parse(c.path))) for c in restoring.foreign_steps(loc)]
+
+
+def listing(base: Any) -> Listing:
+    """``discover(base)`` and every foreign step, from one listing of each kind."""
+    ours, foreign = list_checkpoints(base), foreign_steps(base)
+    taken = {c.step for c in ours}
+    found = ours + [c for c in foreign if c.step not in taken]
+    return Listing(sorted(found, key=lambda c: (-1 if c.step is None else c.step, c.name)), foreign)
+
+
 def discover(base: Any) -> list[CheckpointInfo]:
     """Committed checkpoints under ``base`` (ours and foreign sources'), sorted by step; where
     one of ours and a foreign one share a step, ours is the one listed. Paths come back in the
     form ``base`` was given."""
-    ours = list_checkpoints(base)
-    taken = {c.step for c in ours}
-    loc = paths.parse(base)
-    foreign = [
-        dataclasses.replace(c, path=as_given(base, paths.parse(c.path)))
-        for c in restoring.foreign_steps(loc)
-        if c.step not in taken
-    ]
-    return sorted(ours + foreign, key=lambda c: (-1 if c.step is None else c.step, c.name))
+    return listing(base).found
 
 
 def find_latest_checkpoint(base: Any) -> str | None:

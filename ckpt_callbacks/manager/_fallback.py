@@ -83,7 +83,19 @@ def restore_one(info: CheckpointInfo, attempt: Callable[[CheckpointInfo], Any]) 
     return attempt_agreed(info, attempt, f"restore/{next(_ROUNDS)}")
 
 
-Unlisted = Callable[[], Sequence[tuple[int | None, str, BaseException]]]
+Unlisted = Sequence[tuple[int | None, str, BaseException]]  # committed, but skipped by a listing: (step, path, error)
+
+
+def _with_unlisted(
+    candidates: Sequence[CheckpointInfo], unlisted: Unlisted
+) -> tuple[list[CheckpointInfo], dict[int, BaseException]]:
+    """``candidates`` with an info for each of ``unlisted`` (of a known step) among them, by
+    step, and the error each of those raises (by ``id``)."""
+    stand_ins = [
+        (CheckpointInfo(path=path, step=step, timestamp=0.0), e) for step, path, e in unlisted if step is not None
+    ]
+    ordered = sorted([*candidates, *(info for info, _ in stand_ins)], key=lambda c: -1 if c.step is None else c.step)
+    return ordered, {id(info): e for info, e in stand_ins}
 
 
 def restore_newest(
@@ -92,19 +104,28 @@ def restore_newest(
     *,
     fallback: bool,
     base: str,
-    unlisted: Unlisted = lambda: (),
+    unlisted: Unlisted = (),
 ) -> tuple[Any, CheckpointInfo]:
     """(``attempt(info)``, info) for the newest of ``candidates`` (sorted by step) that restores.
 
-    Each damaged one skipped is a WARNING; without ``fallback`` the newest's damage is raised.
-    When none restores, the newest's error is raised, listing every one tried and the
-    ``unlisted`` ones (committed, but skipped by the listing: (step, path, error)).
+    ``unlisted``: the committed directories the listing skipped, unreadable ((step, path,
+    error)); each counts as a damaged checkpoint of its step, so a damaged newest is never
+    passed over in silence. Each damaged one skipped is a WARNING; without ``fallback`` the
+    newest's damage is raised. When none restores, the newest's error is raised, listing every
+    one tried and the unlisted ones.
     """
     name = f"restore/{next(_ROUNDS)}"
+    ordered, unreadable = _with_unlisted(candidates, unlisted)
+
+    def attempt_or_raise(info: CheckpointInfo) -> Any:
+        if id(info) in unreadable:
+            raise unreadable[id(info)]
+        return attempt(info)
+
     tried: list[tuple[CheckpointInfo, BaseException]] = []
-    for info in reversed(candidates):
+    for info in reversed(ordered):
         try:
-            value = attempt_agreed(info, attempt, f"{name}/{len(tried)}")
+            value = attempt_agreed(info, attempt_or_raise, f"{name}/{len(tried)}")
         except DAMAGE as e:
             if not fallback:
                 raise
@@ -115,7 +136,7 @@ def restore_newest(
             skipped = ", ".join(f"step {i.step}" for i, _ in tried)
             log.warning("restore: fell back to step %s under %s, past damaged %s", info.step, base, skipped)
         return value, info
-    failed = [(i.step, i.path, e) for i, e in tried] + list(unlisted())
+    failed = [(i.step, i.path, e) for i, e in tried] + [u for u in unlisted if u[0] is None]
     raise none_restored(failed, base) from tried[0][1]
 
 

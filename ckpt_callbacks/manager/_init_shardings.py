@@ -18,10 +18,43 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from ckpt_callbacks import format as fmt
+
 _NESTED = ("jit", "pjit")
+_TRACEABLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def shapes(init_fn: Callable[[], Any]) -> Any:
+    """``jax.eval_shape(init_fn)``; an init JAX cannot trace raises ``TypeError`` (as JAX's own
+    tracing errors are) naming its leaves of no JAX type (a str), or else what failed (a
+    host-side step: ``np.asarray`` or ``float()`` of a jax value)."""
+    odd: list[str] = []
+
+    def watched() -> Any:
+        out = init_fn()
+        flat, _ = jax.tree_util.tree_flatten_with_path(out)
+        odd[:] = [
+            f"{fmt.key_string(fmt.path_of(p)) or '<root>'} ({type(x).__name__})"
+            for p, x in flat
+            if not isinstance(x, _TRACEABLE)
+        ]
+        return out
+
+    try:
+        return jax.eval_shape(watched)
+    except TypeError as e:
+        lines = str(e).strip().splitlines()
+        why = f"its leaves {odd[:3]} are of no JAX type" if odd else f"{type(e).__name__}: {lines[0] if lines else ''}"
+        raise TypeError(
+            f"restore_or_init: init_fn cannot be traced ({why}); it is traced (jax.eval_shape, never run) for "
+            "the structure, dtypes and shardings of the state to restore. Pass template= (a tree like the saved "
+            "state: arrays or jax.ShapeDtypeStruct with shardings, e.g. jax.eval_shape of a traceable init), or "
+            "mesh= (with rules=) or shardings= to restore the checkpoint's own structure"
+        ) from e
 
 
 def placements(init_fn: Callable[[], Any]) -> Any:

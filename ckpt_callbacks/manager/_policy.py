@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-from collections.abc import Collection, Sequence
+import numbers
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 
@@ -28,10 +29,11 @@ class CheckpointInterval:
     until: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every <= 0:
+        if not _integral(self.every) or self.every <= 0:
             raise ValueError(f"CheckpointInterval.every must be a positive int, got {self.every!r}")
-        if self.until is not None and (isinstance(self.until, bool) or not isinstance(self.until, int)):
+        if self.until is not None and not _integral(self.until):
             raise ValueError(f"CheckpointInterval.until must be an int or None, got {self.until!r}")
+        _as_ints(self, ("every", "until"))
         if self.until is not None and self.until < self.every:
             raise ValueError(
                 f"CheckpointInterval(every={self.every}, until={self.until}) would never save: its first due "
@@ -39,7 +41,25 @@ class CheckpointInterval:
             )
 
 
+def _integral(value: Any) -> bool:
+    """An integer of any kind (``int``, ``np.int32``, any ``numbers.Integral``) but a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_ints(record: Any, names: Sequence[str]) -> None:
+    """The integer fields ``names`` of a frozen ``record``, checked already, stored as Python
+    ints: a numpy integer would go on into JSON and reprs as itself."""
+    for name in names:
+        value = getattr(record, name)
+        if value is not None:
+            object.__setattr__(record, name, int(value))
+
+
 def _validate_intervals(intervals: Sequence[CheckpointInterval]) -> tuple[CheckpointInterval, ...]:
+    if isinstance(intervals, CheckpointInterval):
+        raise TypeError(f"step_policies is a single {intervals!r}; pass a list of them: step_policies=[{intervals!r}]")
+    if isinstance(intervals, str | bytes) or not isinstance(intervals, Iterable):
+        raise TypeError(f"step_policies must be a list of CheckpointInterval, got {intervals!r}")
     out = tuple(intervals)
     for i, interval in enumerate(out):
         if not isinstance(interval, CheckpointInterval):
@@ -95,8 +115,10 @@ class SavePolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step_policies", _validate_intervals(self.step_policies))
-        if self.save_interval is not None and self.save_interval.total_seconds() <= 0:
-            raise ValueError(f"save_interval must be positive, got {self.save_interval}")
+        interval = self.save_interval
+        if interval is not None and (not isinstance(interval, datetime.timedelta) or interval.total_seconds() <= 0):
+            shown = f"{interval.total_seconds()}s" if isinstance(interval, datetime.timedelta) else repr(interval)
+            raise ValueError(f"save_interval must be a positive timedelta, got {shown} ({interval!r})")
 
     def interval_at(self, step: int) -> CheckpointInterval | None:
         """The step interval governing ``step``, if any."""
@@ -189,8 +211,9 @@ class KeepPolicy:
     def __post_init__(self) -> None:
         for name in ("keep_last", "keep_every", "keep_best"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (not _integral(value) or value < 1):
                 raise ValueError(f"KeepPolicy.{name} must be a positive int or None, got {value!r}")
+        _as_ints(self, ("keep_last", "keep_every", "keep_best"))
         if self.keep_best is not None and not self.metric:
             raise ValueError("KeepPolicy.keep_best needs metric= (the eval metric to rank by)")
         if self.mode not in ("min", "max"):

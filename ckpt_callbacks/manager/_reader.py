@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
 from ckpt_callbacks import directory as layout
+from ckpt_callbacks import format as fmt
 from ckpt_callbacks import restoring as restore_lib
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.directory import CheckpointInfo
@@ -31,7 +33,7 @@ from ckpt_callbacks.format import as_step
 from ckpt_callbacks.manager import _fallback as fallback_lib
 from ckpt_callbacks.manager import _init_shardings as init_shardings
 from ckpt_callbacks.manager import _rewinds as rewinds
-from ckpt_callbacks.manager._discovery import discover
+from ckpt_callbacks.manager._discovery import Listing, discover, listing
 from ckpt_callbacks.manager._metrics import Metrics
 from ckpt_callbacks.manager._policy import KeepPolicy, metric_of
 from ckpt_callbacks.storage import StorageOptions
@@ -40,10 +42,10 @@ log = logging.getLogger("ckpt_callbacks")
 
 
 def _unplaced(template: Any) -> list[str]:
-    """Key paths of array leaves of ``template`` that carry no sharding."""
+    """Key paths ('/'-joined) of array leaves of ``template`` that carry no sharding."""
     flat, _ = jax.tree_util.tree_flatten_with_path(template)
     return [
-        jax.tree_util.keystr(path)
+        fmt.key_string(fmt.path_of(path)) or "<root>"
         for path, leaf in flat
         if isinstance(leaf, jax.ShapeDtypeStruct) and getattr(leaf, "sharding", None) is None
     ]
@@ -56,11 +58,19 @@ def init_template(init_fn: Callable[[], Any], restore_kwargs: Mapping[str, Any],
     inside ``init_fn`` (read from its jaxpr; nothing is allocated).
 
     With more than one device visible, a state with a leaf whose placement can be found
-    nowhere is refused, naming the leaves, rather than restored onto one device.
+    nowhere is refused, naming the leaves, rather than restored onto one device. An init JAX
+    cannot trace (a str leaf; ``np.asarray`` or ``float()`` of a jax value inside) is refused
+    with a ``TypeError`` saying so, unless ``shardings=`` or ``mesh=`` place the restore: then
+    None (no template: the checkpoint's own structure is restored).
     """
-    template = jax.eval_shape(init_fn)
-    devices = jax.device_count() if devices is None else devices
     placed = restore_kwargs.get("shardings") is not None or restore_kwargs.get("mesh") is not None
+    try:
+        template = init_shardings.shapes(init_fn)
+    except TypeError:  # init_fn cannot be traced
+        if placed:
+            return None
+        raise
+    devices = jax.device_count() if devices is None else devices
     if placed or devices <= 1 or not _unplaced(template):
         return template
     template = init_shardings.place(template, init_fn)
@@ -135,6 +145,22 @@ def _unlisted(base: paths.Location, found: Sequence[CheckpointInfo]) -> list[tup
     return [(layout.step_of(loc.name), loc.url, e) for loc, e in rewinds.unreadable(base, found)]
 
 
+def directly_under(base: paths.Location, path: str) -> bool:
+    """Whether the checkpoint at ``path`` is one of ``base``'s own (a directory directly under it)."""
+    loc = paths.parse(path)
+    return (loc.scheme, loc.bucket, posixpath.dirname(loc.path)) == (base.scheme, base.bucket, base.path)
+
+
+def _refuse_discard_outside(base: paths.Location, info: CheckpointInfo) -> None:
+    if not directly_under(base, info.path):
+        raise ValueError(
+            f"restore(discard_newer=True): {info.path} is not a checkpoint of the base {base.url} (a directory "
+            "directly under it); discard_newer deletes the base's checkpoints newer than the one restored, so it "
+            f"acts only on a restore of one of them. Nothing was restored or deleted: restore {info.path} without "
+            f"discard_newer, or a step of {base.url} with it"
+        )
+
+
 def _no_checkpoint(base: paths.Location, found: Sequence[CheckpointInfo]) -> BaseException:
     """Why nothing under ``base`` restores when the listing found nothing: the damage of the
     committed directories it skipped, or that there is none."""
@@ -201,10 +227,10 @@ class CheckpointReader:
     def _settle(self) -> None:
         """Before reading: nothing to wait for (a ``Checkpointer`` waits for its saves)."""
 
-    def _restored(self, step: int | None, found: Sequence[CheckpointInfo] | None, discard_newer: bool) -> None:
-        """After a restore of ``step`` (``found``: the listing it came from, None for an explicit
-        one): a ``Checkpointer`` warns of newer checkpoints or discards them, and resumes its
-        schedule there."""
+    def _restored(self, info: CheckpointInfo, listed: Listing | None, discard_newer: bool) -> None:
+        """After a restore of ``info`` (``listed``: the listing it came from, None for an
+        explicit one): a ``Checkpointer`` warns of newer checkpoints or discards them, and
+        resumes its schedule there."""
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints under the base, by step, with recorded eval metrics merged in."""
@@ -240,27 +266,30 @@ class CheckpointReader:
         ``storage=`` is given here (or ``path`` is a ``Location`` with options of its own).
 
         The latest is the newest checkpoint that restores: a damaged one (a missing or corrupt
-        chunk, a damaged manifest or metadata) is skipped with a WARNING, unless ``fallback=False``.
-        An explicit ``step`` or ``path`` never falls back. ``discard_newer=True`` (a
-        ``Checkpointer`` only) deletes the checkpoints newer than the one restored, once it is.
+        chunk, a damaged manifest, metadata or commit marker, listed or not) is skipped with a
+        WARNING, unless ``fallback=False``: then its damage is raised. An explicit ``step`` or
+        ``path`` never falls back. ``discard_newer=True`` (a ``Checkpointer`` only) deletes the
+        checkpoints newer than the one restored, once it is; it is refused (``ValueError``,
+        before the restore) for a ``path`` that is not a checkpoint directly under the base.
         """
         self._settle()
-        found = None
+        listed = None
         if path is None and step is None:
-            found = discover(self.base.with_storage(restore_kwargs.get("storage")))
-        return self._restore(step, path, found, fallback=fallback, discard_newer=discard_newer, **restore_kwargs)
+            listed = listing(self.base.with_storage(restore_kwargs.get("storage")))
+        return self._restore(step, path, listed, fallback=fallback, discard_newer=discard_newer, **restore_kwargs)
 
     def _restore(
         self,
         step: Any,
         path: Any,
-        found: list[CheckpointInfo] | None,
+        listed: Listing | None,
         *,
         fallback: bool = True,
         discard_newer: bool = False,
         **restore_kwargs: Any,
     ) -> tuple[Any, dict[str, Any]]:
-        """``restore`` of ``path`` or ``step``, or else the newest of ``found`` that restores."""
+        """``restore`` of ``path`` or ``step``, or else the newest of ``listed`` that restores
+        (with ``discard_newer``, only a checkpoint directly under the base)."""
         if discard_newer:
             self._check_discard()
         storage = restore_kwargs.pop("storage", None) or self.base.storage
@@ -271,17 +300,22 @@ class CheckpointReader:
             target = info.checkpoint if info.checkpoint is not None else info.path
             return restore_lib.restore(target, storage=storage, **restore_kwargs)
 
-        if found is not None:
+        if listed is not None:
+            found = listed.found
             if not found:
                 raise _no_checkpoint(base, found)
+            # The unreadable ones too: a damaged newest the listing skipped is never passed over in silence.
+            unlisted = _unlisted(base, found)
             tree, info = fallback_lib.restore_newest(
-                found, attempt, fallback=fallback, base=base.url, unlisted=lambda: _unlisted(base, found)
+                found, attempt, fallback=fallback, base=base.url, unlisted=unlisted
             )
         else:
             info = _explicit(base, step, path, storage)
+            if discard_newer:
+                _refuse_discard_outside(base, info)
             tree = fallback_lib.restore_one(info, attempt)
-        announce(self, found, info.step)
-        self._restored(info.step, found, discard_newer)
+        announce(self, None if listed is None else listed.found, info.step)
+        self._restored(info, listed, discard_newer)
         return tree, _metadata(info)
 
     def _check_discard(self) -> None:
@@ -303,12 +337,12 @@ class CheckpointReader:
         restores, it raises rather than start fresh.
         """
         self._settle()
-        found = discover(self.base)
-        if self._fresh(found):
+        listed = listing(self.base)
+        if self._fresh(listed.found):
             return init_fn(), None
         if "template" not in restore_kwargs:
             restore_kwargs["template"] = init_template(init_fn, restore_kwargs)
-        return self._restore(None, None, found, **restore_kwargs)
+        return self._restore(None, None, listed, **restore_kwargs)
 
     def _fresh(self, found: Sequence[CheckpointInfo] | None = None) -> bool:
         """True when the base holds nothing to restore (a fresh start); raises when it holds

@@ -12,7 +12,8 @@ A run that restores step 10 while 20 and 30 exist resumes a trajectory those che
 not on: a later resume would take 30, and this run's saves at 20 and 30 are skipped (the
 steps exist). ``Checkpointer.restore`` warns of it, and with ``discard_newer=True`` deletes
 them (process 0, newest first, through ``directory.delete_checkpoint``: a kill part-way leaves
-nothing that looks committed). Orbax's steps are never deleted: they are left, with a warning.
+nothing that looks committed). Orbax's steps are never deleted: they are left, with a warning
+that they stay the latest (the run skips its saves at their steps) until moved away.
 """
 
 from __future__ import annotations
@@ -55,33 +56,52 @@ def unreadable(base: paths.Location, found: Sequence[CheckpointInfo]) -> list[tu
     return sorted(out, key=lambda le: layout.step_of(le[0].name) or 0)
 
 
-def warn(base: str, step: int, later: Sequence[CheckpointInfo]) -> None:
-    """The WARNING of a restore older than the latest checkpoint."""
+def warn(base: str, step: int, later: Sequence[CheckpointInfo], *, outside: str | None = None) -> None:
+    """The WARNING of a restore older than the latest checkpoint (of a checkpoint ``outside``
+    the base, if given: then discard_newer does not apply)."""
     steps = [c.step for c in later]
-    log.warning(
-        "restored step %d, but %s holds newer checkpoints (steps %s): a later resume tries step %s first, and this "
-        "run's saves at those steps are skipped (they exist). To go on from step %d, delete them: "
-        "restore(..., discard_newer=True), or `ckpt-callbacks prune %s --after %d --yes`",
-        step,
-        base,
-        steps,
-        steps[-1],
-        step,
-        base,
-        step,
+    ours = [c.step for c in later if c.checkpoint is not None]
+    where = f"restored step {step} from {outside}, outside {base}" if outside else f"restored step {step}"
+    text = (
+        f"{where}, but {base} holds newer checkpoints (steps {steps}): a later resume tries step {steps[-1]} first, "
+        "and this run's saves at those steps are skipped (they exist)."
+    )
+    if ours:
+        how = "" if outside else "restore(..., discard_newer=True), or "
+        text += f" To go on from step {step}, delete them: {how}`ckpt-callbacks prune {base} --after {step} --yes`"
+        text += f" (steps {ours})" if len(ours) < len(later) else ""
+        text += " (discard_newer acts only on a restore of one of the base's own checkpoints)." if outside else "."
+    text += _left_text(base, step, [c for c in later if c.checkpoint is None])
+    log.warning("%s", text)
+
+
+def _left_text(base: str, step: int, foreign: Sequence[CheckpointInfo]) -> str:
+    """What becomes of ``foreign`` newer steps, which nothing of ours deletes."""
+    if not foreign:
+        return ""
+    return (
+        f" Steps {[c.step for c in foreign]} ({', '.join(sorted({c.source for c in foreign}))}: "
+        f"{[c.path for c in foreign]}) were not written by ckpt_callbacks: neither discard_newer nor prune deletes "
+        f"them, so they stay the latest and this run skips its saves at those steps; to go on from step {step}, "
+        f"move them out of {base}."
     )
 
 
 def discard(
-    base: paths.Location, step: int, later: Sequence[CheckpointInfo], damaged: Sequence[paths.Location]
+    base: paths.Location,
+    step: int,
+    later: Sequence[CheckpointInfo],
+    damaged: Sequence[paths.Location],
+    left: Sequence[CheckpointInfo],
 ) -> None:
-    """Process 0 deletes ``later`` (ours; the newest first) and the ``damaged`` directories; every
-    process returns once it is done, or raises its failure."""
+    """Process 0 deletes ``later`` (ours; the newest first) and the ``damaged`` directories, and
+    warns of the foreign steps newer than ``step`` it leaves (``left``); every process returns
+    once it is done, or raises its failure."""
     name = f"discard/{next(_ROUNDS)}"
     error = None
     if distributed.is_primary():
         try:
-            _delete(base, step, later, damaged)
+            _delete(base, step, later, damaged, left)
         except Exception as e:  # raised on every process, below
             error = f"{type(e).__name__}: {e}"
             log.error("discard_newer: %s", error)
@@ -93,16 +113,18 @@ def discard(
 
 
 def _delete(
-    base: paths.Location, step: int, later: Sequence[CheckpointInfo], damaged: Sequence[paths.Location]
+    base: paths.Location,
+    step: int,
+    later: Sequence[CheckpointInfo],
+    damaged: Sequence[paths.Location],
+    left: Sequence[CheckpointInfo],
 ) -> None:
-    foreign = [c for c in later if c.checkpoint is None]
-    if foreign:
+    if left:
         log.warning(
-            "discard_newer: left %s (steps %s): not written by ckpt_callbacks, so not deleted; a later resume "
-            "takes step %s until this run saves past it",
-            [c.path for c in foreign],
-            [c.step for c in foreign],
-            foreign[-1].step,
+            "discard_newer: left the checkpoints newer than step %d under %s.%s",
+            step,
+            base.url,
+            _left_text(base.url, step, left),
         )
     doomed: list[tuple[int | None, paths.Location, layout.Checkpoint | None]] = [
         (c.step, paths.parse(c.path, base.storage), c.checkpoint) for c in later if c.checkpoint is not None

@@ -10,14 +10,18 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 from jax.sharding import Mesh
 
 from ckpt_callbacks.restoring import _engine as engine
+from ckpt_callbacks.restoring import _restructure as restructure
 from ckpt_callbacks.restoring import _sources as sources
-from ckpt_callbacks.restoring._rules import Rules
+from ckpt_callbacks.restoring._reads import READ_WINDOW_BYTES
+from ckpt_callbacks.restoring._rules import Rules, check_rules
 from ckpt_callbacks.storage import StorageOptions
 
 
@@ -83,7 +87,14 @@ def restore(
 
     Returns:
       The template's structure if one is given, else nested dicts, lists and tuples.
+
+    Raises:
+      ValueError: before anything is read, for arguments no checkpoint could satisfy: a
+        ``rename``/``drop`` regex that does not compile, ``rename``/``missing``/``drop``
+        without a ``template``, a ``missing`` sharing no leaf with the template, a
+        ``max_host_bytes`` below 1; ``ShardingRuleError`` (a ``ValueError``) for such ``rules``.
     """
+    _check_arguments(rules, template, rename=rename, missing=missing, drop=drop, max_host_bytes=max_host_bytes)
     found = sources.locate(path, item, storage)
     return engine.restore_from(
         found,
@@ -99,3 +110,18 @@ def restore(
         drop=drop,
         max_host_bytes=max_host_bytes,
     )
+
+
+def _check_arguments(rules: Any, template: Any, *, rename: Any, missing: Any, drop: Any, max_host_bytes: Any) -> None:
+    """Refuses what can never restore before any file is read: every restore, of any step,
+    would fail the same way (a ``Checkpointer`` falls back past damage, never past these)."""
+    check_rules(rules)
+    restructure.check_arguments(template, rename, missing, drop)
+    if max_host_bytes is None:
+        return
+    number = isinstance(max_host_bytes, numbers.Real) and not isinstance(max_host_bytes, bool)
+    if not number or not math.isfinite(max_host_bytes) or max_host_bytes < 1:
+        raise ValueError(
+            f"max_host_bytes={max_host_bytes!r}: expected a number of bytes >= 1, or None for the default "
+            f"({READ_WINDOW_BYTES >> 20} MiB)"
+        )

@@ -65,6 +65,56 @@ class Changes:
             )
 
 
+def check_arguments(template: Any, rename: Any, missing: Any, drop: Any) -> None:
+    """Refuses, before anything is read, a ``rename``, ``missing`` or ``drop`` that cannot
+    work (``ValueError`` naming the argument): regexes that do not compile, a rename that is
+    not (regex, replacement) pairs, any of the three without a template (there is nothing to
+    match them to), a ``missing`` that is no tree of the template's keys."""
+    if isinstance(rename, str | bytes) or not isinstance(rename, Sequence):
+        raise ValueError(f"rename={rename!r:.200}: expected a list of (regex, replacement) pairs")
+    for i, pair in enumerate(rename):
+        if not isinstance(pair, tuple | list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise ValueError(f"rename[{i}] = {pair!r:.200}: expected a (regex, replacement) pair of strings")
+        _compile("rename", i, pair[0])
+    if not isinstance(drop, bool):
+        if isinstance(drop, str | bytes) or not isinstance(drop, Sequence):
+            raise ValueError(f"drop={drop!r:.200}: expected True, False or a list of regexes (drop=[{drop!r:.50}])")
+        for i, pattern in enumerate(drop):
+            if not isinstance(pattern, str):
+                raise ValueError(f"drop[{i}] = {pattern!r:.200}: expected a regex (a str)")
+            _compile("drop", i, pattern)
+    given = [
+        name for name, unset in (("rename", not rename), ("missing", missing is None), ("drop", not drop)) if not unset
+    ]
+    if template is None and given:
+        raise ValueError(
+            f"{'= and '.join(given)}= restructure a restore into template=, and no template was given: pass the "
+            "tree to restore into (restore_or_init takes its template from init_fn)"
+        )
+    if template is not None and missing is not None:
+        _check_missing(template, missing)
+
+
+def _compile(argument: str, index: int, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{argument}[{index}]: pattern {pattern!r} is not a valid regex: {e}") from None
+
+
+def _check_missing(template: Any, missing: Any) -> None:
+    """``missing`` shares leaves with the template: a tree of its structure, or a part of it."""
+    wanted, fill = flat_values(template), flat_values(missing)
+    if set(wanted) & set(fill) or (not wanted and not fill):
+        return
+    shown = sorted(fill)[:5] if list(fill) != [""] else f"a single {type(missing).__name__}"
+    raise ValueError(
+        f"missing= gives {shown}, no leaf of the template (keys like {sorted(wanted, key=len)[:3]}): expected a "
+        "tree with the template's structure, such as the freshly initialised state (missing=init_fn()), whose "
+        "leaves fill the template leaves absent from the checkpoint"
+    )
+
+
 def _renamed(key: str, rename: Rename) -> str:
     for pattern, replacement in rename:
         if re.search(pattern, key):

@@ -30,6 +30,27 @@ Rules = Sequence[tuple[str, PartitionSpec]]
 log = logging.getLogger("ckpt_callbacks")
 
 
+def check_rules(rules: Rules | None) -> None:
+    """Refuses, before anything is read, rules that are not ``(regex, PartitionSpec)`` pairs or
+    whose regex does not compile (``ShardingRuleError`` naming the rule)."""
+    if rules is None:
+        return
+    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
+        raise ShardingRuleError(f"rules={rules!r:.200}: expected a list of (regex, PartitionSpec) pairs")
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, tuple | list) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ShardingRuleError(f"rules[{i}] = {rule!r:.200}: expected a (regex, PartitionSpec) pair")
+        if not isinstance(rule[1], PartitionSpec):
+            raise ShardingRuleError(
+                f"rules[{i}] = {rule!r:.200}: expected a PartitionSpec, got {type(rule[1]).__name__} "
+                "(write P(...) for a spec, P() to replicate)"
+            )
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ShardingRuleError(f"rules[{i}]: pattern {rule[0]!r} is not a valid regex: {e}") from None
+
+
 def warn_unmatched(rules: Rules, keys: Sequence[str]) -> list[str]:
     """Logs (and returns) the rules whose regex is found in no key: usually a typo ("kernal")
     that a catch-all rule after it would otherwise hide, silently replicating every kernel."""
@@ -99,6 +120,7 @@ def match_partition_rules(rules: Rules, tree: Any) -> Any:
 
     Rules that match no leaf are logged as a warning (see ``warn_unmatched``).
     """
+    check_rules(rules)
     warn_unmatched(rules, _keys(tree))
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: spec_for(fmt.key_string(fmt.path_of(path)), _shape_of(leaf), rules), tree
@@ -107,6 +129,7 @@ def match_partition_rules(rules: Rules, tree: Any) -> Any:
 
 def shardings_from_rules(mesh: Mesh, rules: Rules, tree: Any) -> Any:
     """A tree of ``NamedSharding`` on ``mesh``, every spec checked against its leaf's shape."""
+    check_rules(rules)
     warn_unmatched(rules, _keys(tree))
 
     def one(path: Any, leaf: Any) -> NamedSharding:

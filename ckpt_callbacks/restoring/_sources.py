@@ -12,6 +12,7 @@ checkpoints when ``ckpt_callbacks`` is imported; ``restoring`` itself imports no
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -130,18 +131,19 @@ def locate(path: Any, item: str, storage: StorageOptions | None = None) -> Locat
 
     Only a path holding no commit marker of ours is offered to the foreign sources: a committed
     checkpoint of ours without ``item`` raises here, whatever else the directory holds.
-    ``CheckpointNotFoundError`` when no source claims the path, naming what was tried.
+    ``CheckpointNotFoundError`` when no source claims the path, naming what was tried; for a
+    base of checkpoints (steps of ours or of any ``StepSource``), listing them and how to read one.
     """
     try:
         ckpt = layout.open_checkpoint(path, storage=storage)
     except CheckpointNotFoundError as e:
         if isinstance(path, layout.Checkpoint) or not _SOURCES:
             raise
-        return _foreign(paths.parse(path, storage), item, e)
+        return _foreign(path, paths.parse(path, storage), item, e)
     return native(ckpt, item)
 
 
-def _foreign(loc: paths.Location, item: str, missing: CheckpointNotFoundError) -> Located:
+def _foreign(path: Any, loc: paths.Location, item: str, missing: CheckpointNotFoundError) -> Located:
     for source in _SOURCES:
         found = source.open(loc, item)
         if found is None:
@@ -152,8 +154,33 @@ def _foreign(loc: paths.Location, item: str, missing: CheckpointNotFoundError) -
             )
         _check_manifest(found.manifest, f"{loc.url} (read as {source.name!r})")
         return found
+    foreign = foreign_steps(loc)
+    if foreign:
+        raise CheckpointNotFoundError(_a_base(path, loc, layout.list_checkpoints(loc) + foreign)) from missing
     tried = ", ".join(f"{s.name} (not one)" for s in _SOURCES)
     raise CheckpointNotFoundError(f"{missing}; also tried as: {tried}") from missing
+
+
+_SHOWN_STEPS = 8  # the newest steps of a base a refusal names
+
+
+def _a_base(path: Any, loc: paths.Location, infos: Sequence[layout.CheckpointInfo]) -> str:
+    """The refusal of a restore of a base: its newest steps, who wrote each, and how to read one."""
+    newest = sorted(infos, key=lambda c: (c.step or 0, c.source == layout.OURS), reverse=True)
+    shown = ", ".join(f"{c.step} ({c.source}: {c.name})" for c in newest[:_SHOWN_STEPS])
+    more = f", ... ({len(newest) - _SHOWN_STEPS} more)" if len(newest) > _SHOWN_STEPS else ""
+    examples = []
+    for ours in (True, False):
+        first = next((c for c in newest if (c.source == layout.OURS) == ours), None)
+        if first is not None:
+            examples.append(f"restore({layout.as_given(path, loc.join(first.name))!r})")
+    local = isinstance(path, str | os.PathLike) and "://" not in os.fspath(path)
+    given = os.fspath(path) if local else loc.url
+    return (
+        f"no committed checkpoint at {loc.url}: it is a base directory of {len(infos)} checkpoints, not one "
+        f"(steps, newest first: {shown}{more}); restore one of them by its path, e.g. {' or '.join(examples)}, "
+        f"or the latest with CheckpointReader({given!r}).restore()"
+    )
 
 
 def _check_manifest(manifest: fmt.Manifest, where: str) -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ckpt_callbacks import directory
 from ckpt_callbacks import format as fmt
 from ckpt_callbacks.format import as_step
 from ckpt_callbacks.saving._engine import start_save as _start_save
@@ -22,7 +23,9 @@ from ckpt_callbacks.saving._options import SaveHandle, SaveOptions
 
 
 def _metadata(items: Mapping[str, Any], step: Any, extras: dict[str, Any] | None, temporary: bool) -> fmt.Metadata:
-    """The save's ``metadata.json``, checked before anything is written (step, JSON extras)."""
+    """The save's ``metadata.json``, checked before anything is written (item names, step, JSON extras)."""
+    for item in items:
+        directory.check_item_name(item)
     metadata = fmt.Metadata(
         step=None if step is None else as_step(step),
         timestamp=time.time(),
@@ -57,9 +60,12 @@ def save_async(
 
     Args:
       path: checkpoint directory URL (local path, ``file://``, ``memory://``, ``s3://``, ``gs://``).
+        A base holding committed ``run-<step>`` checkpoints, or a directory inside a committed
+        checkpoint, is refused (``CheckpointPathError``) before anything is written.
       tree: pytree of jax arrays (any sharding), numpy arrays, typed PRNG keys, Python scalars,
         strings and None.
-      step: recorded in ``metadata.json``.
+      step: recorded in ``metadata.json``. None for a ``run-<N>`` directory is step N (what
+        listings, ``find_latest_checkpoint`` and a resume go by); another step there is refused.
       extras: JSON-serializable dict recorded in ``metadata.json``.
       item: name of the item directory.
       is_temporary: recorded in ``metadata.json`` (retention deletes superseded temporaries).

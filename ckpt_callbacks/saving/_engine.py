@@ -270,6 +270,8 @@ def start_save(
     named = layout.step_of(loc.name)
     if named is not None and metadata.step is not None and named != metadata.step:
         raise ValueError(f"{loc.url}: step {metadata.step} saved into a directory named for step {named}")
+    if named is not None and metadata.step is None:  # what listings, the latest and a resume go by
+        metadata = dataclasses.replace(metadata, step=named)
     tag = f"save{next(_SAVE_COUNTER)}"
     try:
         layout.refuse_committed(loc, options.overwrite, tag, list(items) if add else None)

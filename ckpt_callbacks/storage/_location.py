@@ -70,6 +70,7 @@ def _parse(url: str | os.PathLike[str]) -> Location:
     if not isinstance(text, str) or not text.strip():
         raise CheckpointPathError(f"a checkpoint path must be a non-empty path or URL, got {url!r}")
     scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()  # RFC 3986: a scheme is case-insensitive (FILE:// is file://)
     if not sep:
         looks = _SCHEME_LIKE.fullmatch(text)
         if looks:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -127,7 +129,7 @@ def _copy(runs: dict[str, Path], kind: str, tmp_path: Path) -> str:
 def test_checkpointer_resumes_an_orbax_run_then_saves_beside_it(runs, kind, tmp_path):
     base = _copy(runs, kind, tmp_path)
     ck = cc.Checkpointer(base, keep=cc.KeepPolicy(keep_last=1))
-    assert ck.latest_step() == 20 and ck.all_steps() == [10, 20]  # the temporary 30 and the stray 40 ignored
+    assert ck.latest_step() == 20 and ck.all_steps() == [10, 20]  # the temporary 30 and the stray 40 skipped
     state, meta = ck.restore_or_init(_init_fn())
     assert meta is not None and meta["step"] == 20
     assert_tree_equal(state, _state(20))
@@ -158,7 +160,7 @@ def test_several_items_resume_the_one_named(runs, tmp_path):
     ck = cc.CheckpointReader(base)
     assert ck.latest_step() == 20
     params = {k: v for k, v in _init().items() if k in ("w", "emb")}
-    with pytest.raises(CheckpointNotFoundError, match=r"no orbax item 'state'; items: \['opt', 'params'\].*item="):
+    with pytest.raises(CheckpointNotFoundError, match=r"holds orbax items \['opt', 'params'\], none.*pass item= to"):
         ck.restore_or_init(lambda: params, template=params, fallback=False)
     restored, meta = ck.restore_or_init(lambda: params, template=params, item="params")
     assert meta is not None and meta["step"] == 20
@@ -211,6 +213,7 @@ def test_cli_list_and_latest_mark_each_kind(runs, tmp_path, capsys):
         (20, "orbax", "committed"),
         (25, "ckpt_callbacks", "committed"),
         (30, "orbax", "uncommitted"),
+        (40, "orbax", "damaged"),  # orbax lists it (a finalized step name), it holds only notes.txt
     ]
     assert rows[0]["items"] == ["default"] and rows[2]["items"] == ["state"]
     assert cli(["list", base]) == 0
@@ -278,3 +281,121 @@ def test_a_source_listing_a_step_of_ours_loses_the_tie(mem_url):
     finally:
         restoring.unregister_source("test-listing")
     assert [(c.step, c.source, c.name) for c in listed] == [(3, "ckpt_callbacks", "run-3"), (4, "test-listing", "4")]
+
+
+def _orbax_lists(base: str) -> list[int]:
+    """The steps orbax's own ``CheckpointManager`` lists under ``base`` (the oracle)."""
+    with ocp.CheckpointManager(base, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+        return sorted(mngr.all_steps())
+
+
+def _skip_warnings(caplog) -> dict[int, str]:
+    found = {}
+    for record in caplog.records:
+        match = re.match(
+            r"orbax lists step (\d+) \((\S+)\) but it holds no readable checkpoint: (.*)", record.getMessage()
+        )
+        if match and record.levelno == logging.WARNING:
+            found[int(match.group(1))] = match.group(3)
+    return found
+
+
+def test_a_step_orbax_lists_but_we_cannot_read_is_warned_and_listed_as_a_problem(runs, tmp_path, caplog, capsys):
+    base = _copy(runs, "default", tmp_path)
+    (Path(base) / "20" / "_CHECKPOINT_METADATA").unlink()  # what is left: commit_success.txt, default/
+    (Path(base) / "20" / "default" / "_METADATA").unlink()
+    (Path(base) / "50").mkdir()
+    assert _orbax_lists(base) == [10, 20, 40, 50]  # orbax counts each of them a finalized step
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        ck = cc.CheckpointReader(base)
+        assert ck.all_steps() == [10]
+        restored, meta = ck.restore_or_init(_init_fn())
+    assert meta is not None and meta["step"] == 10
+    assert_tree_equal(restored, _state(10))
+    why = _skip_warnings(caplog)
+    assert sorted(why) == [20, 40, 50], caplog.text
+    assert why[20].startswith("no _CHECKPOINT_METADATA, and no item directory holding _METADATA (it holds ")
+    assert "commit_success.txt, default" in why[20] and "notes.txt" in why[40] and why[50].startswith("it is empty")
+    caplog.clear()
+    assert cc.CheckpointReader(base).all_steps() == [10]
+    assert not _skip_warnings(caplog)  # said once, not at every listing
+
+    assert cli(["list", base, "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)}
+    assert [(s, r["format"], r["status"]) for s, r in sorted(rows.items())] == [
+        (10, "orbax", "committed"),
+        (20, "orbax", "damaged"),
+        (30, "orbax", "uncommitted"),
+        (40, "orbax", "damaged"),
+        (50, "orbax", "damaged"),
+    ]
+    assert rows[20]["problem"].startswith("orbax lists step 20 but it holds no readable checkpoint: no _CHECKPOINT")
+    assert cli(["list", base]) == 0
+    text = capsys.readouterr().out
+    assert f"{os.path.join(base, '50')}: orbax lists step 50 but it holds no readable checkpoint: it is empty" in text
+    assert text.splitlines()[-1].endswith("; 1 unfinished save; 3 damaged"), text
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_numbered_directories_of_a_folder_orbax_never_wrote_are_not_reported(tmp_path, caplog, capsys, marked):
+    """Only where orbax's claim is plausible: other orbax steps beside it, or its own marker."""
+    base = tmp_path / "data"
+    cc.save(base / "run-3", {"w": np.zeros(2)}, step=3)
+    for name in ("2024", "7", "ckpt_12"):
+        (base / name).mkdir(parents=True)
+        (base / name / "rows.csv").write_text("a,b")
+    if marked:
+        (base / "7" / "commit_success.txt").write_text("Checkpoint commit was successful")
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        assert [(c.step, c.source) for c in cc.list_checkpoints(base)] == [(3, "ckpt_callbacks")]
+    assert sorted(_skip_warnings(caplog)) == ([7] if marked else [])
+    assert cli(["list", str(base), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["status"]) for r in rows] == [(3, "committed")] + ([(7, "damaged")] if marked else [])
+
+
+def test_several_items_none_named_says_which_to_pick(runs, tmp_path):
+    base = _copy(runs, "items", tmp_path)
+    step = os.path.join(base, "20")
+    for call in (lambda: cc.restore(step), lambda: cc.CheckpointReader(base).restore(fallback=False)):
+        with pytest.raises(
+            CheckpointNotFoundError,
+            match=r"20 holds orbax items \['opt', 'params'\], none of them "
+            r"'state' \(the item restored by default\) or 'default' \(orbax's unnamed item\): "
+            r"pass item= to pick one$",
+        ):
+            call()
+    with pytest.raises(CheckpointNotFoundError, match=r"has no orbax item 'nope'; items: \['opt', 'params'\]"):
+        cc.restore(step, item="nope")
+    assert cc.restore(step, item="opt")["count"] == 20
+
+
+def test_a_restore_of_a_base_lists_its_steps_of_each_writer(runs, tmp_path):
+    base = _copy(runs, "default", tmp_path)
+    with pytest.raises(CheckpointNotFoundError) as refused:
+        cc.restore(base)
+    text = str(refused.value)
+    assert "it is a base directory of 2 checkpoints, not one" in text and "a save that did not finish" not in text
+    assert "(steps, newest first: 20 (orbax: 20), 10 (orbax: 10))" in text
+    assert f"restore({os.path.join(base, '20')!r})" in text and f"CheckpointReader({base!r}).restore()" in text
+    cc.save(os.path.join(base, "run-25"), _state(25), step=25)
+    url = paths.parse(base).url
+    with pytest.raises(CheckpointNotFoundError) as refused:
+        cc.restore(url)
+    text = str(refused.value)
+    assert "(steps, newest first: 25 (ckpt_callbacks: run-25), 20 (orbax: 20), 10 (orbax: 10))" in text
+    assert f"restore({url + '/run-25'!r}) or restore({url + '/20'!r})" in text
+    assert_tree_equal(cc.restore(f"{url}/20", template=_init()), _state(20))  # as it says
+
+
+def test_verify_of_a_mixed_base_names_the_orbax_steps_it_did_not_verify(runs, tmp_path, capsys):
+    base = _copy(runs, "default", tmp_path)
+    assert cli(["verify", base]) == 2
+    assert "holds no checkpoint of ours to verify, only steps 10 (orbax), 20 (orbax)" in capsys.readouterr().err
+    cc.save(os.path.join(base, "run-25"), _state(25), step=25)
+    assert cli(["verify", base]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "OK (1 checkpoint); 2 orbax steps not verified (steps 10, 20): no checksums recorded", last
+    assert cli(["verify", base, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(u["step"], u["format"]) for u in report["not_verified"]] == [(10, "orbax"), (20, "orbax")]

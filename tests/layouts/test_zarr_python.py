@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import ml_dtypes
 import numpy as np
 import pytest
 import tensorstore as ts
+import zarr  # the dev extra installs zarr>=3: a missing zarr fails, never skips
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
 from ckpt_callbacks import format as fmt
 from conftest import make_mesh, put
-
-zarr = pytest.importorskip("zarr", minversion="3")
 
 # zarr-python 3's own data types among ours: a leaf stored as one of these opens with zarr.open_array.
 ZARR_PYTHON = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
@@ -28,25 +28,15 @@ NOT_ZARR_PYTHON |= {f"float8_{k}" for k in ("e3m4", "e4m3fn", "e4m3fnuz", "e4m3b
 
 
 # The README's how-to, verbatim: one zarr3 leaf read with numpy + ml_dtypes (no zarr-python).
-HOW_TO = """
-import json, pathlib
-import ml_dtypes, numpy as np
+def _readme_how_to() -> str:
+    """The README's numpy + ml_dtypes snippet (the python block defining ``read_leaf``), as printed there."""
+    text = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def read_leaf" in b]
+    assert len(blocks) == 1, "the README shows read_leaf once"
+    return blocks[0]
 
-def read_leaf(array_dir):
-    array_dir = pathlib.Path(array_dir)
-    meta = json.loads((array_dir / "zarr.json").read_text())
-    name = meta["data_type"]
-    dtype = np.dtype(getattr(ml_dtypes, name, None) or np.dtype(name).newbyteorder("<"))
-    shape, chunk = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
-    out = np.zeros(shape, dtype)  # a chunk with no file holds the fill value, 0
-    for idx in np.ndindex(*(-(-n // c) for n, c in zip(shape, chunk))):
-        file = array_dir.joinpath("c", *map(str, idx))
-        if file.exists():  # each chunk file: the whole chunk, C order, little-endian, raw
-            block = np.frombuffer(file.read_bytes(), dtype).reshape(chunk)
-            at = tuple(slice(i * c, min(i * c + c, n)) for i, c, n in zip(idx, chunk, shape))
-            out[at] = block[tuple(slice(0, s.stop - s.start) for s in at)]
-    return out
-"""
+
+HOW_TO = _readme_how_to()
 _NAMESPACE: dict = {}
 exec(HOW_TO, _NAMESPACE)  # our own snippet, as the README prints it
 read_leaf = _NAMESPACE["read_leaf"]

@@ -232,3 +232,74 @@ def test_processes_that_listed_different_steps_fail_together():
 
     agreed = verdict([{"kind": "ok", "step": 3}, {"kind": "ok", "step": 2}])
     assert agreed["kind"] == "fatal" and "different steps [2, 3]" in agreed["error"]
+
+
+# --- damage that keeps a checkpoint out of the listing --------------------------------------
+
+
+def _delete_metadata(ckpt):
+    (ckpt / "metadata.json").unlink()
+
+
+def _empty_marker(ckpt):
+    (ckpt / "COMMITTED").write_bytes(b"")
+
+
+def _garbage_marker(ckpt):
+    (ckpt / "COMMITTED").write_bytes(b"xx")
+
+
+def _garbage_metadata(ckpt):
+    (ckpt / "metadata.json").write_bytes(b"[]")
+
+
+UNLISTED = {
+    "metadata deleted": _delete_metadata,
+    "metadata garbage": _garbage_metadata,
+    "metadata damaged": _damage_metadata,
+    "metadata forged": _forge_metadata,
+    "marker empty": _empty_marker,
+    "marker garbage": _garbage_marker,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNLISTED))
+def test_a_damaged_newest_the_listing_skips_is_raised_without_fallback_and_named_with_it(tmp_path, caplog, kind):
+    base = tmp_path / "run"
+    _train(str(base), [1, 2])
+    UNLISTED[kind](base / "run-2")
+    reader = cc.CheckpointReader(str(base))
+    assert reader.all_steps() == [1]
+    with pytest.raises(ERRORS, match="run-2"):
+        reader.restore(fallback=False)
+    with pytest.raises(ERRORS, match="run-2"):
+        _resume(cc.Checkpointer(str(base), handle_sigterm=False), fallback=False)
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        tree, meta = reader.restore()
+    assert meta["step"] == 1 and tree["b"].tolist() == [1.0, 1.0, 1.0]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("restore: skipping the damaged checkpoint") and "run-2 (step 2)" in w for w in warned)
+    assert any("fell back to step 1" in w and "past damaged step 2" in w for w in warned)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    count=st.integers(1, 4),
+    damaged=st.dictionaries(st.integers(0, 3), st.sampled_from(sorted(DAMAGE | UNLISTED)), max_size=4),
+)
+def test_without_fallback_the_newest_committed_restores_or_its_damage_is_raised(count, damaged):
+    """Any kinds of damage on any of the newest checkpoints (0: the newest), listed or not."""
+    damaged = {age: kind for age, kind in damaged.items() if age < count}
+    steps = list(range(1, count + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        base = pathlib.Path(tmp) / "run"
+        _train(str(base), steps)
+        for age, kind in damaged.items():
+            (DAMAGE | UNLISTED)[kind](base / f"run-{steps[-1 - age]}")
+        reader = cc.CheckpointReader(str(base))
+        if 0 in damaged:
+            with pytest.raises(ERRORS, match=f"run-{steps[-1]}"):
+                reader.restore(fallback=False)
+            return
+        tree, meta = reader.restore(fallback=False)
+    assert meta["step"] == steps[-1] and tree["b"].tolist() == [float(steps[-1])] * 3

@@ -112,7 +112,7 @@ def test_a_leaf_nothing_places_is_refused_by_name(tmp_path, mesh42):
     with pytest.raises(cc.ShardingRuleError, match=r"1 leaves of init_fn's state are placed nowhere") as refused:
         ck.restore_or_init(init)
     text = str(refused.value)
-    assert "(e.g. [\"['mu']\"])" in text
+    assert "(e.g. ['mu'])" in text
     assert "mesh=" in text and "out_shardings" in text
     restored, _ = ck.restore_or_init(init, mesh=mesh42, rules=[("w$|^mu$", P("x"))])  # what it suggests
     ck.close()

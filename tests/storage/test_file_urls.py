@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import urllib.parse
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,14 @@ from ckpt_callbacks import storage
 
 STATE = {"w": jnp.arange(6.0).reshape(2, 3), "step": 3}
 
-# Names a user may give a run directory: any text without '/' or NUL (and not '.' or '..'),
+
+def _ts_refuses(name: str) -> bool:
+    """A name TensorStore's file driver refuses: split at '\\' too, an empty, '.' or '..' part."""
+    return "\\" in name and any(p in ("", ".", "..") for p in name.split("\\"))
+
+
+# Names a user may give a run directory: any text without '/' or NUL (and not '.', '..' or a
+# name TensorStore refuses, tested apart),
 # leaning on what URLs treat specially.
 _NAME = st.text(
     alphabet=st.one_of(
@@ -31,7 +40,7 @@ _NAME = st.text(
     ),
     min_size=1,
     max_size=12,
-).filter(lambda s: s not in (".", ".."))
+).filter(lambda s: s not in (".", "..") and not _ts_refuses(s))
 
 
 def test_a_path_as_uri_finds_and_saves_into_the_real_directory(tmp_path):
@@ -120,3 +129,63 @@ def test_checkpoints_under_any_directory_name_are_found_by_their_printed_url(tmp
     for url in (storage.parse(os.fspath(base)).url, base.as_uri()):
         assert [c.step for c in cc.list_checkpoints(url)] == [7]
         np.testing.assert_array_equal(cc.restore(cc.find_latest_checkpoint(url))["w"], STATE["w"])
+
+
+@pytest.mark.parametrize("scheme", ["FILE", "File", "fILe"])
+def test_a_scheme_is_case_insensitive(tmp_path, scheme):
+    """RFC 3986 3.1: schemes are case-insensitive (and so is the host name localhost)."""
+    cc.save(os.fspath(tmp_path / "runs" / "run-1"), STATE, step=1)
+    url = (tmp_path / "runs").as_uri().replace("file", scheme, 1)
+    assert cc.find_latest_checkpoint(url) == (tmp_path / "runs").as_uri() + "/run-1"
+    assert storage.parse(url.replace(":///", "://LocalHost/", 1)) == storage.parse(os.fspath(tmp_path / "runs"))
+    assert storage.parse("MEMORY://a/b") == storage.parse("memory://a/b")
+
+
+@pytest.mark.parametrize(
+    ("tail", "match"),
+    [
+        ("q?x=1", r"a '\?' in a URL starts its query, not part of its path: percent-encode it \(%3F"),
+        ("frag#f", r"a '#' in a URL starts its fragment, not part of its path: percent-encode it \(%23"),
+        ("enc%2Fslash", r"%2F in a file URL is a '/' inside one name"),
+        ("enc%2fslash", r"%2F in a file URL is a '/' inside one name"),
+    ],
+)
+def test_a_query_a_fragment_or_an_encoded_slash_is_refused(tmp_path, tail, match):
+    url = f"{tmp_path.as_uri()}/{tail}"
+    for call in (lambda: cc.save(url + "/run-1", STATE, step=1), lambda: cc.list_checkpoints(url)):
+        with pytest.raises(cc.CheckpointPathError, match=match):
+            call()
+    assert os.listdir(tmp_path) == []  # nothing written anywhere, under any name
+    literal = tmp_path / urllib.parse.unquote(tail)  # as a plain path it is the name it spells
+    if "/" not in urllib.parse.unquote(tail):
+        cc.save(os.fspath(literal / "run-1"), STATE, step=1)
+        found = cc.find_latest_checkpoint(literal.as_uri())
+        assert found is not None and storage.parse(found) == storage.parse(os.fspath(literal / "run-1"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(names=st.lists(_NAME, min_size=1, max_size=3), scheme=st.sampled_from(["file", "FILE", "File"]))
+def test_what_as_uri_writes_parses_and_a_raw_query_or_fragment_never_does(names, scheme):
+    path = pathlib.PurePosixPath("/tmp", *names)
+    uri = path.as_uri()
+    assert "?" not in uri and "#" not in uri and "%2F" not in uri.upper()  # pathlib encodes them
+    assert storage.parse(uri.replace("file", scheme, 1)) == storage.parse(os.fspath(path))
+    raw = f"{scheme}://{urllib.parse.quote(os.fspath(path), safe='/?#')}"  # '?' and '#' left raw
+    if "?" in os.fspath(path) or "#" in os.fspath(path):
+        with pytest.raises(cc.CheckpointPathError, match=r"percent-encode it \((%3F|%23)"):
+            storage.parse(raw)
+    else:
+        assert storage.parse(raw) == storage.parse(os.fspath(path))
+
+
+@pytest.mark.parametrize("name", ["\\", "x\\", "\\x", "a\\\\b", "a\\..", ".\\a"])
+def test_a_name_tensorstore_cannot_open_is_refused_typed(tmp_path, name):
+    """TensorStore reads '\\' as a separator too: refused naming the directory, never a bare ValueError."""
+    path = os.fspath(tmp_path / name / "run-1")
+    for call in (lambda: cc.save(path, STATE, step=1), lambda: cc.list_checkpoints(os.path.dirname(path))):
+        with pytest.raises(cc.CheckpointPathError, match=re.escape(f"the directory name {name!r} cannot be used")):
+            call()
+    assert os.listdir(tmp_path) == []
+    for fine in ("a\\b", "x.\\y"):  # what it opens stays usable
+        cc.save(os.fspath(tmp_path / fine / "run-1"), STATE, step=1)
+        assert cc.find_latest_checkpoint(os.fspath(tmp_path / fine)) == os.fspath(tmp_path / fine / "run-1")

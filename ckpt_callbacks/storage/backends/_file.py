@@ -30,11 +30,25 @@ from ckpt_callbacks.storage.backends._base import FsspecBackend
 # What a URL path keeps as it is (RFC 3986 pchar and '/'): ordinary paths print unencoded.
 _SAFE = "/!$&'()*+,;=:@~"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_SLASH_ESCAPE = re.compile(r"%2F", re.IGNORECASE)
 
 
 def decode_path(encoded: str, text: str) -> str:
     """The path of a ``file://`` URL ``text`` from its percent-encoded ``encoded`` part;
-    ``CheckpointPathError`` for an invalid escape, bytes that are not UTF-8, or a NUL."""
+    ``CheckpointPathError`` for an invalid escape, bytes that are not UTF-8, or a NUL; for a
+    raw '?' or '#' (a URL's query or fragment, never part of its path), and for '%2F' (a '/'
+    inside one name, which a path cannot hold)."""
+    for char, escape in (("?", "%3F"), ("#", "%23")):
+        if char in encoded:
+            raise CheckpointPathError(
+                f"{text!r}: a {char!r} in a URL starts its {'query' if char == '?' else 'fragment'}, not part of its "
+                f"path: percent-encode it ({escape}; Path.as_uri() does) or give a plain path"
+            )
+    if _SLASH_ESCAPE.search(encoded):
+        raise CheckpointPathError(
+            f"{text!r}: %2F in a file URL is a '/' inside one name, which a path cannot hold: write '/' between "
+            "directories, or give a plain path"
+        )
     bad = _BAD_ESCAPE.search(encoded)
     if bad:
         raise CheckpointPathError(
@@ -57,11 +71,21 @@ class FileBackend(FsspecBackend):
 
     def parse(self, rest: str, text: str) -> Location:
         host, slash, _ = rest.partition("/")
-        if host not in ("", "localhost") or not slash:
+        if host.lower() not in ("", "localhost") or not slash:
             raise CheckpointPathError(
                 f"{text!r}: a file URL names no host (file:///abs/path or file://localhost/abs/path), found {host!r}"
             )
         return Location(scheme=self.scheme, path=os.path.abspath(decode_path(rest[len(host) :], text)))
+
+    def check(self, loc: Location) -> None:
+        # TensorStore's file driver splits a path at '\\' too (as on Windows) and refuses the
+        # empty, '.' and '..' names that makes, with a bare ValueError at the first read.
+        for part in loc.path.split("/"):
+            if "\\" in part and any(p in ("", ".", "..") for p in part.split("\\")):
+                raise CheckpointPathError(
+                    f"{loc.path!r}: the directory name {part!r} cannot be used: TensorStore's file driver reads "
+                    "each '\\' in it as a separator and refuses the empty, '.' or '..' names that leaves"
+                )
 
     def url(self, loc: Location) -> str:
         # surrogateescape: a name that is not UTF-8 prints as its bytes (parse refuses it back).
