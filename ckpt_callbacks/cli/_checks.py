@@ -156,7 +156,10 @@ def _to_verify(path: str) -> tuple[list[paths.Location], bool, list[dict[str, An
     loc = paths.parse(path)
     if paths.read_bytes(loc, layout.COMMIT_MARKER) is not None:
         return [loc], False, []
-    found = [loc.join(d) for d in paths.list_dirs(loc) if paths.read_bytes(loc.join(d), layout.COMMIT_MARKER)]
+    # A marker present but empty or garbage is a damaged checkpoint to report, never one to skip.
+    found = [
+        loc.join(d) for d in paths.list_dirs(loc) if paths.read_bytes(loc.join(d), layout.COMMIT_MARKER) is not None
+    ]
     foreign = restoring.foreign_steps(loc)
     others = [{"path": shown(path, paths.parse(c.path)), "step": c.step, "format": c.source} for c in foreign]
     if found:

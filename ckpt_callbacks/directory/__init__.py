@@ -22,6 +22,7 @@ from ckpt_callbacks.directory._open import COMMIT_MARKER as COMMIT_MARKER
 from ckpt_callbacks.directory._open import DELETING as DELETING
 from ckpt_callbacks.directory._open import METADATA as METADATA
 from ckpt_callbacks.directory._open import METRICS_DIR as METRICS_DIR
+from ckpt_callbacks.directory._open import OBJECT_STORE_ANCESTORS as OBJECT_STORE_ANCESTORS
 from ckpt_callbacks.directory._open import Checkpoint as Checkpoint
 from ckpt_callbacks.directory._open import SaveLayout as SaveLayout
 from ckpt_callbacks.directory._open import check_item_name as check_item_name

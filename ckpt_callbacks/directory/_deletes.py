@@ -43,17 +43,35 @@ def delete_checkpoint(loc: paths.Location, commit: fmt.Commit | None = None) -> 
     then our own entries; the directory goes only if nothing else is left in it.
 
     ``commit``: its marker as read before (a retried delete finds no marker any more, and
-    then uses the ``.deleting`` record a first try left).
+    then uses the ``.deleting`` record a first try left). A marker that cannot be read names
+    nothing: then the item directories holding a ``manifest.json`` go with it.
     """
     commit = commit or layout.read_commit_quietly(loc)
     if commit is not None:
         named = {commit.metadata, *commit.items.values()}
         paths.write_bytes(loc, layout.DELETING, fmt.dumps(sorted(named)))
-    else:
-        named = owed(loc) or set()
+    elif (record := owed(loc)) is not None:
+        named = record
+    elif layout.has_marker(loc):  # damaged, so it names nothing: record the items a save wrote
+        named = _saved_items(loc)
+        paths.write_bytes(loc, layout.DELETING, fmt.dumps(sorted(named)))
+    else:  # no checkpoint (a save may be committing here): only our own names go
+        named = set()
     _delete_names(loc, [layout.COMMIT_MARKER])
     items = set(commit.items) if commit else set()
     _delete_entries(loc, lambda name: name in named or layout.is_ours(name, items))
+
+
+def _saved_items(loc: paths.Location) -> set[str]:
+    """Without a readable marker or a record: the item directories a save wrote (each holds
+    its ``manifest.json``), so a checkpoint with a damaged marker is deleted whole."""
+    return {
+        name
+        for name in paths.list_entries(loc)
+        if layout.is_entry_name(name)
+        and not layout.is_ours(name, ())
+        and paths.read_bytes(loc.join(name), layout.MANIFEST) is not None
+    }
 
 
 def owed(loc: paths.Location) -> set[str] | None:

@@ -41,6 +41,8 @@ def find(loc: paths.Location) -> list[str]:
     claim_names = [n for n in entries if n.startswith(layout.CLAIM_PREFIX)]
     busy, dead = claims.held(loc, claim_names)
     commit = layout.read_commit_quietly(loc)
+    if commit is None and layout.COMMIT_MARKER in entries:
+        return []  # a marker we cannot read: a damaged checkpoint, left whole for verify, never cleaned
     named = {layout.COMMIT_MARKER, commit.metadata, *commit.items.values()} if commit else {layout.COMMIT_MARKER}
     known = set(commit.items) if commit else set()
     known |= claims.item_names(loc, dead)

@@ -41,6 +41,7 @@ from ckpt_callbacks.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointPathError,
+    CheckpointStorageError,
     CorruptCheckpointError,
     MissingFileError,
     StorageNotSharedError,
@@ -271,9 +272,22 @@ def refuse_committed(loc: paths.Location, overwrite: bool, tag: str, add: list[s
         )
 
 
-def has_marker(loc: paths.Location) -> bool:
-    """Whether ``loc`` holds a commit marker, readable or not (one read): it is a checkpoint."""
+def _marked(loc: paths.Location) -> bool:
     return paths.read_bytes(loc, COMMIT_MARKER) is not None
+
+
+def has_marker(loc: paths.Location) -> bool:
+    """Whether ``loc`` holds a commit marker, readable or not (one read): it is a checkpoint.
+
+    A ``loc`` without one that lies inside a committed checkpoint (see ``inside_checkpoint``)
+    raises ``CheckpointPathError``: nothing is a base or a checkpoint there.
+    """
+    if _marked(loc):
+        return True
+    misplaced = inside_checkpoint(loc)
+    if misplaced is not None:
+        raise CheckpointPathError(misplaced)
+    return False
 
 
 def _parent(loc: paths.Location) -> paths.Location | None:
@@ -281,17 +295,37 @@ def _parent(loc: paths.Location) -> paths.Location | None:
     return None if parent == loc.path else dataclasses.replace(loc, path=parent)
 
 
+# Ancestors whose marker an object-store save reads (one request each); local disk and
+# memory:// read every ancestor up to the root, which costs next to nothing there.
+OBJECT_STORE_ANCESTORS = 6
+
+
 def inside_checkpoint(loc: paths.Location) -> str | None:
-    """Why a save may not go to ``loc``: its parent or grandparent is a committed checkpoint
-    (``loc`` is its item directory, or a leaf's in one); None if neither is. At most two reads."""
-    inner = loc
-    for _ in range(2):
+    """Why a save may not go to ``loc``: an ancestor of it is a committed checkpoint (``loc`` is
+    an item directory of it, or any directory below one); None if none is.
+
+    One read per ancestor: on a local disk (and ``memory://``) every ancestor up to the root; on
+    an object store the nearest ``OBJECT_STORE_ANCESTORS`` (6) only, so ``s3://b/c/run-1/x/y/z/w/v/u/t``
+    (seven levels inside) is not caught. Past the grandparent, an ancestor that cannot be read
+    (permissions) ends the walk: those checks are a guard, never a reason to fail a save.
+    """
+    limit = OBJECT_STORE_ANCESTORS if loc.backend.is_object_store else None
+    inner, level = loc, 0
+    while limit is None or level < limit:
         outer = _parent(inner)
-        if outer is None:
+        if outer is None or outer.path == "/":  # no checkpoint is a filesystem's root
             return None
-        if has_marker(outer):
+        level += 1
+        try:
+            marked = _marked(outer)
+        except CheckpointStorageError:
+            if level <= 2:
+                raise
+            return None
+        if marked:
+            entry = loc.path[len(outer.path) :].strip("/").split("/")[0]
             return (
-                f"{loc.url} is inside the committed checkpoint {outer.url} (its entry {inner.name!r}); a "
+                f"{loc.url} is inside the committed checkpoint {outer.url} (its entry {entry!r}); a "
                 "checkpoint is never saved into another. Save beside it (a sibling directory), or add an item "
                 f"to it with save_items({outer.url!r}, {{name: tree}}, add=True)"
             )
@@ -307,7 +341,7 @@ def _base_of(loc: paths.Location, entries: Collection[str]) -> str | None:
     it is a base holding committed ``run-<step>`` checkpoints; None if it is not."""
     runs = sorted(((s, n) for n in entries if (s := step_of(n)) is not None), reverse=True)
     for step, name in runs[:_BASE_MARKERS]:
-        if has_marker(loc.join(name)):
+        if _marked(loc.join(name)):
             return (
                 f"{loc.url} is a checkpoint base: it holds committed run-<step> checkpoints (found "
                 f"{loc.join(name).url}), and a save there would wrap a checkpoint around them. Save each step "

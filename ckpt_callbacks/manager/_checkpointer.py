@@ -34,7 +34,7 @@ from typing import Any
 from ckpt_callbacks import directory as layout
 from ckpt_callbacks import distributed
 from ckpt_callbacks.directory import CheckpointInfo
-from ckpt_callbacks.errors import CheckpointExistsError, CheckpointPathError
+from ckpt_callbacks.errors import CheckpointExistsError, CheckpointFormatError, CheckpointPathError
 from ckpt_callbacks.format import as_step
 from ckpt_callbacks.manager import _rewinds as rewinds
 from ckpt_callbacks.manager._aftercommit import AfterCommit, ScalarWriter, close_at_exit
@@ -208,6 +208,11 @@ class Checkpointer(CheckpointReader):
                     level=logging.INFO,
                 )
             return False
+        damaged = self._damaged_at(step)
+        if damaged is not None:  # never raised into the loop; never deleted for the user either
+            self._last_save_step = step
+            _skipped(step, damaged)
+            return False
         extras = self.retention.with_recorded_metrics(step, extras)
         self._wait_inflight()  # the previous save's failure is raised here, never taken for this step's
         try:
@@ -219,6 +224,21 @@ class Checkpointer(CheckpointReader):
             _skipped(step, e, "" if step in (self._foreign or {}) else _DISCARD_HINT)
             return False
         return True
+
+    def _damaged_at(self, step: int) -> str | None:
+        """Why ``run-<step>`` cannot take this step's save: it holds a commit marker that cannot
+        be read (process 0 reads it, one read; every process agrees). None: the save may go on."""
+        why = None
+        if distributed.is_primary():
+            loc = self.base.join(layout.run_name(step))
+            try:
+                layout.read_commit(loc)
+            except CheckpointFormatError as e:
+                why = (
+                    f"{loc.url} holds a damaged checkpoint ({e}); it is left as it is: check it with "
+                    f"`ckpt-callbacks verify {loc.url}`, then delete or move it away to save step {step} there"
+                )
+        return distributed.broadcast_json(f"ck-damaged/{next(_ROUNDS)}", why)
 
     def _save_now(
         self,

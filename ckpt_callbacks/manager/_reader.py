@@ -33,7 +33,7 @@ from ckpt_callbacks.format import as_step
 from ckpt_callbacks.manager import _fallback as fallback_lib
 from ckpt_callbacks.manager import _init_shardings as init_shardings
 from ckpt_callbacks.manager import _rewinds as rewinds
-from ckpt_callbacks.manager._discovery import Listing, discover, listing
+from ckpt_callbacks.manager._discovery import Listing, discover, foreign_steps, listing
 from ckpt_callbacks.manager._metrics import Metrics
 from ckpt_callbacks.manager._policy import KeepPolicy, metric_of
 from ckpt_callbacks.storage import StorageOptions
@@ -126,12 +126,35 @@ def _explicit(base: paths.Location, step: Any, path: Any, storage: StorageOption
     try:
         return _info(layout.open_checkpoint(loc, storage=None if own else storage))
     except CheckpointNotFoundError:
-        if path is not None:
-            return CheckpointInfo(path=loc.url, step=None, timestamp=0.0)  # a foreign source's, or not found
+        if path is not None:  # a foreign source's (its step, if directly under the base), or not found
+            return _foreign_at(base, loc) or CheckpointInfo(path=loc.url, step=None, timestamp=0.0)
         foreign = [c for c in discover(base) if c.step == as_step(step) and c.checkpoint is None]
         if not foreign:
             raise
         return foreign[-1]
+
+
+def _foreign_at(base: paths.Location, loc: paths.Location) -> CheckpointInfo | None:
+    """The foreign step ``discover`` lists at ``loc`` (orbax's ``<base>/20``), if it is one of
+    ``base``'s: then ``restore(path=)`` of it is its ``restore(step=)``."""
+    if not directly_under(base, loc.url):
+        return None
+    same = [c for c in foreign_steps(base) if paths.parse(c.path).url.rstrip("/") == loc.url.rstrip("/")]
+    return same[-1] if same else None
+
+
+def _check_restore_arguments(init_fn: Callable[[], Any], kw: Mapping[str, Any]) -> None:
+    """``restore``'s own check of ``kw``, before a listing; without a ``template`` it comes from
+    ``init_fn`` (so ``missing`` is checked against it only at the restore)."""
+    template = kw.get("template")
+    restore_lib.check_arguments(
+        kw.get("rules"),
+        init_fn if template is None else template,
+        rename=kw.get("rename", ()),
+        missing=None if template is None else kw.get("missing"),
+        drop=kw.get("drop", False),
+        max_host_bytes=kw.get("max_host_bytes"),
+    )
 
 
 def _metadata(info: CheckpointInfo) -> dict[str, Any]:
@@ -336,6 +359,7 @@ class CheckpointReader:
         Damaged checkpoints are skipped as by ``restore``; when checkpoints exist and none
         restores, it raises rather than start fresh.
         """
+        _check_restore_arguments(init_fn, restore_kwargs)  # refused at the first call, of a fresh base too
         self._settle()
         listed = listing(self.base)
         if self._fresh(listed.found):

@@ -68,7 +68,7 @@ class Retention(Metrics):
 
     def _finish_deletes(self, committed: set[str]) -> None:
         """Completes deletes that a killed process left part-way (``run-*`` directories with a
-        ``.deleting`` record and no marker): one read per uncommitted directory."""
+        ``.deleting`` record and no marker): two reads per uncommitted directory."""
         try:
             names = [n for n in paths.list_dirs(self.base) if n not in committed and layout.step_of(n) is not None]
         except Exception as e:
@@ -79,8 +79,9 @@ class Retention(Metrics):
             try:
                 if deletes.finish_delete(loc):
                     log.info("retention: finished the interrupted delete of %s", loc.url)
-                else:  # a save that died before its commit: its files once its claim is dead
-                    leftovers.clean(loc)
+                elif paths.read_bytes(loc, layout.COMMIT_MARKER) is None:  # a save died before its commit
+                    leftovers.clean(loc)  # its files, once its claim is dead
+                # else a damaged marker: a checkpoint the listing skipped, left as it is for the user
             except Exception as e:  # retried by the next pass
                 log.warning("retention: could not finish deleting %s (will retry): %s", loc.url, e)
         self._clean_failed()

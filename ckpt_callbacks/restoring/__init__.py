@@ -1,5 +1,6 @@
 """restoring: facade (see README.md here)."""
 
+from ckpt_callbacks.restoring import _api
 from ckpt_callbacks.restoring._api import restore as restore
 from ckpt_callbacks.restoring._reads import read_leaves as read_leaves
 from ckpt_callbacks.restoring._rules import match_partition_rules as match_partition_rules
@@ -15,3 +16,6 @@ from ckpt_callbacks.restoring._targets import Target as Target
 from ckpt_callbacks.restoring._verify import VerifyProblem as VerifyProblem
 from ckpt_callbacks.restoring._verify import VerifyReport as VerifyReport
 from ckpt_callbacks.restoring._verify import verify as verify
+
+# restore's own check of its arguments (before any read), for callers that check before listing
+check_arguments = _api._check_arguments

@@ -79,11 +79,26 @@ def _parse(url: str | os.PathLike[str]) -> Location:
                 f"supported: {', '.join(s + '://' for s in schemes())}, or a local path (write './{text}' for a "
                 "local directory of that name)"
             )
-        return Location(scheme="file", path=os.path.abspath(os.path.expanduser(text)))
+        return Location(scheme="file", path=refuse_backslash(os.path.abspath(os.path.expanduser(text)), text))
     if scheme not in schemes():
         path_parts(rest, text)  # '.' and '..' are refused before the scheme, as for a known one
         raise CheckpointPathError(f"unsupported URL scheme {scheme!r} in {text!r}; expected one of {schemes()}")
     return backend_for(scheme).parse(rest, text)
+
+
+def refuse_backslash(path: str, text: str) -> str:
+    """``path`` (a local path parsed from ``text``), or ``CheckpointPathError`` if one of its
+    directory names holds a '\\': TensorStore's file driver reads each as a separator (as on
+    Windows) while fsspec and the OS do not, so one checkpoint's files would land in two
+    directories (``a\\b/`` and ``a/b/``). Checked at parse time, for every component."""
+    for part in path.split("/"):
+        if "\\" in part:
+            raise CheckpointPathError(
+                f"{text!r}: the directory name {part!r} cannot be used: it holds a '\\', which TensorStore's file "
+                "driver reads as a separator (its arrays would be written to another directory than the rest of "
+                "the checkpoint); rename the directory"
+            )
+    return path
 
 
 def path_parts(rest: str, text: str) -> list[str]:

@@ -358,3 +358,20 @@ def test_usage_errors_and_extreme_values_are_one_line(tmp_path):
     (base / "metrics" / "run-1.json").write_text('{"loss": ' + "9" * 400 + "}")
     out = _cli("list", str(base))
     assert out.returncode == 0 and re.search(r"^\s*1\s.*\sloss=\?\s+\S*run-1$", out.stdout, re.M), out
+
+
+@pytest.mark.parametrize("marker", [b"", b"{bad", b"\xff\xfe", b"[]"])
+def test_verify_a_base_reports_a_checkpoint_whose_marker_is_emptied_or_garbage(tmp_path, marker):
+    """Found by a hostile review: ``verify BASE`` said OK when a run-<step>'s COMMITTED was
+    truncated to nothing (the listing skips it), while ``verify BASE/run-20`` failed."""
+    base = tmp_path / "run"
+    for step in (10, 20):
+        cc.save(base / f"run-{step}", {"w": np.ones(4)}, step=step)
+    (base / "run-20" / "COMMITTED").write_bytes(marker)
+    out = _cli("verify", str(base))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"run-20: not re-read:\s+INVALID\s+\S*run-20/COMMITTED", out.stdout), out.stdout
+    assert "DAMAGED: 1 of 2 checkpoints" in out.stdout and "run-10: 1 leaf" in out.stdout, out.stdout
+    report = _json("verify", str(base))
+    assert not report["ok"] and [c["path"].endswith("run-20") for c in report["checkpoints"] if c["problems"]] == [True]
+    assert (base / "run-20" / "COMMITTED").read_bytes() == marker  # verify modifies nothing

@@ -296,3 +296,20 @@ def test_a_batched_delete_is_sent_at_most_max_retries_plus_one_times(store, max_
             deletes.delete_keys(loc, keys)
         assert [method for method, _ in p.requests] == ["POST"] * (max_retries + 1)
         assert deletes.list_keys(loc) == []
+
+
+@pytest.mark.parametrize("marker", [b"", b"{not json", b'{"format": "other"}'])
+def test_prune_never_cleans_a_checkpoint_whose_marker_it_cannot_read(tmp_path, marker):
+    """A committed checkpoint whose ``COMMITTED`` is damaged is not a save that died: ``prune --yes``
+    (which cleans leftovers of dead saves) leaves every file of it, for ``verify`` and the user."""
+    import pathlib
+
+    from ckpt_callbacks.cli import main
+
+    base = tmp_path / "run"
+    cc.save(str(base / "run-3"), {"w": jnp.arange(4.0)}, step=3)
+    (base / "run-3" / "COMMITTED").write_bytes(marker)
+    before = {p: p.read_bytes() for p in pathlib.Path(base).rglob("*") if p.is_file()}
+    assert main(["prune", str(base), "--keep-last", "1", "--yes"]) == 0
+    after = {p: p.read_bytes() for p in pathlib.Path(base).rglob("*") if p.is_file()}
+    assert after == before

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ckpt_callbacks as cc
+from ckpt_callbacks import directory as layout
 from ckpt_callbacks import storage as paths
 
 _FIXTURES = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -224,3 +225,56 @@ def test_leaves_placed_nowhere_are_named_by_key_string(tmp_path, mesh42):
 
     with pytest.raises(cc.ShardingRuleError, match=r"\(e\.g\. \['params/a%2Fb'\]\)"):
         cc.CheckpointReader(str(tmp_path)).restore_or_init(init)
+
+
+def _depth_inside(url: str) -> int:
+    """How deep inside a checkpoint a save is still caught on ``url``'s store (its docstring)."""
+
+    return layout.OBJECT_STORE_ANCESTORS if paths.parse(url).backend.is_object_store else 12
+
+
+def test_a_save_any_depth_inside_a_committed_checkpoint_is_refused(url):
+    """Found by a hostile review: one and two levels inside were refused, ``run-10/state/x/y``
+    (three) was written. Every ancestor is read on local disk and memory://; the nearest 6 on
+    an object store (one request each)."""
+    cc.save(f"{url}/run-10", {"w": jnp.ones(2)}, step=10)
+    before = _keys(url)
+    deepest = _depth_inside(url)
+    for depth in sorted({3, 4, deepest}):
+        inner = "/".join(["state", *(f"d{i}" for i in range(depth - 1))])
+        with pytest.raises(
+            cc.CheckpointPathError, match=r"inside the committed checkpoint \S*run-10 \(its entry 'state'\)"
+        ):
+            cc.save(f"{url}/run-10/{inner}", {"w": jnp.zeros(2)}, step=1)
+    assert _keys(url) == before
+    assert cc.restore(f"{url}/run-10")["w"].tolist() == [1.0, 1.0] and cc.verify(f"{url}/run-10").ok
+
+
+def test_the_documented_bound_on_an_object_store_and_none_on_disk(url, tmp_path):
+    """Past ``OBJECT_STORE_ANCESTORS`` levels an object store's save is not caught (the bound
+    the docstring states); local disk has none."""
+
+    if not paths.parse(url).backend.is_object_store:
+        url = str(tmp_path / "disk")
+    cc.save(f"{url}/run-10", {"w": jnp.ones(2)}, step=10)
+    inner = "/".join(f"d{i}" for i in range(layout.OBJECT_STORE_ANCESTORS + 1))  # one past the bound
+    if paths.parse(url).backend.is_object_store:
+        cc.save(f"{url}/run-10/{inner}", {"w": jnp.zeros(2)}, step=1)
+        assert cc.restore(f"{url}/run-10")["w"].tolist() == [1.0, 1.0]
+    else:
+        with pytest.raises(
+            cc.CheckpointPathError, match=r"inside the committed checkpoint \S*run-10 \(its entry 'd0'\)"
+        ):
+            cc.save(f"{url}/run-10/{inner}", {"w": jnp.zeros(2)}, step=1)
+
+
+@pytest.mark.parametrize("inner", ["state", "state/x", "new/a/b"])
+def test_a_checkpointer_inside_a_checkpoint_is_refused_at_construction(tmp_path, inner):
+    """Found by a hostile review: ``Checkpointer(A/run-10/state)`` was accepted and failed only
+    at its first save's close()."""
+    base = str(tmp_path / "A")
+    cc.save(f"{base}/run-10", {"w": jnp.ones(2)}, step=10)
+    before = _keys(base)
+    with pytest.raises(cc.CheckpointPathError, match=r"inside the committed checkpoint \S*run-10 \(its entry"):
+        cc.Checkpointer(f"{base}/run-10/{inner}", step_policies=[cc.CheckpointInterval(every=1)], handle_sigterm=False)
+    assert _keys(base) == before

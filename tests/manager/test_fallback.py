@@ -303,3 +303,53 @@ def test_without_fallback_the_newest_committed_restores_or_its_damage_is_raised(
             return
         tree, meta = reader.restore(fallback=False)
     assert meta["step"] == steps[-1] and tree["b"].tolist() == [float(steps[-1])] * 3
+
+
+# --- the loop after a fallback past a damaged marker, and restore's arguments on a fresh base --
+
+
+@pytest.mark.parametrize("marker", [b"", b"xx", b"\x00\xffzz", b"{}", b"[1, 2]"])
+def test_a_due_save_at_a_step_whose_marker_is_damaged_is_skipped_and_the_loop_goes_on(tmp_path, caplog, marker):
+    """A user's run: run-3's marker is damaged, the resume falls back to 2; the loop then passes
+    step 3 (due) without raising, run-3 is left untouched, and step 4 is saved."""
+    base = tmp_path / "run"
+    _train(str(base), [1, 2, 3])
+    (base / "run-3" / "COMMITTED").write_bytes(marker)
+    before = {p.relative_to(base): p.read_bytes() for p in (base / "run-3").rglob("*") if p.is_file()}
+    ck = cc.Checkpointer(str(base), step_policies=[cc.CheckpointInterval(every=1)], handle_sigterm=False)
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        _, meta = _resume(ck)
+        assert meta["step"] == 2
+        assert [ck.on_step(_state(step), step=step) for step in (3, 4)] == [False, True]
+        ck.close()
+    assert {p.relative_to(base): p.read_bytes() for p in (base / "run-3").rglob("*") if p.is_file()} == before
+    skipped = [r.getMessage() for r in caplog.records if "a checkpoint is due, but skipped" in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].startswith("step 3:") and "run-3 holds a damaged checkpoint" in skipped[0]
+    assert "it is left as it is" in skipped[0] and "ckpt-callbacks verify" in skipped[0]
+    assert cc.CheckpointReader(str(base)).all_steps() == [1, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rename": [("(", "x")]}, r"rename\[0\]: pattern '\('"),
+        ({"drop": ["("]}, r"drop\[0\]: pattern '\('"),
+        ({"max_host_bytes": 0}, "max_host_bytes=0: expected a number of bytes >= 1"),
+        ({"rules": "not rules"}, "rules"),
+    ],
+)
+def test_restore_or_init_refuses_bad_restore_arguments_on_a_fresh_base_too(tmp_path, kwargs, match):
+    """The first call of a new run is where a typo must show, not at the first resume days later."""
+    ck = cc.Checkpointer(str(tmp_path / "run"), handle_sigterm=False)
+    with pytest.raises(ValueError, match=match):
+        ck.restore_or_init(_init, **kwargs)
+    ck.close()
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_restore_or_init_takes_rename_and_missing_without_a_template_on_a_fresh_base(tmp_path):
+    """Its template comes from init_fn, so restructuring arguments alone are no error."""
+    ck = cc.Checkpointer(str(tmp_path / "run"), handle_sigterm=False)
+    state, meta = ck.restore_or_init(_init, rename=[("w", "v")], missing=_init(), drop=True)
+    assert meta is None and state["b"].tolist() == [0.0, 0.0, 0.0]
+    ck.close()

@@ -329,3 +329,42 @@ def test_no_save_ever_lands_on_a_step_another_writer_holds(caplog, ours, theirs,
     assert written == sorted(kept | set(saved))
     skipped = [w for w in _warnings(caplog) if "a checkpoint is due, but skipped" in w]
     assert len(skipped) == len(range(back + 1, 14)) - len(saved)
+
+
+# --- discard_newer of a damaged checkpoint; restore(path=) of an orbax step ---------------
+
+
+@pytest.mark.parametrize("marker", [b"", b"\x00\xffzz", b"{}"])
+def test_discard_newer_deletes_a_damaged_checkpoint_whole_and_nothing_of_the_users(tmp_path, caplog, marker):
+    base = tmp_path / "run"
+    _train(str(base), 30)
+    (base / "run-30" / "COMMITTED").write_bytes(marker)
+    (base / "run-30" / "notes.txt").write_text("mine")
+    ck = _every(str(base))
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        assert ck.restore(discard_newer=True)[1]["step"] == 20
+    assert sorted(p.name for p in (base / "run-30").iterdir()) == ["notes.txt"]
+    assert any("deleted 1 checkpoint(s)" in w and "run-30" in w for w in _warnings(caplog))
+    assert ck.on_step(_state(30, 1.0), step=30)
+    ck.close()
+    assert cc.restore(str(base / "run-30"))["w"].tolist() == (jnp.arange(4.0) + 31.0).tolist()
+
+
+def test_restore_of_an_orbax_step_by_path_is_its_restore_by_step(tmp_path, caplog):
+    """``restore(path=<base>/20)`` of orbax's step 20: its step, the rewind warning, discard_newer
+    and the schedule, as ``restore(step=20)``."""
+    base = str(tmp_path / "run")
+    _orbax_run(base, (20, 40))
+    for step in (10, 30):
+        cc.save(f"{base}/run-{step}", _state(step), step=step)
+    ck = _every(base)
+    with caplog.at_level(logging.WARNING, "ckpt_callbacks"):
+        tree, meta = ck.restore(path=f"{base}/20", template=_state(0))
+    assert meta["step"] == 20 and tree["w"].tolist() == (jnp.arange(4.0) + 20).tolist()
+    assert any("restored step 20" in w and "steps [30, 40]" in w for w in _warnings(caplog))
+    assert ck.on_step(_state(20), step=20) is False  # the restored step is not saved again
+    ck.close()
+    ck = _every(base)
+    assert ck.restore(path="20", template=_state(0), discard_newer=True)[1]["step"] == 20
+    assert sorted(os.listdir(base)) == ["20", "40", "run-10"]
+    ck.close()

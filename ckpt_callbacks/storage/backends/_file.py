@@ -25,6 +25,7 @@ import fsspec.implementations.local  # loaded with the package, not by a first l
 
 from ckpt_callbacks.errors import CheckpointPathError
 from ckpt_callbacks.storage._backend import Location, register_backend
+from ckpt_callbacks.storage._location import refuse_backslash
 from ckpt_callbacks.storage.backends._base import FsspecBackend
 
 # What a URL path keeps as it is (RFC 3986 pchar and '/'): ordinary paths print unencoded.
@@ -75,7 +76,8 @@ class FileBackend(FsspecBackend):
             raise CheckpointPathError(
                 f"{text!r}: a file URL names no host (file:///abs/path or file://localhost/abs/path), found {host!r}"
             )
-        return Location(scheme=self.scheme, path=os.path.abspath(decode_path(rest[len(host) :], text)))
+        path = os.path.abspath(decode_path(rest[len(host) :], text))
+        return Location(scheme=self.scheme, path=refuse_backslash(path, text))
 
     def check(self, loc: Location) -> None:
         # TensorStore's file driver splits a path at '\\' too (as on Windows) and refuses the
