@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -40,141 +39,11 @@ from ckpt_callbacks.cli import _plan_layout as cli_layout
 from ckpt_callbacks.cli import _render as show
 from ckpt_callbacks.cli._checks import found_instead, leaf_json, shown
 from ckpt_callbacks.cli._plan import keep_text
+from ckpt_callbacks.cli._rows import base_rows, best_ranks, checkpoint_rows, row_of, saved_at
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
-from ckpt_callbacks.manager import CheckpointReader, KeepPolicy, discover, metric_of
+from ckpt_callbacks.manager import CheckpointReader, KeepPolicy, discover
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def _saved(timestamp: float) -> str:
-    try:
-        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    except (OverflowError, OSError, ValueError):  # finite, but past year 9999 or the platform's time_t
-        return f"{timestamp:.6g} s"
-
-
-def _row(base: str, info: discovery.CheckpointInfo, rank: int | None = None) -> dict[str, Any]:
-    ckpt = info.checkpoint
-    try:
-        size, problem = (sum(r.nbytes for i in ckpt.items for r in ckpt.manifest(i).leaves) if ckpt else None), None
-        items = ckpt.items if ckpt else sorted(orbax_format.find_items(paths.parse(info.path)))
-    except CheckpointError as e:
-        size, problem, items = None, f"committed, but a manifest cannot be read: {e}", []
-    metrics = info.extras.get("metrics")
-    return {
-        "step": info.step,
-        "path": shown(base, paths.parse(info.path)),
-        "format": info.source,
-        "status": "committed" if problem is None else "damaged",
-        "saved": _saved(info.timestamp),
-        "timestamp": info.timestamp,
-        "temporary": info.is_temporary,
-        "bytes": size,
-        "items": items,
-        "metrics": metrics if isinstance(metrics, dict) else {},
-        "best": rank,
-        "problem": problem,
-    }
-
-
-def _other_row(base: str, loc: paths.Location) -> dict[str, Any] | None:
-    """A directory the listing skipped: damaged, an unfinished save (ours or orbax's), or
-    neither (None)."""
-    step, source = layout.step_of(loc.name), discovery.OURS
-    try:
-        if layout.try_open(loc) is not None:  # committed while we listed
-            return None
-        status, problem = (
-            "uncommitted",
-            "files but no COMMITTED marker: a save that did not finish (restore ignores it)",
-        )
-    except CheckpointError as e:
-        status, problem = "damaged", f"committed, but cannot be opened: {e}"
-    if status == "uncommitted" and step is None:
-        step, source = orbax_format.unfinished_step(loc.name), orbax_format.OrbaxSource.name
-        problem = "an orbax save that did not finish (a temporary directory; restore ignores it)"
-        if step is None:
-            return None
-    empty: dict[str, Any] = {
-        "saved": None,
-        "timestamp": None,
-        "temporary": None,
-        "bytes": None,
-        "items": [],
-        "metrics": {},
-    }
-    row = {"step": step, "path": shown(base, loc), "format": source, "status": status, **empty}
-    return {**row, "best": None, "problem": problem}
-
-
-def _skipped_row(base: str, loc: paths.Location, step: int, why: str) -> dict[str, Any]:
-    """A step directory orbax lists that holds nothing we read (``interop.scan``)."""
-    row = {"step": step, "path": shown(base, loc), "format": orbax_format.OrbaxSource.name, "status": "damaged"}
-    problem = orbax_format.skipped_message(step, why) + " (resume skips it)"
-    empty: dict[str, Any] = {
-        "saved": None,
-        "timestamp": None,
-        "temporary": None,
-        "bytes": None,
-        "items": [],
-        "metrics": {},
-    }
-    return {**row, **empty, "best": None, "problem": problem}
-
-
-def _ranks(infos: Sequence[discovery.CheckpointInfo], metric: str | None, mode: str) -> dict[str, int]:
-    """Best-k rank (1 = best) of each checkpoint recording ``metric``, by path."""
-    if not metric:
-        return {}
-    scored = [(m, c.path) for c in infos if (m := metric_of(c, metric)) is not None]
-    scored.sort(key=lambda mp: mp[0] if mode == "min" else -mp[0])
-    return {path: i for i, (_, path) in enumerate(scored, 1)}
-
-
-def exists(loc: paths.Location) -> bool:
-    local = paths.local_path(loc)
-    return os.path.exists(local) if local is not None else paths.has_any(loc)
-
-
-def checkpoint_rows(base: str, metric: str | None = None, mode: str = "min") -> list[dict[str, Any]]:
-    """Every checkpoint directory under ``base``: committed ones, ours and an orbax run's steps
-    (recorded metrics merged; ``format`` says whose), then damaged ones and the leftovers of
-    unfinished saves (``run-<step>`` without a marker, orbax's temporaries)."""
-    loc = paths.parse(base)
-    infos = CheckpointReader(loc).checkpoints()
-    ranks = _ranks(infos, metric, mode)
-    rows = [_row(base, info, ranks.get(info.path)) for info in infos]
-    listed = {paths.parse(info.path).name for info in infos}
-    skipped = orbax_format.skipped_steps(loc)  # orbax lists them, we cannot read them
-    for name in paths.list_dirs(loc):
-        if name in skipped:
-            other: dict[str, Any] | None = _skipped_row(base, loc.join(name), *skipped[name])
-        else:
-            other = None if name in listed else _other_row(base, loc.join(name))
-        if other is not None:
-            rows.append(other)
-    return sorted(rows, key=lambda r: (-1 if r["step"] is None else r["step"], r["path"]))
-
-
-def base_rows(base: str, metric: str | None = None, mode: str = "min") -> list[dict[str, Any]]:
-    """``checkpoint_rows``, refusing a base that does not exist or is itself a checkpoint."""
-    loc = paths.parse(base)
-    rows = checkpoint_rows(base, metric, mode)
-    if not rows and not exists(loc):
-        raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: no such directory")
-    if not rows and (local := paths.local_path(loc)) is not None and not os.path.isdir(local):
-        raise CheckpointNotFoundError(f"no checkpoints at {loc.url}: it is a file, not a directory")
-    if not rows and (ckpt := layout.try_open(loc)) is not None:
-        raise CheckpointNotFoundError(
-            f"{loc.url} is a checkpoint (step {ckpt.metadata.step}), not a base directory of checkpoints; "
-            f"see it with: ckpt-callbacks inspect {base}"
-        )
-    if not rows and orbax_format.find_items(loc):
-        raise CheckpointNotFoundError(
-            f"{loc.url} is an orbax checkpoint, not a base directory of checkpoints; "
-            f"see it with: ckpt-callbacks inspect {base}"
-        )
-    return rows
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -227,7 +96,7 @@ def inspect_data(path: str) -> dict[str, Any]:
         "kind": "ckpt_callbacks",
         "path": ckpt.url,
         "step": meta.step,
-        "saved": f"{_saved(meta.timestamp)} UTC",
+        "saved": f"{saved_at(meta.timestamp)} UTC",
         "timestamp": meta.timestamp,
         "temporary": meta.is_temporary,
         "extras": meta.extras,
@@ -278,8 +147,10 @@ def prune_data(base_url: str, keep: KeepPolicy | None, *, delete: bool, after: i
     ours = {c.path for c in infos if c.checkpoint is not None}
     rest = [c for c in infos if c not in later and c.path in ours]  # keep rules count ours, as retention does
     doomed = ({c.path for c in later} | {c.path for c in (keep.to_delete(rest) if keep else [])}) & ours
-    ranks = _ranks(infos, keep.metric, keep.mode) if keep else {}
-    rows = [{**_row(base_url, c, ranks.get(c.path)), "action": "delete" if c.path in doomed else "keep"} for c in infos]
+    ranks = best_ranks(infos, keep.metric, keep.mode) if keep else {}
+    rows = [
+        {**row_of(base_url, c, ranks.get(c.path)), "action": "delete" if c.path in doomed else "keep"} for c in infos
+    ]
     deleted: list[str] = []
     # The newest first: a prune killed part-way leaves the oldest, never a resume point past STEP.
     for info, row in reversed(list(zip(infos, rows, strict=True))):
