@@ -34,6 +34,7 @@ from ckpt_callbacks.manager import CheckpointInterval as CheckpointInterval
 from ckpt_callbacks.manager import CheckpointReader as CheckpointReader
 from ckpt_callbacks.manager import Decision as Decision
 from ckpt_callbacks.manager import KeepPolicy as KeepPolicy
+from ckpt_callbacks.manager import LocalTier as LocalTier
 from ckpt_callbacks.manager import SavePolicy as SavePolicy
 from ckpt_callbacks.manager import ScalarWriter as ScalarWriter
 from ckpt_callbacks.manager import discover as list_checkpoints  # ours and an orbax run's steps
@@ -74,6 +75,7 @@ __all__ = [
     "KeepPolicy",
     "LayoutCounts",
     "LeafShape",
+    "LocalTier",
     "MissingFileError",
     "PeerSaveError",
     "RestoreMismatchError",

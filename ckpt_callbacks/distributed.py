@@ -86,3 +86,30 @@ def gather_json(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             raise TimeoutError(f"gather {name!r}: process {pid} sent nothing within {timeout_s:.0f}s: {e}") from e
         out.append(json.loads(raw))
     return out
+
+
+_PUBLISHED: dict[str, set[int]] = {}  # with one process: what ``publish`` recorded
+
+
+def publish(name: str, process: int) -> None:
+    """Records that ``process`` reached ``name`` (thread-safe; never waits for anyone)."""
+    if process_count() == 1:
+        _PUBLISHED.setdefault(name, set()).add(process)
+        return
+    _client().key_value_set(f"ckpt_callbacks/pub/{name}/{process}", "1", allow_overwrite=True)
+
+
+def published(prefix: str) -> dict[str, list[int]]:
+    """What ``publish`` recorded under ``prefix/``: {the next name part: processes}."""
+    found: dict[str, set[int]] = {}
+    if process_count() == 1:
+        for name, procs in _PUBLISHED.items():
+            if name.startswith(f"{prefix}/"):
+                found.setdefault(name[len(prefix) + 1 :].split("/")[0], set()).update(procs)
+    else:
+        root = f"ckpt_callbacks/pub/{prefix}/"
+        for key, _ in _client().key_value_dir_get(root):
+            rest = key[len(root) :].split("/") if key.startswith(root) else []
+            if len(rest) == 2 and rest[1].isdigit():
+                found.setdefault(rest[0], set()).add(int(rest[1]))
+    return {k: sorted(v) for k, v in found.items()}

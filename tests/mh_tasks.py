@@ -6,6 +6,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -228,3 +229,77 @@ def resume_latest(base, mesh_shape, step=None, fallback=True, discard_newer=Fals
     finally:
         ck.close()
     return {"pid": jax.process_index(), "step": meta["step"], "problems": _check_local(tree), "steps": ck.all_steps()}
+
+
+def local_train(
+    base,
+    local_root,
+    steps,
+    mesh_shape,
+    local_every=2,
+    persistent_every=6,
+    replicas=None,
+    progress=None,
+    transfer_bytes=1 << 16,
+    rows=32,
+    watchdog=None,
+):
+    """A training loop with a LocalTier: ``local_root/p<pid>`` is this process's own directory.
+
+    The step is ``w = w * 0.5 + mean(w) + step`` on a ``mesh_shape`` mesh (an all-reduce across
+    processes), so a wrong or missing region changes every later value. Returns the step resumed
+    from, its tier, and the sha256 of every addressable shard at the end (by global index).
+    """
+    import faulthandler
+    import hashlib
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    if watchdog:
+        faulthandler.dump_traceback_later(watchdog, exit=True)
+    mesh = _mesh(mesh_shape)
+    sharding = NamedSharding(mesh, P(*mesh.axis_names))
+    replicated = NamedSharding(mesh, P())
+
+    def init():
+        w = jax.device_put(jnp.arange(rows * 64, dtype=jnp.float32).reshape(rows, 64) / 7.0, sharding)
+        return {"w": w, "b": jax.device_put(jnp.ones(8, jnp.bfloat16), replicated), "n": 0}
+
+    @jax.jit
+    def train_step(state, step):
+        w = state["w"] * 0.5 + jnp.mean(state["w"]) + step
+        return {"w": w, "b": state["b"] + jnp.bfloat16(1), "n": state["n"]}
+
+    local = cc.LocalTier(
+        f"{local_root}/p{jax.process_index()}",
+        step_policies=[cc.CheckpointInterval(every=local_every)],
+        replicas=replicas,
+        transfer_bytes=transfer_bytes,
+    )
+    ck = cc.Checkpointer(
+        base, step_policies=[cc.CheckpointInterval(every=persistent_every)], local=local, handle_sigterm=False
+    )
+    state, meta = ck.restore_or_init(init)
+    start = 0 if meta is None else meta["step"]
+    tier = None if meta is None else meta.get("tier", "persistent")
+    for step in range(start + 1, steps + 1):
+        state = train_step(state, step)
+        state = dict(state, n=step)
+        ck.on_step(state, step=step)
+        if progress:
+            with open(f"{progress}.{jax.process_index()}", "w") as f:
+                f.write(str(step))
+    ck.close()
+    digests = {
+        str([(s.start, s.stop) for s in shard.index]): hashlib.sha256(np.asarray(shard.data).tobytes()).hexdigest()
+        for shard in state["w"].addressable_shards
+    }
+    return {
+        "pid": jax.process_index(),
+        "start": start,
+        "tier": tier,
+        "n": state["n"],
+        "w": digests,
+        "b": float(np.asarray(state["b"].addressable_shards[0].data)[0]),
+    }

@@ -5,6 +5,7 @@ from ckpt_callbacks.manager._callback import CheckpointCallback as CheckpointCal
 from ckpt_callbacks.manager._checkpointer import Checkpointer as Checkpointer
 from ckpt_callbacks.manager._discovery import discover as discover
 from ckpt_callbacks.manager._discovery import find_latest_checkpoint as find_latest_checkpoint
+from ckpt_callbacks.manager._local import LocalTier as LocalTier
 from ckpt_callbacks.manager._policy import CheckpointInterval as CheckpointInterval
 from ckpt_callbacks.manager._policy import Decision as Decision
 from ckpt_callbacks.manager._policy import KeepPolicy as KeepPolicy

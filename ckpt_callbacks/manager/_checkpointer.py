@@ -39,9 +39,16 @@ from ckpt_callbacks.format import as_step
 from ckpt_callbacks.manager import _rewinds as rewinds
 from ckpt_callbacks.manager._aftercommit import AfterCommit, ScalarWriter, close_at_exit
 from ckpt_callbacks.manager._discovery import Listing, foreign_steps, listing
+from ckpt_callbacks.manager._local import LocalSaver, LocalTier
 from ckpt_callbacks.manager._policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
 from ckpt_callbacks.manager._preemption import Preemption, agree
-from ckpt_callbacks.manager._reader import CheckpointReader, announce, directly_under
+from ckpt_callbacks.manager._reader import (
+    CheckpointReader,
+    announce,
+    check_restore_arguments,
+    directly_under,
+    init_template,
+)
 from ckpt_callbacks.manager._retention import Retention
 from ckpt_callbacks.saving import SaveHandle, SaveOptions, save_items_async
 
@@ -118,6 +125,9 @@ class Checkpointer(CheckpointReader):
       item: name of the item the state is saved under.
       on_commit: the seed's ``true_callbacks``: each is called as ``fn(path, step, metadata)``
         once a save's marker is durable (in the background; failures are logged).
+      local: a ``LocalTier``: frequent per-host checkpoints beside the base's (the persistent
+        tier), each process's shards also kept by peers; ``restore_or_init`` restores the newest
+        step either tier can give.
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class Checkpointer(CheckpointReader):
         sync_every_steps: int = 10,
         item: str = "state",
         on_commit: Sequence[Callable[[str, int, dict[str, Any]], Any]] = (),
+        local: LocalTier | None = None,
         **option_overrides: Any,
     ) -> None:
         if sync_every_steps < 1:
@@ -159,6 +170,9 @@ class Checkpointer(CheckpointReader):
             on_commit,
             on_failure=self.retention.note_failed,
         )
+        if local is not None and not isinstance(local, LocalTier):
+            raise TypeError(f"Checkpointer(local=...) takes a LocalTier, got {type(local).__name__}")
+        self.local: LocalSaver | None = LocalSaver(local, self.base.url) if local is not None else None
         self._closed = False
         self.saves = self._after.saves  # telemetry of every committed save, in order
         close_at_exit(self)
@@ -200,6 +214,22 @@ class Checkpointer(CheckpointReader):
             previous_step=self._previous_step,
         )
         self._previous_step = step
+        built: list[Any] = []
+
+        def state() -> Any:  # built once, for either tier
+            if not built:
+                built.append(state_fn())
+            return built[0]
+
+        if self.local is not None:
+            self.local.pump()
+            if self.local.due(step, agreed_now):  # process 0's clock: every process decides alike
+                self.local.save(state(), step, now=now, extras=extras)
+        return self._persistent_step(state, step, decision, force=force, extras=extras, now=now)
+
+    def _persistent_step(
+        self, state_fn: Callable[[], Any], step: int, decision: Decision, *, force: bool, extras: Any, now: float
+    ) -> bool:
         if not decision.save:
             if force and step == self._last_save_step:  # asked for, so never refused in silence
                 _skipped(
@@ -344,7 +374,12 @@ class Checkpointer(CheckpointReader):
                 self._inflight = None
 
     def wait_until_finished(self) -> None:
-        """Blocks until the save in flight has committed and retention has run; raises failures."""
+        """Blocks until the save in flight has committed and retention has run; raises failures.
+
+        With a ``LocalTier``, the pending replication rounds are dispatched here: call it from
+        the thread that runs the train steps (every process does, at the same point)."""
+        if self.local is not None:
+            self.local.flush()
         self._wait_inflight()
         self._after.join()
 
@@ -360,6 +395,8 @@ class Checkpointer(CheckpointReader):
             self.wait_until_finished()
         finally:
             self._closed = True
+            if self.local is not None:
+                self.local.close()
             self._after.close()
             self.preemption.uninstall()
 
@@ -384,6 +421,55 @@ class Checkpointer(CheckpointReader):
         # resume rules: the restored step is not saved again; the schedule goes on from there
         self._last_save_step = self._previous_step = step
         self._last_save_time = _timestamp(self._clock())
+        if self.local is not None:
+            self.local.restored(step)
+
+    def restore_or_init(self, init_fn: Callable[[], Any], **restore_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
+        """As ``CheckpointReader.restore_or_init``; with a ``LocalTier``, the newest step of
+        either tier: a local step (from this host's directory, or a peer's replica) when it is
+        at least the persistent tier's newest and the topology is the one saved (see
+        ``LocalTier``). Restore options other than ``template=`` apply to the persistent tier
+        only (a local step is restored only without them)."""
+        if self.local is None:
+            return super().restore_or_init(init_fn, **restore_kwargs)
+        check_restore_arguments(init_fn, restore_kwargs)
+        self._settle()
+        listed = listing(self.base)
+        others = sorted(k for k in restore_kwargs if k not in ("template", "missing"))
+        if others:
+            log.info(
+                "restore: restore options %s apply to the persistent tier only; the local tier is not read", others
+            )
+        else:
+            got = self._restore_local(init_fn, restore_kwargs, listed)
+            if got is not None:
+                return got
+        if self._fresh(listed.found):
+            return init_fn(), None
+        if "template" not in restore_kwargs:
+            restore_kwargs["template"] = init_template(init_fn, restore_kwargs)
+        return self._restore(None, None, listed, **restore_kwargs)
+
+    def _restore_local(
+        self, init_fn: Callable[[], Any], restore_kwargs: dict[str, Any], listed: Listing
+    ) -> tuple[Any, dict[str, Any]] | None:
+        assert self.local is not None
+        template, why = restore_kwargs.get("template"), None
+        if template is None:
+            try:
+                template = init_template(init_fn, restore_kwargs)
+            except Exception as e:  # the persistent tier's restore (or a fresh start) says it again
+                why = f"{type(e).__name__}: {e}"
+        steps = [c.step for c in listed.found if c.step is not None]
+        got = self.local.restore(template, max(steps) if steps else None, why)
+        if got is None:
+            return None
+        tree, meta, step = got
+        announce(self, listed.found, f"{step} of the local tier")
+        self._rewound(step, listed, False, None)
+        self._last_save_step = self._previous_step = step
+        self._last_save_time = _timestamp(self._clock())
+        return tree, meta
 
     def _rewound(self, step: int, listed: Listing | None, discard: bool, outside: str | None) -> None:
         """Newer checkpoints than the restored ``step`` (restored from ``outside`` the base, if

@@ -143,7 +143,7 @@ def _foreign_at(base: paths.Location, loc: paths.Location) -> CheckpointInfo | N
     return same[-1] if same else None
 
 
-def _check_restore_arguments(init_fn: Callable[[], Any], kw: Mapping[str, Any]) -> None:
+def check_restore_arguments(init_fn: Callable[[], Any], kw: Mapping[str, Any]) -> None:
     """``restore``'s own check of ``kw``, before a listing; without a ``template`` it comes from
     ``init_fn`` (so ``missing`` is checked against it only at the restore)."""
     template = kw.get("template")
@@ -359,7 +359,7 @@ class CheckpointReader:
         Damaged checkpoints are skipped as by ``restore``; when checkpoints exist and none
         restores, it raises rather than start fresh.
         """
-        _check_restore_arguments(init_fn, restore_kwargs)  # refused at the first call, of a fresh base too
+        check_restore_arguments(init_fn, restore_kwargs)  # refused at the first call, of a fresh base too
         self._settle()
         listed = listing(self.base)
         if self._fresh(listed.found):

@@ -1,0 +1,247 @@
+"""Restoring from the local tier: inventory, agreement, transfers from peers, rebuild.
+
+The call sequence (every process, before training):
+
+1. Each process scans its directory for committed parts and checks each against the
+   template: the layout digest (paths, kinds, shapes, dtypes, every device's region, the
+   process and device counts) must be the one saved, and the manifest's regions the ones the
+   template gives. A part that does not fit says why.
+2. Process 0 gathers every inventory and picks the newest step where every set has a holder
+   whose part fits (the set's own process first); the plan, and why each newer step was
+   refused, is broadcast. A plan older than the persistent tier's newest step is not used.
+3. The sets a process does not hold itself come from their holders by ``ppermute``, in budget
+   rounds, in calls where no process sends or receives twice. A process with nothing to send
+   or receive in a call still takes part in it.
+4. Each process checks every region's crc32c, places its regions on its devices and builds
+   the arrays; every process agrees on the outcome: one failure anywhere, and the local tier
+   is not used (the persistent tier is), never a partial restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from ckpt_callbacks import distributed
+from ckpt_callbacks.manager._local import _peers as peers
+from ckpt_callbacks.manager._local import _store as store
+from ckpt_callbacks.manager._local._sets import Layout, Piece, region_of, summary, topology
+
+log = logging.getLogger("ckpt_callbacks")
+
+
+def _fit(part: store.Part, template: Any, current: dict[str, Any]) -> dict[str, Any]:
+    """Whether ``part`` can be placed under ``template`` on this topology, and what it holds."""
+    row: dict[str, Any] = {"step": part.step, "set": part.set_index, "fits": False}
+    try:
+        man = store.manifest(part)
+        host = [r for r in man["leaves"] if r.get("kind") in ("numpy", "json")]
+        layout = Layout.of(template, saved=host)
+        if layout.digest() != part.digest:
+            saved, now = man.get("topology") or {}, current
+            why = "saved for another state or mesh"
+            if saved and saved != now:
+                why = f"saved on {summary(saved)}, now {summary(now)}"
+            row["why"] = why
+            return row
+        expected = [[p.leaf, [list(r) for r in p.region], p.offset, p.nbytes] for p in layout.pieces(part.set_index)]
+        if [r[:4] for r in man["pieces"]] != expected:
+            row["why"] = "its manifest's regions are not the layout's"
+            return row
+        row.update(fits=True, host=host, extras=man.get("extras"), timestamp=man.get("timestamp"))
+    except Exception as e:  # a damaged manifest: this part does not count
+        row["why"] = f"unreadable manifest ({type(e).__name__}: {e})"
+    return row
+
+
+def _plan(table: list[list[dict[str, Any]]], n: int) -> dict[str, Any]:
+    """Process 0: the newest step every set can come from, and why each newer one cannot."""
+    rejected = []
+    for step in sorted({row["step"] for rows in table for row in rows}, reverse=True):
+        holders: dict[int, int] = {}
+        whys = []
+        for q in range(n):
+            fit = [p for p, rows in enumerate(table) for r in rows if r["step"] == step and r["set"] == q and r["fits"]]
+            whys += [
+                f"process {p}'s set {r['set']}: {r['why']}"
+                for p, rows in enumerate(table)
+                for r in rows
+                if r["step"] == step and r["set"] == q and not r["fits"]
+            ]
+            if fit:
+                holders[q] = q if q in fit else min(fit, key=lambda p: (p - q) % n)
+        missing = [q for q in range(n) if q not in holders]
+        if missing:
+            why = f"set(s) {missing} have no live holder (neither the process nor a peer's replica)"
+            rejected.append([step, why + (f"; {whys[0]}" if whys else "")])
+            continue
+        first = next(r for rows in table for r in rows if r["step"] == step and r["fits"])
+        return {
+            "step": step,
+            "holders": holders,
+            "host": first["host"],
+            "extras": first["extras"],
+            "timestamp": first["timestamp"],
+            "rejected": rejected,
+        }
+    return {"step": None, "rejected": rejected}
+
+
+def _own_part(parts: list[store.Part], step: int, set_index: int) -> store.Part:
+    return next(p for p in parts if p.step == step and p.set_index == set_index)
+
+
+def _crcs(part: store.Part) -> list[int]:
+    return [int(r[4]) for r in store.manifest(part)["pieces"]]
+
+
+def _receive(saver: Any, plan: dict[str, Any], layout: Layout, parts: list[store.Part]) -> tuple[Any, list[int]]:
+    """This process's set of the plan's step: from its disk, or from its holder (collective)."""
+    me, step, digest = distributed.process_index(), plan["step"], layout.digest()
+    holders = {int(q): int(h) for q, h in plan["holders"].items()}
+    pairs = [(h, q) for q, h in holders.items() if h != q]
+    mine: tuple[Any, list[int]] | None = None
+    error: BaseException | None = None
+    if holders[me] == me:
+        part = _own_part(parts, step, me)
+        mine = store.data(part), _crcs(part)
+    if not pairs:
+        return mine  # type: ignore[return-value]
+    channel = saver.peers()
+    for call in peers.pair_calls(pairs):
+        sizes = [peers.frame_bytes(layout.set_bytes(q), len(layout.pieces(q))) for _, q in call]
+        frame, inbox = None, None
+        for h, q in call:
+            if h == me:
+                try:
+                    part = _own_part(parts, step, q)
+                    crcs = np.asarray(_crcs(part), "<u4").tobytes()
+                    frame = peers.Frame([peers.header(step, q, digest), store.data(part), crcs])
+                except Exception as e:  # send nothing; the receiver's check fails, every process agrees
+                    error = e
+            if q == me:
+                inbox = np.empty(peers.frame_bytes(layout.set_bytes(q), len(layout.pieces(q))), np.uint8)
+        for r in range(channel.rounds(sizes)):
+            try:
+                out = channel.dispatch(call, frame, r)
+            except Exception as e:
+                error, frame = e, None
+                out = channel.dispatch(call, None, r)
+            got = channel.received(out)
+            if inbox is not None:
+                start = r * channel.round_bytes
+                take = max(0, min(len(got), len(inbox) - start))
+                inbox[start : start + take] = got[:take]
+        if inbox is not None:
+            data_bytes = layout.set_bytes(me)
+            where = f"set {me} of local step {step} from process {holders[me]}"
+            peers.check_header(inbox[: peers.HEADER_BYTES].tobytes(), step, me, digest, where)
+            tail = inbox[peers.HEADER_BYTES + data_bytes :]
+            mine = inbox[peers.HEADER_BYTES : peers.HEADER_BYTES + data_bytes], [int(c) for c in tail.view("<u4")]
+    if error is not None:
+        raise error
+    return mine  # type: ignore[return-value]
+
+
+def _build(layout: Layout, data: Any, crcs: list[int], plan: dict[str, Any], where: str) -> Any:
+    """The restored tree: this process's regions checked and placed on its devices."""
+    me = distributed.process_index()
+    pieces = layout.pieces(me)
+    if len(crcs) != len(pieces):
+        raise ValueError(f"{where}: {len(crcs)} checksums for {len(pieces)} regions")
+    values = {r["path"]: r.get("value") for r in plan["host"] if r.get("kind") == "json"}
+    by_leaf: dict[int, dict[Any, tuple[Piece, int]]] = {}
+    for piece, crc in zip(pieces, crcs, strict=True):
+        by_leaf.setdefault(piece.leaf, {})[piece.region] = (piece, crc)
+    cache: dict[tuple[int, Any], np.ndarray] = {}
+
+    def region(i: int, key: Any, dtype: str) -> np.ndarray:
+        if (i, key) not in cache:
+            piece, crc = by_leaf[i][key]
+            raw = store.checked(data, piece.offset, piece.nbytes, crc, f"{where}, {layout.leaves[i].path}")
+            extent = tuple(b - a for a, b in piece.region)
+            cache[(i, key)] = np.array(raw).view(np.dtype(dtype)).reshape(extent)
+        return cache[(i, key)]
+
+    leaves = []
+    for i, leaf in enumerate(layout.leaves):
+        if leaf.kind == "json":
+            leaves.append(values.get(leaf.path))
+            continue
+        if leaf.kind == "numpy":
+            leaves.append(region(i, next(iter(by_leaf[i])), leaf.dtype))
+            continue
+        indices = leaf.sharding.addressable_devices_indices_map(leaf.shape)
+        arrays = [jax.device_put(region(i, region_of(ix, leaf.shape), leaf.dtype), d) for d, ix in indices.items()]
+        array = jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, arrays)
+        leaves.append(jax.random.wrap_key_data(array, impl=leaf.impl) if leaf.kind == "key" else array)
+    tree = jax.tree_util.tree_unflatten(layout.treedef, leaves)
+    jax.block_until_ready([x for x in leaves if isinstance(x, jax.Array)])
+    return tree
+
+
+def _describe(plan: dict[str, Any]) -> str:
+    moved = [
+        f"set {q} from process {h}'s replica"
+        for q, h in sorted(plan["holders"].items(), key=lambda x: int(x[0]))
+        if int(q) != int(h)
+    ]
+    return ", ".join(moved) if moved else "every process from its own directory"
+
+
+def restore(
+    saver: Any, template: Any, newer_than: int | None, unusable: str | None = None
+) -> tuple[Any, dict[str, Any], int] | None:
+    """See the module's call sequence; None: use the persistent tier (logged why)."""
+    name = f"local-restore/{saver.tag}/{saver.next_round()}"
+    problems: list[str] = []
+    parts = store.scan(saver.root, problems) if os.path.isdir(saver.root) else []
+    current = topology()
+    if unusable is not None:
+        rows = [{"step": p.step, "set": p.set_index, "fits": False, "why": f"no template ({unusable})"} for p in parts]
+    else:
+        rows = [_fit(part, template, current) for part in parts]
+    gathered = distributed.gather_json(f"{name}/inventory", rows)
+    plan = _plan(gathered, distributed.process_count()) if gathered is not None else None
+    plan = distributed.broadcast_json(f"{name}/plan", plan)
+    for step, why in plan["rejected"]:
+        if newer_than is None or step > newer_than:
+            log.warning("restore: local step %d cannot be used: %s", step, why)
+    step = plan["step"]
+    if step is None:
+        if plan["rejected"] or parts:
+            log.warning("restore: no local step can be restored on every process; using the persistent tier")
+        return None
+    if newer_than is not None and step < newer_than:
+        log.info(
+            "restore: the persistent tier's step %d is newer than local step %d; using the persistent tier",
+            newer_than,
+            step,
+        )
+        return None
+    layout = Layout.of(template, saved=plan["host"])
+    error = None
+    tree = None
+    try:
+        data, crcs = _receive(saver, plan, layout, parts)
+        tree = _build(layout, data, crcs, plan, f"{saver.root} local step {step}")
+    except Exception as e:
+        error = f"process {distributed.process_index()}: {type(e).__name__}: {e}"
+    errors = distributed.gather_json(f"{name}/outcome", error)
+    verdict = distributed.broadcast_json(f"{name}/verdict", next((e for e in errors or [] if e), None))
+    if verdict is not None:
+        log.warning("restore: local step %d could not be restored (%s); using the persistent tier", step, verdict)
+        return None
+    log.info("restore: local tier, step %d (%s)", step, _describe(plan))
+    meta = {
+        "step": step,
+        "timestamp": plan["timestamp"],
+        "is_temporary": False,
+        "extras": plan["extras"],
+        "tier": "local",
+    }
+    return tree, meta, step

@@ -1,0 +1,453 @@
+"""``LocalTier``: the per-host tier of a ``Checkpointer``, with peer replicas.
+
+The protocol, per local step s (every process, in the same order; ``p`` this process, ``n``
+the process count, ``r`` the replicas):
+
+1. ``save`` (main thread, when the tier's policy says so): the rounds of the previous step are
+   all dispatched first; on the first save, every process claims the local directory and all
+   agree that no two share one. This process's set is copied to host: the only wait.
+2. The worker thread writes ``set_p`` of step s (data, manifest, marker).
+3. ``pump`` (main thread, every ``on_step``): up to ``rounds_per_step`` ppermute rounds are
+   dispatched, shift k = 1..r in turn: p sends its frame to p+k and receives p-k's. The worker
+   drains each round into ``set_{p-k}`` of step s, checks the header and every crc32c, and
+   commits it. At most two rounds are in flight.
+4. Once its own part and every replica part are committed, p publishes ``s`` (the
+   coordination service's key-value store; safe from the worker). Retention deletes a step
+   only once ``keep_last`` newer steps are published by every process: a kill during the
+   newest save never leaves a host without a step every process can use.
+
+Restore never trusts what was published; it reads the markers on disk (``restore``).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import itertools
+import logging
+import numbers
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ckpt_callbacks import distributed
+from ckpt_callbacks import storage as paths
+from ckpt_callbacks.errors import CheckpointPathError
+from ckpt_callbacks.manager._local import _peers as peers
+from ckpt_callbacks.manager._local import _recover
+from ckpt_callbacks.manager._local import _store as store
+from ckpt_callbacks.manager._local._sets import Layout, Piece, raw_value, region_of, summary, topology
+from ckpt_callbacks.manager._policy import CheckpointInterval, SavePolicy
+
+log = logging.getLogger("ckpt_callbacks")
+
+_ROUNDS = itertools.count()  # names of the agreements: every process makes them in the same order
+
+
+def _interval(value: datetime.timedelta | float | None) -> datetime.timedelta | None:
+    if value is None or isinstance(value, datetime.timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"LocalTier(save_interval=...) must be positive seconds or a timedelta, got {value!r}")
+    return datetime.timedelta(seconds=float(value))
+
+
+def _positive_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"LocalTier({name}=...) must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTier:
+    """A per-host tier: frequent local checkpoints, each process's set also kept by peers.
+
+    Args:
+      path: a directory of this host (RAM disk or local NVMe), never shared between processes;
+        the same string on every host is fine. Object stores and ``memory://`` are refused.
+      step_policies: ``CheckpointInterval``s of the local saves.
+      save_interval: time between local saves (seconds or a timedelta), or None.
+      keep_last: local steps kept per host (counted once every process has committed them).
+      replicas: how many peers keep each process's set (process p keeps p-1's, ..., p-r's);
+        None: 1 with several processes, 0 with one. Must be below the process count.
+      transfer_bytes: bytes one process sends per replication round (device memory a round
+        adds is a few times this, never the whole state).
+      rounds_per_step: rounds dispatched per ``on_step`` call while a replication is pending.
+    """
+
+    path: Any
+    step_policies: Sequence[CheckpointInterval] = ()
+    save_interval: datetime.timedelta | float | None = None
+    keep_last: int = 2
+    replicas: int | None = None
+    transfer_bytes: int = 4 << 20
+    rounds_per_step: int = 2
+
+    def __post_init__(self) -> None:
+        loc = paths.parse(self.path)
+        if paths.local_path(loc) is None or loc.scheme == "memory":
+            raise CheckpointPathError(
+                f"LocalTier({self.path!r}): a local tier is a directory of this host (a RAM disk or local NVMe), "
+                f"not {loc.scheme}:// storage; the persistent tier is the Checkpointer's base"
+            )
+        object.__setattr__(self, "step_policies", tuple(self.step_policies))
+        object.__setattr__(self, "save_interval", _interval(self.save_interval))
+        _positive_int("keep_last", self.keep_last, 1)
+        _positive_int("transfer_bytes", self.transfer_bytes, 1024)
+        _positive_int("rounds_per_step", self.rounds_per_step, 1)
+        if self.replicas is not None:
+            _positive_int("replicas", self.replicas, 0)
+        SavePolicy(
+            step_policies=self.step_policies, save_interval=_interval(self.save_interval)
+        )  # checks the intervals
+
+    @property
+    def root(self) -> str:
+        return os.path.abspath(str(paths.local_path(paths.parse(self.path))))
+
+    def resolved_replicas(self, processes: int) -> int:
+        """The replica count on ``processes`` processes; refuses one that cannot be kept."""
+        replicas = (1 if processes > 1 else 0) if self.replicas is None else self.replicas
+        if replicas >= max(processes, 1) and replicas > 0:
+            raise ValueError(
+                f"LocalTier(replicas={replicas}) on {processes} process(es): a set can be kept by at most "
+                f"{processes - 1} peers (replicas must be below the process count)"
+            )
+        return replicas
+
+
+@dataclasses.dataclass
+class _Shift:
+    """One shift of a replication: this process sends to p+k and receives p-k's set."""
+
+    pairs: tuple[tuple[int, int], ...]
+    frame: peers.Frame
+    source: int  # the set received
+    pieces: list[Piece]
+    rounds: int
+    writer: store.PartWriter | None = None
+    head: bytearray = dataclasses.field(default_factory=bytearray)
+    tail: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+class _Step:
+    """One local step in flight: its own part's write and its replication."""
+
+    def __init__(self, step: int, layout: Layout, shifts: list[_Shift], extras: Any) -> None:
+        self.step, self.layout, self.shifts, self.extras = step, layout, shifts, extras
+        self.cursor = (0, 0)  # (shift, round) to dispatch next
+        self.own: concurrent.futures.Future[Any] | None = None
+        self.drains: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        self.failed: list[str] = []
+        self.publishing = False
+
+    def dispatched(self) -> bool:
+        return self.cursor[0] >= len(self.shifts)
+
+
+class LocalSaver:
+    """The running side of a ``LocalTier`` for one ``Checkpointer`` (see the module's protocol)."""
+
+    def __init__(self, tier: LocalTier, base_url: str) -> None:
+        self.tier = tier
+        self.root = tier.root
+        self.processes = distributed.process_count()
+        self.replicas = tier.resolved_replicas(self.processes)
+        self.policy = SavePolicy(step_policies=tier.step_policies, save_interval=_interval(tier.save_interval))
+        self.tag = hashlib.sha1(base_url.encode()).hexdigest()[:16]  # alike on every process
+        self.last_step: int | None = None
+        self.last_time: float | None = None
+        self._seen: float | None = None
+        self.previous_step: int | None = None
+        self._peers: peers.Peers | None = None
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-local")
+        self._current: _Step | None = None
+        self._published: list[int] = []  # steps every process committed, in this run
+        self._claimed = False
+        self._lock = threading.Lock()
+        self.saved: list[dict[str, Any]] = []  # one record per local step committed here
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def due(self, step: int, now: float | None) -> bool:
+        """Whether a local step is due (``now``: the agreed clock, None between sync steps)."""
+        if now is not None:
+            self._seen = now
+        if self.last_time is None and now is not None:
+            self.last_time = now
+        decision = self.policy.decide(
+            step,
+            now=now,
+            last_save_step=self.last_step,
+            last_save_time=self.last_time or 0.0,
+            previous_step=self.previous_step,
+        )
+        self.previous_step = step
+        return decision.save
+
+    def save(self, state: Any, step: int, *, now: float, extras: Any = None) -> None:
+        """Starts local step ``step`` (main thread; every process at the same step)."""
+        self.flush()
+        self._claim()
+        newer = [s for s in store.steps(self.root) if s >= step]
+        if newer:  # another trajectory's (a run restored older than them), or this step's, interrupted
+            log.warning("local step %d: deleting local steps %s of %s, another trajectory's", step, newer, self.root)
+            for s in newer:
+                store.delete_step(self.root, s)
+        layout = Layout.of(state)
+        digest = layout.digest()
+        me = distributed.process_index()
+        mine = layout.pieces(me)
+        blobs = _snapshot(layout, jax.tree_util.tree_leaves(state, is_leaf=lambda x: x is None), mine)
+        shifts = self._shifts(layout, step, digest, blobs, mine) if self.replicas else []
+        current = _Step(step, layout, shifts, extras)
+        manifest = _manifest(layout, digest, extras, now)
+        current.own = self._worker.submit(self._write_own, step, me, manifest, mine, blobs)
+        self._current = current
+        self.last_step, self.last_time = step, self._seen  # the agreed clock's last reading: alike everywhere
+        self.pump()
+
+    def _claim(self) -> None:
+        """First save: every process claims the directory; a directory two claim is refused."""
+        if self._claimed:
+            return
+        run = distributed.broadcast_json(f"local-run/{self.tag}/{next(_ROUNDS)}", os.urandom(8).hex())
+        os.makedirs(self.root, exist_ok=True)
+        store.claim(self.root, run, distributed.process_index())
+        distributed.barrier(f"local-claim/{self.tag}/{run}")
+        seen = store.claimants(self.root, run)
+        gathered = distributed.gather_json(f"local-claimed/{self.tag}/{run}", seen)
+        shared = None
+        if gathered is not None:
+            shared = [[p, got] for p, got in enumerate(gathered) if got != [p]]
+        shared = distributed.broadcast_json(f"local-shared/{self.tag}/{run}", shared)
+        if shared:
+            p, got = shared[0]
+            raise CheckpointPathError(
+                f"LocalTier({self.tier.path!r}): process {p}'s local directory is also written by process(es) "
+                f"{[q for q in got if q != p]} (each process must have a directory no other process sees: a "
+                "RAM disk or local disk of its host, or a per-process path like f'/local/ckpt/{jax.process_index()}')"
+            )
+        self._claimed = True
+
+    def _shifts(
+        self, layout: Layout, step: int, digest: str, blobs: list[np.ndarray], mine: list[Piece]
+    ) -> list[_Shift]:
+        channel = self.peers()
+        n, me = self.processes, distributed.process_index()
+        sizes = [peers.frame_bytes(layout.set_bytes(q), len(layout.pieces(q))) for q in range(n)]
+        crcs: concurrent.futures.Future[bytes] = self._worker.submit(peers.crcs_of, blobs)
+        trailer = peers.Lazy(crcs, 4 * len(mine))
+        out = []
+        for k in range(1, self.replicas + 1):
+            source = (me - k) % n
+            frame = peers.Frame([peers.header(step, me, digest), *blobs, trailer])
+            pairs = tuple((q, (q + k) % n) for q in range(n))
+            out.append(_Shift(pairs, frame, source, layout.pieces(source), channel.rounds(sizes)))
+        return out
+
+    def pump(self, limit: int | None = None) -> None:
+        """Dispatches up to ``limit`` (default ``rounds_per_step``) pending rounds (main thread)."""
+        current = self._current
+        if current is None:
+            return
+        self._publish_once(current)
+        if current.dispatched() or self._peers is None:
+            return
+        budget = self.tier.rounds_per_step if limit is None else limit
+        while budget > 0 and not current.dispatched():
+            while len(current.drains) >= 2:  # at most two rounds in flight
+                current.drains.popleft().result()
+            k, r = current.cursor
+            shift = current.shifts[k]
+            out = self.peers().dispatch(shift.pairs, shift.frame, r)
+            current.drains.append(self._worker.submit(self._drain, current, shift, r, out))
+            current.cursor = (k, r + 1) if r + 1 < shift.rounds else (k + 1, 0)
+            budget -= 1
+        self._publish_once(current)
+
+    def _publish_once(self, current: _Step) -> None:
+        if current.dispatched() and not current.publishing:
+            current.publishing = True
+            self._worker.submit(self._publish, current)
+
+    def flush(self) -> None:
+        """Dispatches every pending round and waits for the local step's writes (main thread)."""
+        current = self._current
+        if current is None:
+            return
+        self.pump(limit=1 << 62)
+        for future in [current.own, *current.drains]:
+            if future is not None:
+                future.exception()
+        self._worker.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self.flush()
+        self._worker.shutdown(wait=True)
+
+    # -- the worker's side ---------------------------------------------------------------------
+
+    def _write_own(
+        self, step: int, me: int, manifest: dict[str, Any], mine: list[Piece], blobs: list[np.ndarray]
+    ) -> bool:
+        try:
+            crcs = [int(c) for c in np.frombuffer(peers.crcs_of(blobs), "<u4")]
+            with store.PartWriter(self.root, step=step, set_index=me) as w:
+                for piece, blob in zip(mine, blobs, strict=True):
+                    w.write_at(piece.offset, blob)
+                w.commit(_with_pieces(manifest, mine, crcs), data_bytes=sum(p.nbytes for p in mine))
+            return True
+        except Exception as e:  # the loop goes on; the step never counts here
+            log.error("local step %d: writing set %d to %s failed: %s", step, me, self.root, e)
+            return False
+
+    def _drain(self, current: _Step, shift: _Shift, r: int, out: Any) -> None:
+        got = peers.Peers.received(out)
+        del out
+        if shift.rounds == 0 or current.failed:
+            return
+        try:
+            rb = len(got)
+            start = r * rb
+            data_bytes = sum(p.nbytes for p in shift.pieces)
+            size = peers.frame_bytes(data_bytes, len(shift.pieces))
+            if start >= size:
+                return
+            end = min(start + rb, size)
+            lo, hi = peers.HEADER_BYTES, peers.HEADER_BYTES + data_bytes
+            if start < lo:
+                shift.head += got[: min(end, lo) - start].tobytes()
+            if shift.writer is None:
+                shift.writer = store.PartWriter(self.root, step=current.step, set_index=shift.source)
+            a, b = max(start, lo), min(end, hi)
+            if a < b:
+                shift.writer.write_at(a - lo, got[a - start : b - start])
+            a = max(start, hi)
+            if a < end:
+                shift.tail += got[a - start : end - start].tobytes()
+            if end == size:
+                self._commit_replica(current, shift, data_bytes)
+        except Exception as e:
+            current.failed.append(f"replica of set {shift.source}: {e}")
+            log.error("local step %d: the replica of set %d did not arrive whole: %s", current.step, shift.source, e)
+
+    def _commit_replica(self, current: _Step, shift: _Shift, data_bytes: int) -> None:
+        layout = current.layout
+        digest = layout.digest()
+        where = f"{self.root} step {current.step} set {shift.source}"
+        peers.check_header(bytes(shift.head), current.step, shift.source, digest, where)
+        crcs = [int(c) for c in np.frombuffer(bytes(shift.tail), "<u4")]
+        assert shift.writer is not None
+        shift.writer.flush()
+        data = np.fromfile(os.path.join(shift.writer.path, "data.bin"), np.uint8, count=data_bytes)
+        for piece, crc in zip(shift.pieces, crcs, strict=True):
+            store.checked(data, piece.offset, piece.nbytes, crc, where)
+        del data
+        manifest = _manifest(layout, digest, current.extras, None)
+        shift.writer.commit(_with_pieces(manifest, shift.pieces, crcs), data_bytes=data_bytes)
+
+    def _publish(self, current: _Step) -> None:
+        """Once this process's parts of the step are committed: publish, then retention."""
+        own_ok = current.own is not None and current.own.result()
+        for d in list(current.drains):
+            d.exception()
+        ok = own_ok and not current.failed
+        record = {"step": current.step, "complete": bool(ok), "failed": list(current.failed)}
+        self.saved.append(record)
+        if not ok:
+            log.error(
+                "local step %d is not complete on process %d: %s", current.step, distributed.process_index(), record
+            )
+            return
+        distributed.publish(f"local/{self.tag}/{current.step}", distributed.process_index())
+        self._retain()
+
+    def _retain(self) -> None:
+        complete = sorted(
+            int(s) for s, got in distributed.published(f"local/{self.tag}").items() if len(got) == self.processes
+        )
+        keep = complete[-self.tier.keep_last :]
+        if len(keep) < self.tier.keep_last:
+            return
+        for step in store.steps(self.root):
+            if step < keep[0]:
+                store.delete_step(self.root, step)
+
+    # -- restoring -----------------------------------------------------------------------------
+
+    def restored(self, step: int) -> None:
+        """After a restore of ``step`` from either tier: the schedule goes on from there."""
+        self.last_step = self.previous_step = step
+
+    def restore(
+        self, template: Any, newer_than: int | None, unusable: str | None = None
+    ) -> tuple[Any, dict[str, Any], int] | None:
+        """The newest local step every process can rebuild, if it is at least ``newer_than``
+        (the persistent tier's newest step); None otherwise (the log says why). ``unusable``:
+        why this process has no template (every part then does not fit)."""
+        self.flush()
+        got = _recover.restore(self, template, newer_than, unusable)
+        if got is not None:
+            self.last_step = self.previous_step = got[2]
+        return got
+
+    def peers(self) -> peers.Peers:
+        if self._peers is None:
+            self._peers = peers.Peers(self.tier.transfer_bytes)
+        return self._peers
+
+    def next_round(self) -> int:
+        return next(_ROUNDS)
+
+
+def _snapshot(layout: Layout, values: Sequence[Any], pieces: list[Piece]) -> list[np.ndarray]:
+    """Host copies of this process's regions (the one wait of a local save)."""
+    shards: dict[int, dict[Any, Any]] = {}
+    raw: dict[int, Any] = {}
+    for piece in pieces:
+        if piece.leaf not in raw:
+            leaf = layout.leaves[piece.leaf]
+            raw[piece.leaf] = value = raw_value(leaf, values[piece.leaf])
+            if leaf.kind in ("array", "key"):
+                shards[piece.leaf] = {region_of(s.index, leaf.shape): s.data for s in value.addressable_shards}
+                for data in shards[piece.leaf].values():
+                    data.copy_to_host_async()
+    out = []
+    for piece in pieces:
+        leaf = layout.leaves[piece.leaf]
+        if leaf.kind == "numpy":
+            out.append(np.array(raw[piece.leaf], order="C"))
+        else:
+            out.append(np.array(shards[piece.leaf][piece.region], order="C"))
+    return out
+
+
+def _manifest(layout: Layout, digest: str, extras: Any, now: float | None) -> dict[str, Any]:
+    leaves = []
+    for leaf in layout.leaves:
+        row: dict[str, Any] = {"path": leaf.path, "kind": leaf.kind}
+        if leaf.kind != "json":
+            row.update(shape=list(leaf.shape), dtype=leaf.dtype)
+        if leaf.kind == "key":
+            row["impl"] = leaf.impl
+        if leaf.kind == "json":
+            row["value"] = leaf.value
+        leaves.append(row)
+    return {"digest": digest, "topology": topology(), "leaves": leaves, "extras": extras, "timestamp": now}
+
+
+def _with_pieces(manifest: dict[str, Any], pieces: list[Piece], crcs: list[int]) -> dict[str, Any]:
+    rows = [[p.leaf, [list(r) for r in p.region], p.offset, p.nbytes, c] for p, c in zip(pieces, crcs, strict=True)]
+    return {**manifest, "pieces": rows}
+
+
+def describe_topology(topo: dict[str, Any]) -> str:
+    return summary(topo)
