@@ -12,6 +12,8 @@ orbax's. Then the case that matters on an accelerator (issue 11): a state fillin
 (0.85) of device memory, a jitted donating train step between saves, and per snapshot mode
 (auto, host, device) and orbax: blocking, the first step's excess, loop time lost and the
 device memory the save added (`benchmarks/loop.py`); an out-of-memory is reported as such.
+Last, the local-tier case (issue 22): a ``LocalTier`` save against a persistent save to the
+same disk, in the loop: loop time lost, blocking ``on_step``, device memory added.
 Runs on CPU too (`--smoke`, as CI does), where the figures mean nothing.
 """
 
@@ -26,6 +28,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -109,6 +112,75 @@ def filled_loop(device: Any, mesh: Mesh, args: argparse.Namespace, root: str) ->
     return loop_cases(state, root, repeats=args.repeats, seconds=0.5 if args.smoke else 4.0)
 
 
+class _DevicePeak:
+    """Peak device memory in use above the level at start, sampled every 2 ms (None: no statistics)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.base = self.peak = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _used(self) -> int | None:
+        return (self.device.memory_stats() or {}).get("bytes_in_use")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set() and self.base is not None:
+            self.peak = max(self.peak or 0, self._used() or 0)
+            time.sleep(0.002)
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join()
+        return None if self.base is None else max(self.peak or 0, self._used() or 0) - self.base
+
+
+def local_tier_case(device: Any, mesh: Mesh, args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
+    """Issue 22's case: a ``LocalTier`` save on this device's state (a local directory; one
+    process, so no replicas) against a persistent save to the same disk, in a training loop:
+    loop time lost per save, the blocking ``on_step``, and the device memory a save adds."""
+    import local_tier
+    import loop as loop_bench
+
+    import ckpt_callbacks as cc
+
+    state = model_tree(min(args.gib, 2.0), mesh)
+    step, state, step_s = loop_bench._calibrate(state, 15.0)
+    window = max(10, int((0.5 if args.smoke else 4.0) / step_s))
+    every, never = [cc.CheckpointInterval(every=window)], [cc.CheckpointInterval(every=10**9)]
+    makers = {
+        "local save (LocalTier)": lambda: cc.Checkpointer(
+            os.path.join(root, "lt-base"),
+            step_policies=never,
+            handle_sigterm=False,
+            local=cc.LocalTier(os.path.join(root, "lt-local"), step_policies=every, keep_last=1),
+        ),
+        "persistent save (same disk)": lambda: cc.Checkpointer(
+            os.path.join(root, "lt-persistent"), step_policies=every, handle_sigterm=False
+        ),
+    }
+    rows = []
+    for name, make in makers.items():
+        ck, runs = make(), []
+        for k in range(1, args.repeats + 2):  # the first window is a warm-up
+            normal_s, state = local_tier._normal_step(step, state)
+            peak = _DevicePeak(device)
+            row, state = local_tier._window(ck, step, state, k * window, window, normal_s)
+            row["device_bytes"] = peak.stop()
+            if k > 1:
+                runs.append(row)
+        ck.close()
+        med = {key: float(np.median([r[key] or 0 for r in runs])) for key in ("lost_s", "blocking_s", "device_bytes")}
+        rows.append({"name": name, "window": window, **med})
+        print(
+            f"  {name}: lost {med['lost_s']:.3f}s, blocking {med['blocking_s']:.3f}s, "
+            f"device +{med['device_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
+    return rows
+
+
 def write_report(out_dir: pathlib.Path, report: dict[str, Any]) -> str:
     disk = report["disk"]
     lines = [
@@ -124,6 +196,14 @@ def write_report(out_dir: pathlib.Path, report: dict[str, Any]) -> str:
     if report.get("loop_save"):
         lines += ["", "Training loop with a save in flight, state filling the device:", ""]
         lines += loop_table(report["loop_save"])
+    if report.get("local_tier"):
+        lines += ["", "Local tier (issue 22), one process, state on the device:", ""]
+        lines += ["| case | loop time lost per save (s) | blocking on_step (s) | device memory added (MiB) |"]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| {r['name']} | {r['lost_s']:.3f} | {r['blocking_s']:.3f} | {r['device_bytes'] / 2**20:.0f} |"
+            for r in report["local_tier"]
+        ]
     lines += ["", *target_table(report["ratios"], digits=3)]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         del tree
         report["loop_save"] = filled_loop(device, mesh, args, root)
         report["ratios"] += loop_ratios(report["loop_save"])
+        report["local_tier"] = local_tier_case(device, mesh, args, root)
         print("\n" + write_report(pathlib.Path(args.out), report))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -541,6 +541,11 @@ def write_outputs(out_dir: pathlib.Path, report: dict[str, Any]) -> None:
             "",
             *loop_bench.loop_table(report["loop_save"]),
         ]
+    if report.get("local_tier"):
+        import local_tier
+
+        lines += ["", "Local tier (`benchmarks/local_tier.py`; median (range) of the repeats):", ""]
+        lines += local_tier.table(report["local_tier"])
     loop = report["loop"]
     lines += [
         "",
@@ -629,6 +634,14 @@ def main(argv: list[str] | None = None) -> int:
         print("training loop with a save in flight (per snapshot mode, and orbax):", flush=True)
         loop_rows = loop_bench.loop_cases(tree, root, repeats=args.repeats, seconds=0.5 if args.smoke else 4.0)
         del tree
+        import local_tier  # benchmarks/local_tier.py: the per-host tier, on moto and 4 processes
+
+        local_rows = local_tier.cases(
+            model_tree(0.004 if args.smoke else 0.125, mesh),
+            repeats=args.repeats,
+            window_s=0.3 if args.smoke else 2.0,
+            mp_mib=1 if args.smoke else 64,
+        )
         small = small_tree(args.small_leaves, int(args.small_mib * 2**20))
         small_bytes = nbytes_unique(small)
         print(f"workload (b): {small_bytes / GB:.3f} GB in {len(small)} leaves", flush=True)
@@ -650,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             "small": small_rows,
             "loop": loop,
             "loop_save": loop_rows,
+            "local_tier": local_rows,
         }
         by_name = {r["name"]: r for r in model_rows}
         by_name.update({r["name"]: r for r in chunk_rows + fresh_rows})

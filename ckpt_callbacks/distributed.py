@@ -113,3 +113,11 @@ def published(prefix: str) -> dict[str, list[int]]:
             if len(rest) == 2 and rest[1].isdigit():
                 found.setdefault(rest[0], set()).add(int(rest[1]))
     return {k: sorted(v) for k, v in found.items()}
+
+
+def unpublish(name: str, process: int) -> None:
+    """Drops ``publish(name, process)``'s record (records of old steps are not kept forever)."""
+    if process_count() == 1:
+        _PUBLISHED.get(name, set()).discard(process)
+        return
+    _client().key_value_delete(f"ckpt_callbacks/pub/{name}/{process}")

@@ -243,19 +243,23 @@ def local_train(
     transfer_bytes=1 << 16,
     rows=32,
     watchdog=None,
+    hold=None,
+    record=False,
 ):
     """A training loop with a LocalTier: ``local_root/p<pid>`` is this process's own directory.
 
     The step is ``w = w * 0.5 + mean(w) + step`` on a ``mesh_shape`` mesh (an all-reduce across
     processes), so a wrong or missing region changes every later value. Returns the step resumed
     from, its tier, and the sha256 of every addressable shard at the end (by global index).
+    ``hold=[pid, step]``: that process stops after writing its progress for ``step`` (sleeps, for
+    the test to kill it). ``record``: also the sha256 of the whole of ``w`` after every step.
     """
     import faulthandler
     import hashlib
     import logging
     import sys
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # never inside the RESULT line
     if watchdog:
         faulthandler.dump_traceback_later(watchdog, exit=True)
     mesh = _mesh(mesh_shape)
@@ -283,13 +287,18 @@ def local_train(
     state, meta = ck.restore_or_init(init)
     start = 0 if meta is None else meta["step"]
     tier = None if meta is None else meta.get("tier", "persistent")
+    recorded = {}
     for step in range(start + 1, steps + 1):
         state = train_step(state, step)
         state = dict(state, n=step)
         ck.on_step(state, step=step)
+        if record:
+            recorded[str(step)] = _global_digest(state["w"])
         if progress:
             with open(f"{progress}.{jax.process_index()}", "w") as f:
                 f.write(str(step))
+        if hold is not None and [jax.process_index(), step] == list(hold):
+            time.sleep(3600)  # the test kills this process here
     ck.close()
     digests = {
         str([(s.start, s.stop) for s in shard.index]): hashlib.sha256(np.asarray(shard.data).tobytes()).hexdigest()
@@ -302,4 +311,64 @@ def local_train(
         "n": state["n"],
         "w": digests,
         "b": float(np.asarray(state["b"].addressable_shards[0].data)[0]),
+        "global": recorded,
     }
+
+
+def _global_digest(array):
+    """The sha256 of a global array's bytes, the same on every process (a collective)."""
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    return hashlib.sha256(np.asarray(multihost_utils.process_allgather(array, tiled=True)).tobytes()).hexdigest()
+
+
+def local_restore(base, local_root, mesh_shape, rows=32):
+    """``local_train``'s state restored on ``mesh_shape`` (no training): its step, tier and the
+    sha256 of the whole of ``w``."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # never inside the RESULT line
+    mesh = _mesh(mesh_shape)
+
+    def init():
+        w = jnp.zeros((rows, 64), jnp.float32)
+        return {
+            "w": jax.device_put(w, NamedSharding(mesh, P(*mesh.axis_names))),
+            "b": jax.device_put(jnp.zeros(8, jnp.bfloat16), NamedSharding(mesh, P())),
+            "n": 0,
+        }
+
+    local = cc.LocalTier(f"{local_root}/p{jax.process_index()}", step_policies=[cc.CheckpointInterval(every=2)])
+    ck = cc.Checkpointer(base, local=local, handle_sigterm=False)
+    state, meta = ck.restore_or_init(init)
+    ck.close()
+    return {
+        "pid": jax.process_index(),
+        "step": None if meta is None else meta["step"],
+        "tier": None if meta is None else meta.get("tier", "persistent"),
+        "n": int(state["n"]),
+        "global": _global_digest(state["w"]),
+        "shard_shape": list(state["w"].addressable_shards[0].data.shape),
+        "b": float(np.asarray(state["b"].addressable_shards[0].data)[0]),
+    }
+
+
+def local_shared(base, local_dir):
+    """Every process gives the same ``local_dir``: the first local save must refuse it."""
+    mesh = _mesh((jax.process_count(), jax.local_device_count()))
+    state = {"w": jax.device_put(jnp.ones((8, 8)), NamedSharding(mesh, P("x", "y")))}
+    local = cc.LocalTier(local_dir, step_policies=[cc.CheckpointInterval(every=1)])
+    ck = cc.Checkpointer(base, local=local, handle_sigterm=False)
+    try:
+        ck.on_step(state, step=1)
+    except cc.CheckpointPathError as e:
+        return {"pid": jax.process_index(), "error": type(e).__name__, "message": str(e)}
+    finally:
+        try:
+            ck.close()
+        except Exception as e:  # the refusal above is what the test checks; a close error is reported too
+            print(f"close: {type(e).__name__}: {e}", flush=True)
+    return {"pid": jax.process_index(), "error": None}

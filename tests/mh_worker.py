@@ -18,7 +18,8 @@ def main() -> None:
     import mh_tasks  # beside this file
 
     result = getattr(mh_tasks, task)(**json.loads(kwargs))
-    print("RESULT " + json.dumps(result), flush=True)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")  # one write: a logging thread cannot split it
+    sys.stdout.flush()
     if isinstance(result, dict) and result.get("peer_died"):
         os._exit(0)  # a clean shutdown would wait for the dead process
     jax.distributed.shutdown()

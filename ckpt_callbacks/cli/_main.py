@@ -2,6 +2,7 @@
 
     ckpt-callbacks list gs://bucket/run                       # step, time, kind, size, metrics
     ckpt-callbacks list gs://bucket/run --metric eval_loss    # ... with best-k ranks
+    ckpt-callbacks list gs://bucket/run --local /local/run    # ... and this host's LocalTier steps
     ckpt-callbacks inspect gs://bucket/run/run-1000           # every leaf: shape, dtype, spec, chunks
     ckpt-callbacks verify gs://bucket/run                     # re-read every chunk; exit 1 if damaged
     ckpt-callbacks prune gs://bucket/run --keep-last 3        # what would be deleted (--yes: delete)
@@ -34,12 +35,13 @@ from ckpt_callbacks import format as fmt
 from ckpt_callbacks import interop as orbax_format
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.cli import _checks as cli_checks
+from ckpt_callbacks.cli import _local_rows as local_rows
 from ckpt_callbacks.cli import _plan as cli_plan
 from ckpt_callbacks.cli import _plan_layout as cli_layout
 from ckpt_callbacks.cli import _render as show
 from ckpt_callbacks.cli._checks import found_instead, leaf_json, shown
 from ckpt_callbacks.cli._plan import keep_text
-from ckpt_callbacks.cli._rows import base_rows, best_ranks, checkpoint_rows, row_of, saved_at
+from ckpt_callbacks.cli._rows import base_rows, best_ranks, checkpoint_rows, exists, row_of, saved_at
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 from ckpt_callbacks.manager import CheckpointReader, KeepPolicy, discover
 
@@ -47,11 +49,24 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _list(args: argparse.Namespace) -> int:
-    rows = base_rows(args.base, args.metric, args.mode)
+    if args.replicas is not None and (args.local is None or args.replicas < 0):
+        raise ValueError(f"--replicas {args.replicas}: expected a count >= 0, with --local PATH")
+    if args.local is None:
+        rows = base_rows(args.base, args.metric, args.mode)
+    else:  # a run whose persistent tier has no checkpoint yet is still listed with its local steps
+        local = local_rows.local_data(args.local, args.replicas)
+        fresh = not exists(paths.parse(args.base))
+        rows = [] if fresh else base_rows(args.base, args.metric, args.mode)
     if args.json:
-        show.print_json(rows)
-    else:
-        show.show_list(show.console(), args.base, rows, best=bool(args.metric))
+        show.print_json(rows if args.local is None else {"persistent": rows, "local": local})
+        return 0
+    out = show.console()
+    if args.local is not None:
+        out.print(f"persistent tier: {args.base}", soft_wrap=True)
+    show.show_list(out, args.base, rows, best=bool(args.metric))
+    if args.local is not None:
+        out.print("")
+        local_rows.show_local(out, local)
     return 0
 
 
@@ -187,7 +202,12 @@ _HELP = {
     "list": (
         "Committed checkpoints under BASE: step, time saved, temporary or permanent, size, items, "
         "recorded metrics; leftovers of unfinished saves are flagged.",
-        ["gs://bucket/run", "gs://bucket/run --metric eval_loss", "/ckpts/run --json"],
+        [
+            "gs://bucket/run",
+            "gs://bucket/run --metric eval_loss",
+            "/ckpts/run --json",
+            "gs://bucket/run --local /local/ckpt/run   # and this host's local tier",
+        ],
     ),
     "latest": ("Path of the latest committed checkpoint under BASE (exit 1 if none).", ["gs://bucket/run"]),
     "inspect": (
@@ -242,6 +262,18 @@ def _add_reading(sub: Any) -> None:
     p = _add(sub, "list", _list)
     p.add_argument("base", help="the directory holding run-<step> checkpoints")
     _metric_options(p, "adds a best-k rank column")
+    p.add_argument(
+        "--local",
+        metavar="PATH",
+        help="also this host's LocalTier directory: per local step, the sets committed here, size, digest, "
+        "and whether the step is complete on this host",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="with --local: the LocalTier's replicas (default: as its manifests record)",
+    )
     _add(sub, "latest", _latest).add_argument("base")
     p = _add(sub, "inspect", _inspect)
     p.add_argument("path", help="a checkpoint directory (a base directory lists its checkpoints)")

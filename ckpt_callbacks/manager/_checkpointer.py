@@ -172,7 +172,7 @@ class Checkpointer(CheckpointReader):
         )
         if local is not None and not isinstance(local, LocalTier):
             raise TypeError(f"Checkpointer(local=...) takes a LocalTier, got {type(local).__name__}")
-        self.local: LocalSaver | None = LocalSaver(local, self.base.url) if local is not None else None
+        self.local: LocalSaver | None = LocalSaver(local, self.base) if local is not None else None
         self._closed = False
         self.saves = self._after.saves  # telemetry of every committed save, in order
         close_at_exit(self)
@@ -448,7 +448,8 @@ class Checkpointer(CheckpointReader):
             return init_fn(), None
         if "template" not in restore_kwargs:
             restore_kwargs["template"] = init_template(init_fn, restore_kwargs)
-        return self._restore(None, None, listed, **restore_kwargs)
+        tree, meta = self._restore(None, None, listed, **restore_kwargs)
+        return tree, {**meta, "tier": "persistent"}
 
     def _restore_local(
         self, init_fn: Callable[[], Any], restore_kwargs: dict[str, Any], listed: Listing

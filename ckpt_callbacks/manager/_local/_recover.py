@@ -40,7 +40,15 @@ def _fit(part: store.Part, template: Any, current: dict[str, Any]) -> dict[str, 
     try:
         man = store.manifest(part)
         host = [r for r in man["leaves"] if r.get("kind") in ("numpy", "json")]
+    except Exception as e:  # a damaged manifest: this part does not count
+        row["why"] = f"unreadable manifest ({type(e).__name__}: {e})"
+        return row
+    try:
         layout = Layout.of(template, saved=host)
+    except TypeError as e:
+        row["why"] = f"the template cannot be placed ({e})"
+        return row
+    try:
         if layout.digest() != part.digest:
             saved, now = man.get("topology") or {}, current
             why = "saved for another state or mesh"
@@ -54,7 +62,7 @@ def _fit(part: store.Part, template: Any, current: dict[str, Any]) -> dict[str, 
             return row
         row.update(fits=True, host=host, extras=man.get("extras"), timestamp=man.get("timestamp"))
     except Exception as e:  # a damaged manifest: this part does not count
-        row["why"] = f"unreadable manifest ({type(e).__name__}: {e})"
+        row["why"] = f"a damaged manifest ({type(e).__name__}: {e})"
     return row
 
 
@@ -167,13 +175,11 @@ def _build(layout: Layout, data: Any, crcs: list[int], plan: dict[str, Any], whe
             cache[(i, key)] = np.array(raw).view(np.dtype(dtype)).reshape(extent)
         return cache[(i, key)]
 
-    leaves = []
+    leaves: list[Any] = []
     for i, leaf in enumerate(layout.leaves):
-        if leaf.kind == "json":
-            leaves.append(values.get(leaf.path))
-            continue
-        if leaf.kind == "numpy":
-            leaves.append(region(i, next(iter(by_leaf[i])), leaf.dtype))
+        if leaf.kind in ("json", "numpy"):
+            value = values.get(leaf.path) if leaf.kind == "json" else region(i, next(iter(by_leaf[i])), leaf.dtype)
+            leaves.append(_as_template(value, leaf.template))
             continue
         indices = leaf.sharding.addressable_devices_indices_map(leaf.shape)
         arrays = [jax.device_put(region(i, region_of(ix, leaf.shape), leaf.dtype), d) for d, ix in indices.items()]
@@ -182,6 +188,17 @@ def _build(layout: Layout, data: Any, crcs: list[int], plan: dict[str, Any], whe
     tree = jax.tree_util.tree_unflatten(layout.treedef, leaves)
     jax.block_until_ready([x for x in leaves if isinstance(x, jax.Array)])
     return tree
+
+
+def _as_template(value: Any, like: Any) -> Any:
+    """A host leaf as its template leaf says (as the persistent tier restores it): an array of
+    the template's dtype where it is placed, else the value as saved."""
+    sharding = getattr(like, "sharding", None)
+    if like is not None and sharding is None and jax.device_count() == 1:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if like is None or sharding is None or value is None or isinstance(value, str):
+        return value
+    return jax.device_put(np.asarray(value, dtype=like.dtype), sharding)
 
 
 def _describe(plan: dict[str, Any]) -> str:
@@ -200,6 +217,8 @@ def restore(
     name = f"local-restore/{saver.tag}/{saver.next_round()}"
     problems: list[str] = []
     parts = store.scan(saver.root, problems) if os.path.isdir(saver.root) else []
+    for problem in problems:  # a part a kill interrupted has no marker; these have one, damaged
+        log.warning("restore: a local part is passed over: %s", problem)
     current = topology()
     if unusable is not None:
         rows = [{"step": p.step, "set": p.set_index, "fits": False, "why": f"no template ({unusable})"} for p in parts]
@@ -213,7 +232,7 @@ def restore(
             log.warning("restore: local step %d cannot be used: %s", step, why)
     step = plan["step"]
     if step is None:
-        if plan["rejected"] or parts:
+        if plan["rejected"] or parts or problems:
             log.warning("restore: no local step can be restored on every process; using the persistent tier")
         return None
     if newer_than is not None and step < newer_than:

@@ -54,6 +54,7 @@ class Leaf:
     sharding: Any = None  # of the stored (raw) array: a key's key_data sharding
     impl: str = ""  # a key's PRNG implementation
     value: Any = None  # a json leaf's value
+    template: Any = None  # a host leaf's template leaf: restored as it says (a placed array)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,16 @@ def _key_impl_of_dtype(dtype: Any) -> str:
     return str(dtype._impl.name)  # key<fry>: "threefry2x32"
 
 
+def _placed(path: str, value: Any) -> Any:
+    """A leaf's sharding; a template leaf without one is on the one device, if there is one."""
+    sharding = getattr(value, "sharding", None)
+    if sharding is None and jax.device_count() == 1:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if sharding is None:
+        raise TypeError(f"leaf {path}: the template gives it no sharding, and {jax.device_count()} devices")
+    return sharding
+
+
 def leaf_of(path: str, value: Any) -> Leaf:
     """The ``Leaf`` of a state leaf (a jax or numpy array, a key array, or a JSON scalar) or of
     a template leaf (a ``jax.ShapeDtypeStruct`` with a sharding)."""
@@ -90,12 +101,10 @@ def leaf_of(path: str, value: Any) -> Leaf:
     if isinstance(value, jax.Array | jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         raw = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(value.shape, dtype))
         extra = len(raw.shape) - len(value.shape)
-        sharding = _raw_sharding(value.sharding, extra)
+        sharding = _raw_sharding(_placed(path, value), extra)
         return Leaf(path, "key", tuple(raw.shape), np.dtype(raw.dtype).name, sharding, _key_impl_of_dtype(dtype))
     if isinstance(value, jax.Array | jax.ShapeDtypeStruct):
-        if getattr(value, "sharding", None) is None:
-            raise TypeError(f"leaf {path}: a template leaf without a sharding cannot be placed")
-        return Leaf(path, "array", tuple(value.shape), np.dtype(dtype).name, value.sharding)
+        return Leaf(path, "array", tuple(value.shape), np.dtype(dtype).name, _placed(path, value))
     if isinstance(value, np.ndarray | np.generic):
         return Leaf(path, "numpy", tuple(np.shape(value)), np.dtype(dtype).name)
     if value is None or isinstance(value, bool | int | float | str):
@@ -146,7 +155,8 @@ class Layout:
             name = fmt.key_string(fmt.path_of(path)) or "<root>"
             row = host.get(name)
             if row is not None:
-                leaves.append(Leaf(name, row["kind"], tuple(row.get("shape", ())), row.get("dtype", "")))
+                like = value if isinstance(value, jax.ShapeDtypeStruct | jax.Array) else None
+                leaves.append(Leaf(name, row["kind"], tuple(row.get("shape", ())), row.get("dtype", ""), template=like))
             else:
                 leaves.append(leaf_of(name, value))
         return cls(tuple(leaves), treedef)

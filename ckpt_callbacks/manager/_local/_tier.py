@@ -97,6 +97,9 @@ class LocalTier:
                 f"LocalTier({self.path!r}): a local tier is a directory of this host (a RAM disk or local NVMe), "
                 f"not {loc.scheme}:// storage; the persistent tier is the Checkpointer's base"
             )
+        root = os.path.abspath(str(paths.local_path(loc)))
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise CheckpointPathError(f"LocalTier({self.path!r}): expected a directory at {root}, found a file")
         object.__setattr__(self, "step_policies", tuple(self.step_policies))
         object.__setattr__(self, "save_interval", _interval(self.save_interval))
         _positive_int("keep_last", self.keep_last, 1)
@@ -121,6 +124,19 @@ class LocalTier:
                 f"{processes - 1} peers (replicas must be below the process count)"
             )
         return replicas
+
+
+def _refuse_overlap(tier: LocalTier, root: str, base: paths.Location) -> None:
+    """A local tier and its persistent base never share a directory, nor one inside the other."""
+    persistent = paths.local_path(base)
+    if persistent is None:
+        return
+    a, b = os.path.realpath(root), os.path.realpath(persistent)
+    if a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/"):
+        raise CheckpointPathError(
+            f"LocalTier({tier.path!r}): {a} and the persistent base {b} overlap (one is, or is inside, the "
+            "other); give the local tier a directory of its own"
+        )
 
 
 @dataclasses.dataclass
@@ -155,9 +171,11 @@ class _Step:
 class LocalSaver:
     """The running side of a ``LocalTier`` for one ``Checkpointer`` (see the module's protocol)."""
 
-    def __init__(self, tier: LocalTier, base_url: str) -> None:
+    def __init__(self, tier: LocalTier, base: paths.Location) -> None:
         self.tier = tier
         self.root = tier.root
+        _refuse_overlap(tier, self.root, base)
+        base_url = base.url
         self.processes = distributed.process_count()
         self.replicas = tier.resolved_replicas(self.processes)
         self.policy = SavePolicy(step_policies=tier.step_policies, save_interval=_interval(tier.save_interval))
@@ -208,7 +226,7 @@ class LocalSaver:
         blobs = _snapshot(layout, jax.tree_util.tree_leaves(state, is_leaf=lambda x: x is None), mine)
         shifts = self._shifts(layout, step, digest, blobs, mine) if self.replicas else []
         current = _Step(step, layout, shifts, extras)
-        manifest = _manifest(layout, digest, extras, now)
+        manifest = _manifest(layout, digest, extras, now, self.replicas)
         current.own = self._worker.submit(self._write_own, step, me, manifest, mine, blobs)
         self._current = current
         self.last_step, self.last_time = step, self._seen  # the agreed clock's last reading: alike everywhere
@@ -219,7 +237,12 @@ class LocalSaver:
         if self._claimed:
             return
         run = distributed.broadcast_json(f"local-run/{self.tag}/{next(_ROUNDS)}", os.urandom(8).hex())
-        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise CheckpointPathError(
+                f"LocalTier({self.tier.path!r}): cannot make the directory {self.root}: {e}"
+            ) from e
         store.claim(self.root, run, distributed.process_index())
         distributed.barrier(f"local-claim/{self.tag}/{run}")
         seen = store.claimants(self.root, run)
@@ -351,7 +374,7 @@ class LocalSaver:
         for piece, crc in zip(shift.pieces, crcs, strict=True):
             store.checked(data, piece.offset, piece.nbytes, crc, where)
         del data
-        manifest = _manifest(layout, digest, current.extras, None)
+        manifest = _manifest(layout, digest, current.extras, None, self.replicas)
         shift.writer.commit(_with_pieces(manifest, shift.pieces, crcs), data_bytes=data_bytes)
 
     def _publish(self, current: _Step) -> None:
@@ -371,6 +394,7 @@ class LocalSaver:
         self._retain()
 
     def _retain(self) -> None:
+        """Deletes local steps older than the ``keep_last`` newest that every process committed."""
         complete = sorted(
             int(s) for s, got in distributed.published(f"local/{self.tag}").items() if len(got) == self.processes
         )
@@ -380,6 +404,9 @@ class LocalSaver:
         for step in store.steps(self.root):
             if step < keep[0]:
                 store.delete_step(self.root, step)
+        for step in complete:
+            if step < keep[0]:  # older than every step kept anywhere: no process needs its record
+                distributed.unpublish(f"local/{self.tag}/{step}", distributed.process_index())
 
     # -- restoring -----------------------------------------------------------------------------
 
@@ -430,7 +457,8 @@ def _snapshot(layout: Layout, values: Sequence[Any], pieces: list[Piece]) -> lis
     return out
 
 
-def _manifest(layout: Layout, digest: str, extras: Any, now: float | None) -> dict[str, Any]:
+def _manifest(layout: Layout, digest: str, extras: Any, now: float | None, replicas: int) -> dict[str, Any]:
+    """A part's manifest but for its regions; ``holder`` and ``replicas`` say who keeps which set."""
     leaves = []
     for leaf in layout.leaves:
         row: dict[str, Any] = {"path": leaf.path, "kind": leaf.kind}
@@ -441,7 +469,15 @@ def _manifest(layout: Layout, digest: str, extras: Any, now: float | None) -> di
         if leaf.kind == "json":
             row["value"] = leaf.value
         leaves.append(row)
-    return {"digest": digest, "topology": topology(), "leaves": leaves, "extras": extras, "timestamp": now}
+    return {
+        "digest": digest,
+        "topology": topology(),
+        "holder": distributed.process_index(),
+        "replicas": replicas,
+        "leaves": leaves,
+        "extras": extras,
+        "timestamp": now,
+    }
 
 
 def _with_pieces(manifest: dict[str, Any], pieces: list[Piece], crcs: list[int]) -> dict[str, Any]:
