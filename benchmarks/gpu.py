@@ -145,7 +145,9 @@ def local_tier_case(device: Any, mesh: Mesh, args: argparse.Namespace, root: str
 
     import ckpt_callbacks as cc
 
-    state = model_tree(min(args.gib, 2.0), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    eye = jax.device_put(np.eye(256, dtype=np.float32), replicated)
+    state = {**model_tree(min(args.gib, 2.0), mesh), "step_w": eye}  # the loop's step matmuls with step_w
     step, state, step_s = loop_bench._calibrate(state, 15.0)
     window = max(10, int((0.5 if args.smoke else 4.0) / step_s))
     every, never = [cc.CheckpointInterval(every=window)], [cc.CheckpointInterval(every=10**9)]

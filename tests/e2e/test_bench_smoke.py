@@ -36,6 +36,10 @@ def test_benchmark_smoke_run_writes_its_outputs(tmp_path):
         "orbax async save",
     }
     assert all(row["lost_s"] == row["lost_s"] and row["extra_device_bytes"] >= 0 for row in report["loop_save"])
+    tiers = report["local_tier"]
+    assert {r["name"] for r in tiers["loop"]} == {"local save (LocalTier, local disk)", "persistent save (S3 on moto)"}
+    # each recovery is checked against the trained state inside the bench (it fails otherwise)
+    assert [r["tiers"] for r in tiers["recovery"]] == [["local"], ["persistent"]]
     assert "loop time lost" in (tmp_path / "latest.md").read_text()
     assert (tmp_path / "latest.md").read_text().startswith("# Benchmark")
     assert (tmp_path / "latest.png").stat().st_size > 1000
@@ -64,3 +68,7 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert report["disk"]["gb_per_s"] > 0 and len(report["ratios"]) == 5
     assert len(report["loop_save"]) == 4 and not any("error" in row for row in report["loop_save"])
     assert all(row["blocking_s"] > 0 for row in report["rows"] if "save" in row["name"])
+    local = {row["name"]: row for row in report["local_tier"]}
+    assert set(local) == {"local save (LocalTier)", "persistent save (same disk)"}
+    assert all(row["blocking_s"] > 0 and row["device_bytes"] >= 0 for row in local.values())
+    assert "Local tier (issue 22)" in next(tmp_path.glob("gpu-*-cpu.md")).read_text()
