@@ -241,6 +241,7 @@ def local_train(
     replicas=None,
     progress=None,
     transfer_bytes=1 << 16,
+    rounds_per_step=2,
     rows=32,
     watchdog=None,
     hold=None,
@@ -280,6 +281,7 @@ def local_train(
         step_policies=[cc.CheckpointInterval(every=local_every)],
         replicas=replicas,
         transfer_bytes=transfer_bytes,
+        rounds_per_step=rounds_per_step,
     )
     ck = cc.Checkpointer(
         base, step_policies=[cc.CheckpointInterval(every=persistent_every)], local=local, handle_sigterm=False

@@ -495,3 +495,24 @@ def test_a_local_restore_resumes_the_local_schedule(tmp_path, mesh42):
     assert _train(ck, [13, 14, 15], mesh42) == [15]  # the schedules go on from 12
     assert _local_steps(tmp_path / "local") == [12, 14]
     ck.close()
+
+
+@pytest.mark.parametrize(
+    ("given", "every", "rounds", "expected"),
+    [(None, 10, 17, 4), (None, 10, 3, 2), (None, 1, 17, 17), (None, None, 9, 9), (3, 10, 17, 3)],
+)
+def test_rounds_per_step_by_default_finish_a_replication_within_half_the_interval(
+    tmp_path, given, every, rounds, expected
+):
+    from ckpt_callbacks.manager._local import LocalSaver
+    from ckpt_callbacks.storage import parse
+
+    policies = [cc.CheckpointInterval(every=every)] if every else []
+    tier = cc.LocalTier(
+        str(tmp_path / "local"), step_policies=policies, save_interval=None if every else 60, rounds_per_step=given
+    )
+    saver = LocalSaver(tier, parse(str(tmp_path / "base")))
+    try:
+        assert saver._per_step(20, rounds) == expected
+    finally:
+        saver.close()

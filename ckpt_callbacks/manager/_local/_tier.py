@@ -79,7 +79,9 @@ class LocalTier:
         None: 1 with several processes, 0 with one. Must be below the process count.
       transfer_bytes: bytes one process sends per replication round (device memory a round
         adds is a few times this, never the whole state).
-      rounds_per_step: rounds dispatched per ``on_step`` call while a replication is pending.
+      rounds_per_step: rounds dispatched per ``on_step`` call while a replication is pending;
+        None: enough to finish within half the local step interval (at least 2 a step), so a
+        replication is done before the next local save needs its rounds dispatched at once.
     """
 
     path: Any
@@ -88,7 +90,7 @@ class LocalTier:
     keep_last: int = 2
     replicas: int | None = None
     transfer_bytes: int = 4 << 20
-    rounds_per_step: int = 2
+    rounds_per_step: int | None = None
 
     def __post_init__(self) -> None:
         loc = paths.parse(self.path)
@@ -104,7 +106,8 @@ class LocalTier:
         object.__setattr__(self, "save_interval", _interval(self.save_interval))
         _positive_int("keep_last", self.keep_last, 1)
         _positive_int("transfer_bytes", self.transfer_bytes, 1024)
-        _positive_int("rounds_per_step", self.rounds_per_step, 1)
+        if self.rounds_per_step is not None:
+            _positive_int("rounds_per_step", self.rounds_per_step, 1)
         if self.replicas is not None:
             _positive_int("replicas", self.replicas, 0)
         SavePolicy(
@@ -163,6 +166,7 @@ class _Step:
         self.drains: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
         self.failed: list[str] = []
         self.publishing = False
+        self.per_step = 2  # rounds dispatched per on_step call
 
     def dispatched(self) -> bool:
         return self.cursor[0] >= len(self.shifts)
@@ -226,11 +230,20 @@ class LocalSaver:
         blobs = _snapshot(layout, jax.tree_util.tree_leaves(state, is_leaf=lambda x: x is None), mine)
         shifts = self._shifts(layout, step, digest, blobs, mine) if self.replicas else []
         current = _Step(step, layout, shifts, extras)
+        current.per_step = self._per_step(step, sum(shift.rounds for shift in shifts))
         manifest = _manifest(layout, digest, extras, now, self.replicas)
         current.own = self._worker.submit(self._write_own, step, me, manifest, mine, blobs)
         self._current = current
         self.last_step, self.last_time = step, self._seen  # the agreed clock's last reading: alike everywhere
         self.pump()
+
+    def _per_step(self, step: int, rounds: int) -> int:
+        """Rounds per ``on_step``: the tier's, or ``rounds`` spread over half the step interval."""
+        if self.tier.rounds_per_step is not None:
+            return self.tier.rounds_per_step
+        interval = self.policy.interval_at(step)
+        steps = max(1, interval.every // 2) if interval is not None else 1
+        return max(2, -(-rounds // steps))
 
     def _claim(self) -> None:
         """First save: every process claims the directory; a directory two claim is refused."""
@@ -284,7 +297,7 @@ class LocalSaver:
         self._publish_once(current)
         if current.dispatched() or self._peers is None:
             return
-        budget = self.tier.rounds_per_step if limit is None else limit
+        budget = current.per_step if limit is None else limit
         while budget > 0 and not current.dispatched():
             while len(current.drains) >= 2:  # at most two rounds in flight
                 current.drains.popleft().result()
