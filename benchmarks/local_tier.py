@@ -141,6 +141,15 @@ def loop_cases(tree: dict[str, Any], root: str, s3_base: str, *, repeats: int, w
             "persistent save (S3 on moto)",
             lambda: cc.Checkpointer(f"{s3_base}/persistent", step_policies=every, handle_sigterm=False),
         ),
+        (  # two snapshots at one step: what promoting a local step instead of a second snapshot could save
+            "both tiers due at one step",
+            lambda: cc.Checkpointer(
+                f"{s3_base}/both",
+                step_policies=every,
+                local=cc.LocalTier(os.path.join(root, "local-both"), step_policies=every, keep_last=2),
+                handle_sigterm=False,
+            ),
+        ),
     ]
     rows = []
     for name, make in cases:

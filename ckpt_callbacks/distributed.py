@@ -12,6 +12,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -120,4 +121,5 @@ def unpublish(name: str, process: int) -> None:
     if process_count() == 1:
         _PUBLISHED.get(name, set()).discard(process)
         return
-    _client().key_value_delete(f"ckpt_callbacks/pub/{name}/{process}")
+    with contextlib.suppress(Exception):  # nothing recorded there: nothing to drop
+        _client().key_value_delete(f"ckpt_callbacks/pub/{name}/{process}")

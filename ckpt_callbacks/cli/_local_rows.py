@@ -140,7 +140,13 @@ def local_data(path: str, replicas: int | None = None) -> dict[str, Any]:
         what = "it is a file, not a directory" if os.path.exists(root) else "no such directory"
         raise CheckpointNotFoundError(f"no local tier at {root}: {what}")
     problems: list[str] = []
-    parts = store.scan(root, problems)
+    parts = []
+    for part in store.scan(root, problems):  # every region's crc32c read, as a restore would
+        why = store.verify(part)
+        if why is None:
+            parts.append(part)
+        else:
+            problems.append(f"{part.path}: {why}")
     claimed = _claimed(root)
     process = claimed[0] if len(claimed) == 1 else None
     damaged = [_damaged_row(p) for p in problems]

@@ -23,8 +23,6 @@ import dataclasses
 import datetime
 import itertools
 import logging
-import math
-import numbers
 import os
 import threading
 import time
@@ -34,13 +32,19 @@ from typing import Any
 from ckpt_callbacks import directory as layout
 from ckpt_callbacks import distributed
 from ckpt_callbacks.directory import CheckpointInfo
-from ckpt_callbacks.errors import CheckpointExistsError, CheckpointFormatError, CheckpointPathError
+from ckpt_callbacks.errors import (
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointPathError,
+    RestoreMismatchError,
+)
 from ckpt_callbacks.format import as_step
 from ckpt_callbacks.manager import _rewinds as rewinds
 from ckpt_callbacks.manager._aftercommit import AfterCommit, ScalarWriter, close_at_exit
 from ckpt_callbacks.manager._discovery import Listing, foreign_steps, listing
 from ckpt_callbacks.manager._local import LocalSaver, LocalTier
-from ckpt_callbacks.manager._policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy
+from ckpt_callbacks.manager._local import _recover as local_lib
+from ckpt_callbacks.manager._policy import CheckpointInterval, Decision, KeepPolicy, SavePolicy, as_interval
 from ckpt_callbacks.manager._preemption import Preemption, agree
 from ckpt_callbacks.manager._reader import (
     CheckpointReader,
@@ -68,20 +72,6 @@ def _skipped(step: int, why: object, hint: str = "", level: int = logging.WARNIN
     log.log(level, "step %d: a checkpoint is due, but skipped: %s%s", step, why, hint)
 
 
-def _seconds(interval: datetime.timedelta | float | None) -> datetime.timedelta | None:
-    """``save_interval`` as a timedelta; a count of seconds must be finite and positive."""
-    if interval is None or isinstance(interval, datetime.timedelta):
-        return interval
-    if isinstance(interval, bool) or not isinstance(interval, numbers.Real):
-        raise TypeError(f"save_interval must be seconds (a number) or a timedelta, got {interval!r}")
-    if not math.isfinite(interval) or interval <= 0:
-        raise ValueError(f"save_interval must be a positive, finite number of seconds, got {interval!r}")
-    try:
-        return datetime.timedelta(seconds=float(interval))
-    except OverflowError:
-        raise ValueError(f"save_interval of {interval!r} seconds is longer than a timedelta holds") from None
-
-
 def _refuse_checkpoint_as_base(base_path: Any, base: Any) -> None:
     """A base that is itself a committed checkpoint (one read) is refused, naming its parent."""
     if not layout.has_marker(base):
@@ -92,6 +82,15 @@ def _refuse_checkpoint_as_base(base_path: Any, base: Any) -> None:
         f"Checkpointer({given!r}): {base.url} is a committed checkpoint (it holds {layout.COMMIT_MARKER}), not a "
         f"base of run-<step> checkpoints; pass its parent, Checkpointer({parent!r}), to save and resume "
         f"there, or read this one with restore({given!r})"
+    )
+
+
+def _unrestorable_local(root: str, base: str, agreed: dict[str, Any]) -> RestoreMismatchError:
+    why = agreed["rejected"][0][1] if agreed["rejected"] else "every attempt failed (see the warnings above)"
+    return RestoreMismatchError(
+        f"restore_or_init: the local tier holds {agreed['seen']} part(s) (this host: {root}) that no step can be "
+        f"restored from ({why}), and {base} holds no checkpoint: not starting fresh over them. Fix init_fn or pass "
+        "template= to restore them, or move the local directories away to start fresh"
     )
 
 
@@ -152,7 +151,7 @@ class Checkpointer(CheckpointReader):
         self.options = dataclasses.replace(options or SaveOptions(), **option_overrides)
         super().__init__(base_path, keep=keep, item=item, storage=self.options.storage)
         self.retention: Retention = Retention(self.base, self.keep)
-        self.policy = SavePolicy(step_policies=step_policies, save_interval=_seconds(save_interval))
+        self.policy = SavePolicy(step_policies=step_policies, save_interval=as_interval(save_interval))
         _refuse_checkpoint_as_base(base_path, self.base)  # arguments first: a bad one is refused without I/O
         self._clock = clock or time.time
         self._sync_every = sync_every_steps
@@ -425,35 +424,53 @@ class Checkpointer(CheckpointReader):
             self.local.restored(step)
 
     def restore_or_init(self, init_fn: Callable[[], Any], **restore_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
-        """As ``CheckpointReader.restore_or_init``; with a ``LocalTier``, the newest step of
-        either tier: a local step (from this host's directory, or a peer's replica) when it is
-        at least the persistent tier's newest and the topology is the one saved (see
-        ``LocalTier``). Restore options other than ``template=`` apply to the persistent tier
-        only (a local step is restored only without them)."""
+        """As ``CheckpointReader.restore_or_init``; with a ``LocalTier``, the newest step either
+        tier restores: a local step (from this host's directory, or a peer's replica) on the
+        topology it was saved on, when it is at least the persistent tier's newest (or newer
+        than the step the persistent tier falls back to). Restore options other than
+        ``template=`` and ``missing=`` apply to the persistent tier only. With local steps on
+        some host that none can restore and an empty persistent tier, it raises: never a
+        silent fresh start. ``meta["tier"]`` is ``"local"`` or ``"persistent"``."""
         if self.local is None:
             return super().restore_or_init(init_fn, **restore_kwargs)
         check_restore_arguments(init_fn, restore_kwargs)
         self._settle()
         listed = listing(self.base)
+        steps = [c.step for c in listed.found if c.step is not None]
+        newest = max(steps) if steps else None
         others = sorted(k for k in restore_kwargs if k not in ("template", "missing"))
+        agreed, template = None, restore_kwargs.get("template")
         if others:
             log.info(
                 "restore: restore options %s apply to the persistent tier only; the local tier is not read", others
             )
         else:
-            got = self._restore_local(init_fn, restore_kwargs, listed)
-            if got is not None:
-                return got
+            template, agreed = self._local_plan(init_fn, restore_kwargs)
+            local_lib.explain(agreed, newest)
+            best = local_lib.newest(agreed)
+            if best is not None and (newest is None or best >= newest):
+                got = self.local.restore(agreed, template, newest)
+                if got is not None:
+                    return self._restored_local(got, listed)
+            elif best is not None:
+                log.info("restore: the persistent tier's step %d is newer than local step %d; using it", newest, best)
         if self._fresh(listed.found):
+            if agreed is not None and agreed["seen"]:
+                raise _unrestorable_local(self.local.root, self.base.url, agreed)
             return init_fn(), None
         if "template" not in restore_kwargs:
-            restore_kwargs["template"] = init_template(init_fn, restore_kwargs)
+            restore_kwargs["template"] = template if template is not None else init_template(init_fn, restore_kwargs)
         tree, meta = self._restore(None, None, listed, **restore_kwargs)
+        best = local_lib.newest(agreed) if agreed is not None else None
+        if agreed is not None and best is not None and best > meta["step"]:  # the persistent tier fell back past damage
+            log.warning("restore: the persistent tier restored step %d only; trying local step %d", meta["step"], best)
+            got = self.local.restore(agreed, template, meta["step"] + 1)
+            if got is not None:
+                return self._restored_local(got, listed)
         return tree, {**meta, "tier": "persistent"}
 
-    def _restore_local(
-        self, init_fn: Callable[[], Any], restore_kwargs: dict[str, Any], listed: Listing
-    ) -> tuple[Any, dict[str, Any]] | None:
+    def _local_plan(self, init_fn: Callable[[], Any], restore_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The template (None if it cannot be built) and the local tier's agreed plan."""
         assert self.local is not None
         template, why = restore_kwargs.get("template"), None
         if template is None:
@@ -461,10 +478,9 @@ class Checkpointer(CheckpointReader):
                 template = init_template(init_fn, restore_kwargs)
             except Exception as e:  # the persistent tier's restore (or a fresh start) says it again
                 why = f"{type(e).__name__}: {e}"
-        steps = [c.step for c in listed.found if c.step is not None]
-        got = self.local.restore(template, max(steps) if steps else None, why)
-        if got is None:
-            return None
+        return template, self.local.plan(template, why)
+
+    def _restored_local(self, got: tuple[Any, dict[str, Any], int], listed: Listing) -> tuple[Any, dict[str, Any]]:
         tree, meta, step = got
         announce(self, listed.found, f"{step} of the local tier")
         self._rewound(step, listed, False, None)

@@ -21,6 +21,20 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 
+def as_interval(interval: datetime.timedelta | float | None) -> datetime.timedelta | None:
+    """A ``save_interval`` as a timedelta; a count of seconds must be finite and positive."""
+    if interval is None or isinstance(interval, datetime.timedelta):
+        return interval
+    if isinstance(interval, bool) or not isinstance(interval, numbers.Real):
+        raise TypeError(f"save_interval must be seconds (a number) or a timedelta, got {interval!r}")
+    if not math.isfinite(interval) or interval <= 0:
+        raise ValueError(f"save_interval must be a positive, finite number of seconds, got {interval!r}")
+    try:
+        return datetime.timedelta(seconds=float(interval))
+    except OverflowError:
+        raise ValueError(f"save_interval of {interval!r} seconds is longer than a timedelta holds") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointInterval:
     """Save every ``every`` steps while ``step <= until`` (``until=None``: for ever)."""

@@ -56,7 +56,8 @@ def _part(root, step, set_index, *, processes=4, digest="d" * 64, nbytes=16):
     with store.PartWriter(root, step=step, set_index=set_index) as w:
         w.write_at(0, b"x" * nbytes)
         w.commit(
-            {"digest": digest, "topology": {"processes": processes}, "pieces": [], "leaves": []}, data_bytes=nbytes
+            {"digest": digest, "save": "0" * 16, "topology": {"processes": processes}, "pieces": [], "leaves": []},
+            data_bytes=nbytes,
         )
 
 

@@ -37,7 +37,11 @@ def test_benchmark_smoke_run_writes_its_outputs(tmp_path):
     }
     assert all(row["lost_s"] == row["lost_s"] and row["extra_device_bytes"] >= 0 for row in report["loop_save"])
     tiers = report["local_tier"]
-    assert {r["name"] for r in tiers["loop"]} == {"local save (LocalTier, local disk)", "persistent save (S3 on moto)"}
+    assert {r["name"] for r in tiers["loop"]} == {
+        "local save (LocalTier, local disk)",
+        "persistent save (S3 on moto)",
+        "both tiers due at one step",
+    }
     # each recovery is checked against the trained state inside the bench (it fails otherwise)
     assert [r["tiers"] for r in tiers["recovery"]] == [["local"], ["persistent"]]
     assert "loop time lost" in (tmp_path / "latest.md").read_text()

@@ -87,11 +87,11 @@ def test_local_tier_on_shared_or_memory_storage_is_refused(path):
         ({"rounds_per_step": 0}, r"rounds_per_step=\.\.\.\) must be an integer >= 1, got 0"),
         ({"replicas": -1}, r"replicas=\.\.\.\) must be an integer >= 0, got -1"),
         ({"replicas": np.bool_(True)}, r"replicas=\.\.\.\) must be an integer >= 0, got np.True_"),
-        ({"save_interval": -1}, r"save_interval=\.\.\.\) must be positive seconds or a timedelta, got -1"),
-        ({"save_interval": 0}, r"save_interval=\.\.\.\) must be positive seconds or a timedelta, got 0"),
-        ({"save_interval": True}, r"save_interval=\.\.\.\) must be positive seconds or a timedelta, got True"),
-        ({"save_interval": "60"}, r"save_interval=\.\.\.\) must be positive seconds or a timedelta, got '60'"),
-        ({"save_interval": float("nan")}, r"save_interval=\.\.\.\) must be positive seconds"),
+        ({"save_interval": -1}, r"save_interval must be a positive, finite number of seconds, got -1"),
+        ({"save_interval": 0}, r"save_interval must be a positive, finite number of seconds, got 0"),
+        ({"save_interval": float("nan")}, r"save_interval must be a positive, finite number of seconds, got nan"),
+        ({"save_interval": float("inf")}, r"save_interval must be a positive, finite number of seconds, got inf"),
+        ({"save_interval": 1e300}, r"save_interval of 1e\+300 seconds is longer than a timedelta holds"),
         ({"step_policies": [5]}, r"step_policies\[0\] is 5, expected a CheckpointInterval"),
     ],
 )
@@ -516,3 +516,14 @@ def test_rounds_per_step_by_default_finish_a_replication_within_half_the_interva
         assert saver._per_step(20, rounds) == expected
     finally:
         saver.close()
+
+
+@pytest.mark.parametrize("interval", [True, "60", [60]])
+def test_a_save_interval_that_is_no_number_is_a_type_error(tmp_path, interval):
+    with pytest.raises(TypeError, match="save_interval must be seconds"):
+        cc.LocalTier(str(tmp_path / "local"), save_interval=interval)
+
+
+def test_numpy_integers_are_kept_as_python_ints(tmp_path):
+    tier = cc.LocalTier(str(tmp_path / "l"), keep_last=np.int64(3), transfer_bytes=np.int32(4096), replicas=np.int8(0))
+    assert (type(tier.keep_last), type(tier.transfer_bytes), type(tier.replicas)) == (int, int, int)

@@ -28,21 +28,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ckpt_callbacks.errors import CorruptCheckpointError
 
-_HEADER = struct.Struct("<4sIQI32s12x")  # 64 bytes
+_HEADER = struct.Struct("<4sIQI32s8s4x")  # 64 bytes: magic, version, step, set, digest, save id
 _MAGIC = b"CCLT"
 HEADER_BYTES = _HEADER.size
 
 
-def header(step: int, set_index: int, digest: str) -> bytes:
-    return _HEADER.pack(_MAGIC, 1, step, set_index, bytes.fromhex(digest))
+def header(step: int, set_index: int, digest: str, save: str) -> bytes:
+    return _HEADER.pack(_MAGIC, 1, step, set_index, bytes.fromhex(digest), bytes.fromhex(save))
 
 
-def check_header(raw: bytes, step: int, set_index: int, digest: str, where: str) -> None:
-    magic, version, got_step, got_set, got_digest = _HEADER.unpack(bytes(raw))
-    if (magic, version, got_step, got_set, got_digest.hex()) != (_MAGIC, 1, step, set_index, digest):
+def check_header(raw: bytes, step: int, set_index: int, digest: str, save: str, *, where: str) -> None:
+    magic, version, got_step, got_set, got_digest, got_save = _HEADER.unpack(bytes(raw))
+    got = (magic, version, got_step, got_set, got_digest.hex(), got_save.hex())
+    if got != (_MAGIC, 1, step, set_index, digest, save):
         raise CorruptCheckpointError(
-            f"{where}: the peer sent set {got_set} of step {got_step} (digest {got_digest.hex()[:12]}), "
-            f"expected set {set_index} of step {step} (digest {digest[:12]})"
+            f"{where}: the peer sent set {got_set} of step {got_step} (digest {got_digest.hex()[:12]}, save "
+            f"{got_save.hex()}), expected set {set_index} of step {step} (digest {digest[:12]}, save {save})"
         )
 
 

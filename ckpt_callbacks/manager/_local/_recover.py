@@ -34,14 +34,19 @@ from ckpt_callbacks.manager._local._sets import Layout, Piece, region_of, summar
 log = logging.getLogger("ckpt_callbacks")
 
 
-def _fit(part: store.Part, template: Any, current: dict[str, Any]) -> dict[str, Any]:
-    """Whether ``part`` can be placed under ``template`` on this topology, and what it holds."""
-    row: dict[str, Any] = {"step": part.step, "set": part.set_index, "fits": False}
+def _fit(part: store.Part, template: Any, current: dict[str, Any], base: str) -> dict[str, Any]:
+    """Whether ``part`` can be placed under ``template`` on this topology by a run of ``base``,
+    and what it holds."""
+    row: dict[str, Any] = {"step": part.step, "set": part.set_index, "save": part.save, "fits": False}
     try:
         man = store.manifest(part)
         host = [r for r in man["leaves"] if r.get("kind") in ("numpy", "json")]
+        row["saved_at"] = float(man.get("saved_at") or 0.0)
     except Exception as e:  # a damaged manifest: this part does not count
         row["why"] = f"unreadable manifest ({type(e).__name__}: {e})"
+        return row
+    if man.get("base") != base:
+        row["why"] = f"saved by a run of another base ({man.get('base')!r}, this run's is {base!r})"
         return row
     try:
         layout = Layout.of(template, saved=host)
@@ -66,41 +71,50 @@ def _fit(part: store.Part, template: Any, current: dict[str, Any]) -> dict[str, 
     return row
 
 
+def _holders(table: list[list[dict[str, Any]]], n: int, step: int, save: str) -> tuple[dict[int, int], list[str]]:
+    """For each set of one save of ``step``: the process to read it from (its own first)."""
+    holders: dict[int, int] = {}
+    whys = []
+    for q in range(n):
+        rows = [(p, r) for p, got in enumerate(table) for r in got if r["step"] == step and r["set"] == q]
+        fit = [p for p, r in rows if r["fits"] and r["save"] == save]
+        whys += [f"process {p}'s set {q}: {r['why']}" for p, r in rows if not r["fits"]]
+        if fit:
+            holders[q] = q if q in fit else min(fit, key=lambda p: (p - q) % n)
+    return holders, whys
+
+
 def _plan(table: list[list[dict[str, Any]]], n: int) -> dict[str, Any]:
-    """Process 0: the newest step every set can come from, and why each newer one cannot."""
-    rejected = []
+    """Process 0: every step every set can come from, newest first (one save per step: the
+    newest), and why each step that cannot be used cannot."""
+    rejected, candidates = [], []
     for step in sorted({row["step"] for rows in table for row in rows}, reverse=True):
-        holders: dict[int, int] = {}
-        whys = []
-        for q in range(n):
-            fit = [p for p, rows in enumerate(table) for r in rows if r["step"] == step and r["set"] == q and r["fits"]]
-            whys += [
-                f"process {p}'s set {r['set']}: {r['why']}"
-                for p, rows in enumerate(table)
-                for r in rows
-                if r["step"] == step and r["set"] == q and not r["fits"]
-            ]
-            if fit:
-                holders[q] = q if q in fit else min(fit, key=lambda p: (p - q) % n)
+        saves = {r["save"]: r.get("saved_at", 0.0) for rows in table for r in rows if r["step"] == step and r["fits"]}
+        newest = max(saves, key=lambda k: (saves[k], k)) if saves else ""
+        holders, whys = _holders(table, n, step, newest)
         missing = [q for q in range(n) if q not in holders]
         if missing:
             why = f"set(s) {missing} have no live holder (neither the process nor a peer's replica)"
             rejected.append([step, why + (f"; {whys[0]}" if whys else "")])
             continue
-        first = next(r for rows in table for r in rows if r["step"] == step and r["fits"])
-        return {
-            "step": step,
-            "holders": holders,
-            "host": first["host"],
-            "extras": first["extras"],
-            "timestamp": first["timestamp"],
-            "rejected": rejected,
-        }
-    return {"step": None, "rejected": rejected}
+        if len(saves) > 1:  # two trajectories saved this step: only the newest save is this run's
+            rejected.append([step, f"{len(saves) - 1} older save(s) of this step are another trajectory's: ignored"])
+        first = next(r for rows in table for r in rows if r["step"] == step and r["fits"] and r["save"] == newest)
+        candidates.append(
+            {
+                "step": step,
+                "save": newest,
+                "holders": holders,
+                "host": first["host"],
+                "extras": first["extras"],
+                "timestamp": first["timestamp"],
+            }
+        )
+    return {"candidates": candidates, "rejected": rejected}
 
 
-def _own_part(parts: list[store.Part], step: int, set_index: int) -> store.Part:
-    return next(p for p in parts if p.step == step and p.set_index == set_index)
+def _own_part(parts: list[store.Part], plan: dict[str, Any], set_index: int) -> store.Part:
+    return next(p for p in parts if p.step == plan["step"] and p.set_index == set_index and p.save == plan["save"])
 
 
 def _crcs(part: store.Part) -> list[int]:
@@ -115,9 +129,14 @@ def _receive(saver: Any, plan: dict[str, Any], layout: Layout, parts: list[store
     mine: tuple[Any, list[int]] | None = None
     error: BaseException | None = None
     if holders[me] == me:
-        part = _own_part(parts, step, me)
-        mine = store.data(part), _crcs(part)
+        try:  # a failure here still takes part in every round below: the others would wait for it
+            part = _own_part(parts, plan, me)
+            mine = store.data(part), _crcs(part)
+        except Exception as e:
+            error = e
     if not pairs:
+        if error is not None:
+            raise error
         return mine  # type: ignore[return-value]
     channel = saver.peers()
     for call in peers.pair_calls(pairs):
@@ -126,9 +145,9 @@ def _receive(saver: Any, plan: dict[str, Any], layout: Layout, parts: list[store
         for h, q in call:
             if h == me:
                 try:
-                    part = _own_part(parts, step, q)
+                    part = _own_part(parts, plan, q)
                     crcs = np.asarray(_crcs(part), "<u4").tobytes()
-                    frame = peers.Frame([peers.header(step, q, digest), store.data(part), crcs])
+                    frame = peers.Frame([peers.header(step, q, digest, plan["save"]), store.data(part), crcs])
                 except Exception as e:  # send nothing; the receiver's check fails, every process agrees
                     error = e
             if q == me:
@@ -147,7 +166,7 @@ def _receive(saver: Any, plan: dict[str, Any], layout: Layout, parts: list[store
         if inbox is not None:
             data_bytes = layout.set_bytes(me)
             where = f"set {me} of local step {step} from process {holders[me]}"
-            peers.check_header(inbox[: peers.HEADER_BYTES].tobytes(), step, me, digest, where)
+            peers.check_header(inbox[: peers.HEADER_BYTES].tobytes(), step, me, digest, plan["save"], where=where)
             tail = inbox[peers.HEADER_BYTES + data_bytes :]
             mine = inbox[peers.HEADER_BYTES : peers.HEADER_BYTES + data_bytes], [int(c) for c in tail.view("<u4")]
     if error is not None:
@@ -210,57 +229,84 @@ def _describe(plan: dict[str, Any]) -> str:
     return ", ".join(moved) if moved else "every process from its own directory"
 
 
-def restore(
-    saver: Any, template: Any, newer_than: int | None, unusable: str | None = None
-) -> tuple[Any, dict[str, Any], int] | None:
-    """See the module's call sequence; None: use the persistent tier (logged why)."""
-    name = f"local-restore/{saver.tag}/{saver.next_round()}"
+def plan(saver: Any, template: Any, unusable: str | None = None) -> dict[str, Any]:
+    """Steps 1-2 of the call sequence (every process; no data moves): the agreed plan."""
+    name = f"local-plan/{saver.tag}/{saver.next_round()}"
     problems: list[str] = []
     parts = store.scan(saver.root, problems) if os.path.isdir(saver.root) else []
     for problem in problems:  # a part a kill interrupted has no marker; these have one, damaged
         log.warning("restore: a local part is passed over: %s", problem)
-    current = topology()
     if unusable is not None:
-        rows = [{"step": p.step, "set": p.set_index, "fits": False, "why": f"no template ({unusable})"} for p in parts]
+        rows = [
+            {"step": p.step, "set": p.set_index, "save": p.save, "fits": False, "why": f"no template ({unusable})"}
+            for p in parts
+        ]
     else:
-        rows = [_fit(part, template, current) for part in parts]
-    gathered = distributed.gather_json(f"{name}/inventory", rows)
-    plan = _plan(gathered, distributed.process_count()) if gathered is not None else None
-    plan = distributed.broadcast_json(f"{name}/plan", plan)
-    for step, why in plan["rejected"]:
+        current = topology()
+        rows = [_fit(part, template, current, saver.base_url) for part in parts]
+    gathered = distributed.gather_json(f"{name}/inventory", {"rows": rows, "problems": len(problems)})
+    agreed = None
+    if gathered is not None:
+        agreed = _plan([g["rows"] for g in gathered], distributed.process_count())
+        agreed["seen"] = sum(len(g["rows"]) + g["problems"] for g in gathered)  # parts anywhere, usable or not
+    agreed = distributed.broadcast_json(f"{name}/plan", agreed)
+    agreed["parts"] = parts
+    return agreed
+
+
+def explain(agreed: dict[str, Any], newer_than: int | None) -> None:
+    """Logs why each local step newer than ``newer_than`` (the persistent tier's newest) cannot be used."""
+    for step, why in agreed["rejected"]:
         if newer_than is None or step > newer_than:
             log.warning("restore: local step %d cannot be used: %s", step, why)
-    step = plan["step"]
-    if step is None:
-        if plan["rejected"] or parts or problems:
-            log.warning("restore: no local step can be restored on every process; using the persistent tier")
-        return None
-    if newer_than is not None and step < newer_than:
-        log.info(
-            "restore: the persistent tier's step %d is newer than local step %d; using the persistent tier",
-            newer_than,
-            step,
-        )
-        return None
-    layout = Layout.of(template, saved=plan["host"])
-    error = None
-    tree = None
+    if not agreed["candidates"] and agreed["seen"]:
+        log.warning("restore: no local step can be restored on every process; using the persistent tier")
+
+
+def newest(agreed: dict[str, Any]) -> int | None:
+    """The plan's newest usable local step."""
+    return agreed["candidates"][0]["step"] if agreed["candidates"] else None
+
+
+def restore(
+    saver: Any, agreed: dict[str, Any], template: Any, newer_than: int | None
+) -> tuple[Any, dict[str, Any], int] | None:
+    """Steps 3-4 for each candidate of ``agreed`` not older than ``newer_than``, newest first,
+    until one restores on every process; None: use the persistent tier (logged why)."""
+    for candidate in agreed["candidates"]:
+        step = candidate["step"]
+        if newer_than is not None and step < newer_than:
+            log.info("restore: the persistent tier's step %d is newer than local step %d", newer_than, step)
+            return None
+        got = _attempt(saver, candidate, template, agreed["parts"])
+        if got is not None:
+            return got
+    if agreed["candidates"]:
+        log.warning("restore: no local step can be restored on every process; using the persistent tier")
+    return None
+
+
+def _attempt(saver: Any, candidate: dict[str, Any], template: Any, parts: list[store.Part]) -> Any:
+    """One candidate step, restored on every process or on none (agreed)."""
+    step, name = candidate["step"], f"local-restore/{saver.tag}/{saver.next_round()}"
+    error, tree = None, None
     try:
-        data, crcs = _receive(saver, plan, layout, parts)
-        tree = _build(layout, data, crcs, plan, f"{saver.root} local step {step}")
+        layout = Layout.of(template, saved=candidate["host"])
+        data, crcs = _receive(saver, candidate, layout, parts)
+        tree = _build(layout, data, crcs, candidate, f"{saver.root} local step {step}")
     except Exception as e:
         error = f"process {distributed.process_index()}: {type(e).__name__}: {e}"
     errors = distributed.gather_json(f"{name}/outcome", error)
     verdict = distributed.broadcast_json(f"{name}/verdict", next((e for e in errors or [] if e), None))
     if verdict is not None:
-        log.warning("restore: local step %d could not be restored (%s); using the persistent tier", step, verdict)
+        log.warning("restore: local step %d could not be restored (%s)", step, verdict)
         return None
-    log.info("restore: local tier, step %d (%s)", step, _describe(plan))
+    log.info("restore: local tier, step %d (%s)", step, _describe(candidate))
     meta = {
         "step": step,
-        "timestamp": plan["timestamp"],
+        "timestamp": candidate["timestamp"],
         "is_temporary": False,
-        "extras": plan["extras"],
+        "extras": candidate["extras"],
         "tier": "local",
     }
     return tree, meta, step

@@ -106,6 +106,12 @@ def leaf_of(path: str, value: Any) -> Leaf:
     if isinstance(value, jax.Array | jax.ShapeDtypeStruct):
         return Leaf(path, "array", tuple(value.shape), np.dtype(dtype).name, _placed(path, value))
     if isinstance(value, np.ndarray | np.generic):
+        dt = np.dtype(dtype)
+        if dt.kind in "OUS" or dt.fields is not None or dt.name.startswith("void"):  # no plain raw bytes
+            raise TypeError(
+                f"leaf {path}: a numpy array of dtype {np.dtype(dtype)} cannot be saved to the local tier "
+                "(numeric, bool and datetime dtypes can)"
+            )
         return Leaf(path, "numpy", tuple(np.shape(value)), np.dtype(dtype).name)
     if value is None or isinstance(value, bool | int | float | str):
         return Leaf(path, "json", value=value)

@@ -11,7 +11,7 @@ a part a kill interrupted, ignored by ``scan`` and deleted with its step.
 >>> root = tempfile.mkdtemp()
 >>> with PartWriter(root, step=3, set_index=0) as w:
 ...     w.write_at(0, b"abcd")
-...     w.commit({"digest": "d", "pieces": [], "leaves": []}, data_bytes=4)
+...     w.commit({"digest": "d", "save": "5a", "pieces": [], "leaves": []}, data_bytes=4)
 >>> [(p.step, p.set_index, p.data_bytes) for p in scan(root)]
 [(3, 0, 4)]
 """
@@ -118,6 +118,7 @@ class PartWriter:
         marker = {
             "step": self.step,
             "set": self.set_index,
+            "save": manifest.get("save"),
             "digest": manifest.get("digest"),
             "data_bytes": data_bytes,
             "manifest_crc32c": int(crc32c.crc32c(raw)),
@@ -146,9 +147,7 @@ class Part:
     digest: str
     data_bytes: int
     path: str
-
-    def to_json(self) -> list[Any]:
-        return [self.step, self.set_index, self.digest, self.data_bytes]
+    save: str = ""  # the save's id: every part of one local save has the same
 
 
 def _read_json(path: str) -> Any:
@@ -171,16 +170,18 @@ def _committed(path: str, step: int, set_index: int) -> Part:
         raise CheckpointFormatError(f"{path}: {COMMITTED} does not match its manifest or its directory")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointFormatError(f"{path}: manifest of another format ({str(manifest)[:80]})")
-    size, digest = marker.get("data_bytes"), marker.get("digest")
+    size, digest, save = marker.get("data_bytes"), marker.get("digest"), marker.get("save")
     if not isinstance(size, int) or not isinstance(digest, str) or manifest.get("digest") != digest:
         raise CheckpointFormatError(f"{path}: {COMMITTED} names no data size or digest")
+    if not isinstance(save, str) or manifest.get("save") != save:
+        raise CheckpointFormatError(f"{path}: {COMMITTED} names no save id, or another than its manifest's")
     try:
         found = os.path.getsize(os.path.join(path, "data.bin"))
     except OSError as e:
         raise CheckpointFormatError(f"{path}: no data.bin ({e})") from e
     if found != size:
         raise CheckpointFormatError(f"{path}: data.bin holds {found} bytes, {COMMITTED} says {size}")
-    return Part(step, set_index, digest, size, path)
+    return Part(step, set_index, digest, size, path, save)
 
 
 def _numbered(path: str, pattern: re.Pattern[str]) -> list[tuple[int, str]]:
@@ -234,6 +235,18 @@ def checked(buffer: Any, offset: int, nbytes: int, crc: int, where: str) -> np.n
     if got != crc:
         raise CorruptCheckpointError(f"{where}: crc32c 0x{got:08x}, the manifest says 0x{crc:08x}")
     return view
+
+
+def verify(part: Part) -> str | None:
+    """Why ``part``'s data does not match its manifest's crc32c (every region read), or None."""
+    try:
+        rows = manifest(part)["pieces"]
+        buffer = data(part)
+        for leaf, _, offset, nbytes, crc in rows:
+            checked(buffer, offset, nbytes, crc, f"{part.path}, region at {offset} of leaf {leaf}")
+    except (CheckpointFormatError, CorruptCheckpointError, OSError, ValueError, TypeError, KeyError) as e:
+        return str(e)
+    return None
 
 
 def delete_step(root: str, step: int) -> None:

@@ -31,6 +31,7 @@ import logging
 import numbers
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,25 +45,19 @@ from ckpt_callbacks.manager._local import _peers as peers
 from ckpt_callbacks.manager._local import _recover
 from ckpt_callbacks.manager._local import _store as store
 from ckpt_callbacks.manager._local._sets import Layout, Piece, raw_value, region_of, summary, topology
-from ckpt_callbacks.manager._policy import CheckpointInterval, SavePolicy
+from ckpt_callbacks.manager._policy import CheckpointInterval, SavePolicy, as_interval
 
 log = logging.getLogger("ckpt_callbacks")
 
 _ROUNDS = itertools.count()  # names of the agreements: every process makes them in the same order
 
 
-def _interval(value: datetime.timedelta | float | None) -> datetime.timedelta | None:
-    if value is None or isinstance(value, datetime.timedelta):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"LocalTier(save_interval=...) must be positive seconds or a timedelta, got {value!r}")
-    return datetime.timedelta(seconds=float(value))
-
-
-def _positive_int(name: str, value: Any, minimum: int) -> int:
+def _positive_int(tier: Any, name: str, minimum: int) -> None:
+    """Checks ``tier.<name>`` is an integer >= ``minimum`` and keeps it as a Python int."""
+    value = getattr(tier, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"LocalTier({name}=...) must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    object.__setattr__(tier, name, int(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +98,15 @@ class LocalTier:
         if os.path.exists(root) and not os.path.isdir(root):
             raise CheckpointPathError(f"LocalTier({self.path!r}): expected a directory at {root}, found a file")
         object.__setattr__(self, "step_policies", tuple(self.step_policies))
-        object.__setattr__(self, "save_interval", _interval(self.save_interval))
-        _positive_int("keep_last", self.keep_last, 1)
-        _positive_int("transfer_bytes", self.transfer_bytes, 1024)
+        object.__setattr__(self, "save_interval", as_interval(self.save_interval))
+        _positive_int(self, "keep_last", 1)
+        _positive_int(self, "transfer_bytes", 1024)
         if self.rounds_per_step is not None:
-            _positive_int("rounds_per_step", self.rounds_per_step, 1)
+            _positive_int(self, "rounds_per_step", 1)
         if self.replicas is not None:
-            _positive_int("replicas", self.replicas, 0)
+            _positive_int(self, "replicas", 0)
         SavePolicy(
-            step_policies=self.step_policies, save_interval=_interval(self.save_interval)
+            step_policies=self.step_policies, save_interval=as_interval(self.save_interval)
         )  # checks the intervals
 
     @property
@@ -159,8 +154,8 @@ class _Shift:
 class _Step:
     """One local step in flight: its own part's write and its replication."""
 
-    def __init__(self, step: int, layout: Layout, shifts: list[_Shift], extras: Any) -> None:
-        self.step, self.layout, self.shifts, self.extras = step, layout, shifts, extras
+    def __init__(self, step: int, layout: Layout, shifts: list[_Shift], extras: Any, save: dict[str, Any]) -> None:
+        self.step, self.layout, self.shifts, self.extras, self.save = step, layout, shifts, extras, save
         self.cursor = (0, 0)  # (shift, round) to dispatch next
         self.own: concurrent.futures.Future[Any] | None = None
         self.drains: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
@@ -179,10 +174,10 @@ class LocalSaver:
         self.tier = tier
         self.root = tier.root
         _refuse_overlap(tier, self.root, base)
-        base_url = base.url
+        base_url = self.base_url = base.url
         self.processes = distributed.process_count()
         self.replicas = tier.resolved_replicas(self.processes)
-        self.policy = SavePolicy(step_policies=tier.step_policies, save_interval=_interval(tier.save_interval))
+        self.policy = SavePolicy(step_policies=tier.step_policies, save_interval=as_interval(tier.save_interval))
         self.tag = hashlib.sha1(base_url.encode()).hexdigest()[:16]  # alike on every process
         self.last_step: int | None = None
         self.last_time: float | None = None
@@ -191,7 +186,7 @@ class LocalSaver:
         self._peers: peers.Peers | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-local")
         self._current: _Step | None = None
-        self._published: list[int] = []  # steps every process committed, in this run
+        self._mine: set[int] = set()  # local steps this run saved (alike on every process)
         self._claimed = False
         self._lock = threading.Lock()
         self.saved: list[dict[str, Any]] = []  # one record per local step committed here
@@ -217,25 +212,49 @@ class LocalSaver:
     def save(self, state: Any, step: int, *, now: float, extras: Any = None) -> None:
         """Starts local step ``step`` (main thread; every process at the same step)."""
         self.flush()
+        later = sorted(s for s in self._mine if s >= step)
+        if later:  # steps that go backwards within a run: nothing of this run is deleted for them
+            log.warning(
+                "step %d: a local checkpoint is due, but skipped: this run saved local step(s) %s already "
+                "(steps must increase; restore an older step first to go back)",
+                step,
+                later,
+            )
+            self.last_step = step
+            return
+        layout = Layout.of(state)  # an unsupported leaf is refused before anything is written
         self._claim()
-        newer = [s for s in store.steps(self.root) if s >= step]
-        if newer:  # another trajectory's (a run restored older than them), or this step's, interrupted
-            log.warning("local step %d: deleting local steps %s of %s, another trajectory's", step, newer, self.root)
-            for s in newer:
-                store.delete_step(self.root, s)
-        layout = Layout.of(state)
+        save = distributed.broadcast_json(
+            f"local-save/{self.tag}/{next(_ROUNDS)}", {"id": os.urandom(8).hex(), "at": time.time()}
+        )
+        self._discard_from(step)
         digest = layout.digest()
         me = distributed.process_index()
         mine = layout.pieces(me)
         blobs = _snapshot(layout, jax.tree_util.tree_leaves(state, is_leaf=lambda x: x is None), mine)
-        shifts = self._shifts(layout, step, digest, blobs, mine) if self.replicas else []
-        current = _Step(step, layout, shifts, extras)
+        shifts = self._shifts(layout, step, digest, save["id"], blobs=blobs, mine=mine) if self.replicas else []
+        current = _Step(step, layout, shifts, extras, save)
         current.per_step = self._per_step(step, sum(shift.rounds for shift in shifts))
-        manifest = _manifest(layout, digest, extras, now, self.replicas)
+        manifest = self._manifest(current, digest, now)
         current.own = self._worker.submit(self._write_own, step, me, manifest, mine, blobs)
         self._current = current
+        self._mine.add(step)
         self.last_step, self.last_time = step, self._seen  # the agreed clock's last reading: alike everywhere
         self.pump()
+
+    def _discard_from(self, step: int) -> None:
+        """Deletes this host's local steps >= ``step``: another trajectory's (a run that restored an
+        older step), or this step's from an interrupted run; their records go with them."""
+        newer = [s for s in store.steps(self.root) if s >= step]
+        if newer:
+            log.warning("local step %d: deleting local steps %s of %s, another trajectory's", step, newer, self.root)
+        for s in newer:
+            distributed.unpublish(f"local/{self.tag}/{s}", distributed.process_index())
+            store.delete_step(self.root, s)
+
+    def _manifest(self, current: _Step, digest: str, now: float | None) -> dict[str, Any]:
+        extra = {"save": current.save["id"], "saved_at": current.save["at"], "base": self.base_url}
+        return {**_manifest(current.layout, digest, current.extras, now, self.replicas), **extra}
 
     def _per_step(self, step: int, rounds: int) -> int:
         """Rounds per ``on_step``: the tier's, or ``rounds`` spread over half the step interval."""
@@ -274,7 +293,7 @@ class LocalSaver:
         self._claimed = True
 
     def _shifts(
-        self, layout: Layout, step: int, digest: str, blobs: list[np.ndarray], mine: list[Piece]
+        self, layout: Layout, step: int, digest: str, save: str, *, blobs: list[np.ndarray], mine: list[Piece]
     ) -> list[_Shift]:
         channel = self.peers()
         n, me = self.processes, distributed.process_index()
@@ -284,7 +303,7 @@ class LocalSaver:
         out = []
         for k in range(1, self.replicas + 1):
             source = (me - k) % n
-            frame = peers.Frame([peers.header(step, me, digest), *blobs, trailer])
+            frame = peers.Frame([peers.header(step, me, digest, save), *blobs, trailer])
             pairs = tuple((q, (q + k) % n) for q in range(n))
             out.append(_Shift(pairs, frame, source, layout.pieces(source), channel.rounds(sizes)))
         return out
@@ -379,7 +398,7 @@ class LocalSaver:
         layout = current.layout
         digest = layout.digest()
         where = f"{self.root} step {current.step} set {shift.source}"
-        peers.check_header(bytes(shift.head), current.step, shift.source, digest, where)
+        peers.check_header(bytes(shift.head), current.step, shift.source, digest, current.save["id"], where=where)
         crcs = [int(c) for c in np.frombuffer(bytes(shift.tail), "<u4")]
         assert shift.writer is not None
         shift.writer.flush()
@@ -387,7 +406,7 @@ class LocalSaver:
         for piece, crc in zip(shift.pieces, crcs, strict=True):
             store.checked(data, piece.offset, piece.nbytes, crc, where)
         del data
-        manifest = _manifest(layout, digest, current.extras, None, self.replicas)
+        manifest = self._manifest(current, digest, None)
         shift.writer.commit(_with_pieces(manifest, shift.pieces, crcs), data_bytes=data_bytes)
 
     def _publish(self, current: _Step) -> None:
@@ -404,39 +423,47 @@ class LocalSaver:
             )
             return
         distributed.publish(f"local/{self.tag}/{current.step}", distributed.process_index())
-        self._retain()
+        self._retain(current.step)
 
-    def _retain(self) -> None:
+    def _retain(self, step: int) -> None:
         """Deletes local steps older than the ``keep_last`` newest that every process committed."""
         complete = sorted(
-            int(s) for s, got in distributed.published(f"local/{self.tag}").items() if len(got) == self.processes
+            int(s)
+            for s, got in distributed.published(f"local/{self.tag}").items()
+            if len(got) == self.processes and int(s) <= step  # never a stale record of a later step
         )
         keep = complete[-self.tier.keep_last :]
         if len(keep) < self.tier.keep_last:
             return
-        for step in store.steps(self.root):
-            if step < keep[0]:
-                store.delete_step(self.root, step)
-        for step in complete:
-            if step < keep[0]:  # older than every step kept anywhere: no process needs its record
-                distributed.unpublish(f"local/{self.tag}/{step}", distributed.process_index())
+        for old in store.steps(self.root):
+            if old < keep[0]:
+                store.delete_step(self.root, old)
+        for old in complete:
+            if old < keep[0]:  # older than every step kept anywhere: no process needs its record
+                distributed.unpublish(f"local/{self.tag}/{old}", distributed.process_index())
 
     # -- restoring -----------------------------------------------------------------------------
 
     def restored(self, step: int) -> None:
-        """After a restore of ``step`` from either tier: the schedule goes on from there."""
+        """After a restore of ``step`` from either tier: the schedule goes on from there (this
+        run's later local steps are another trajectory's now: the next save deletes them)."""
         self.last_step = self.previous_step = step
+        self._mine = {s for s in self._mine if s <= step}
+
+    def plan(self, template: Any, unusable: str | None = None) -> dict[str, Any]:
+        """What the local tier can restore, agreed by every process (``_recover.plan``);
+        ``unusable``: why this process has no template (no part then fits)."""
+        self.flush()
+        return _recover.plan(self, template, unusable)
 
     def restore(
-        self, template: Any, newer_than: int | None, unusable: str | None = None
+        self, agreed: dict[str, Any], template: Any, newer_than: int | None
     ) -> tuple[Any, dict[str, Any], int] | None:
-        """The newest local step every process can rebuild, if it is at least ``newer_than``
-        (the persistent tier's newest step); None otherwise (the log says why). ``unusable``:
-        why this process has no template (every part then does not fit)."""
-        self.flush()
-        got = _recover.restore(self, template, newer_than, unusable)
+        """The newest step of ``agreed`` that every process rebuilds, if it is at least
+        ``newer_than`` (the persistent tier's step); None otherwise (the log says why)."""
+        got = _recover.restore(self, agreed, template, newer_than)
         if got is not None:
-            self.last_step = self.previous_step = got[2]
+            self.restored(got[2])
         return got
 
     def peers(self) -> peers.Peers:
