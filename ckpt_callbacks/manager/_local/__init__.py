@@ -1,4 +1,4 @@
 """The per-host tier with peer replicas (see README.md here)."""
 
-from ckpt_callbacks.manager._local._tier import LocalSaver as LocalSaver
+from ckpt_callbacks.manager._local._saver import LocalSaver as LocalSaver
 from ckpt_callbacks.manager._local._tier import LocalTier as LocalTier
