@@ -231,6 +231,13 @@ def resume_latest(base, mesh_shape, step=None, fallback=True, discard_newer=Fals
     return {"pid": jax.process_index(), "step": meta["step"], "problems": _check_local(tree), "steps": ck.all_steps()}
 
 
+def _host_int(value):
+    """A replicated scalar as a Python int (a jax array over several processes: its local shard)."""
+    if isinstance(value, jax.Array):
+        return int(np.asarray(value.addressable_shards[0].data))
+    return int(value)
+
+
 def local_train(
     base,
     local_root,
@@ -310,7 +317,7 @@ def local_train(
         "pid": jax.process_index(),
         "start": start,
         "tier": tier,
-        "n": state["n"],
+        "n": _host_int(state["n"]),
         "w": digests,
         "b": float(np.asarray(state["b"].addressable_shards[0].data)[0]),
         "global": recorded,

@@ -420,7 +420,9 @@ class Checkpointer(CheckpointReader):
         # resume rules: the restored step is not saved again; the schedule goes on from there
         self._last_save_step = self._previous_step = step
         self._last_save_time = _timestamp(self._clock())
-        if self.local is not None:
+        if self.local is not None and discard_newer:
+            self.local.discard_after(step)
+        elif self.local is not None:
             self.local.restored(step)
 
     def restore_or_init(self, init_fn: Callable[[], Any], **restore_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:

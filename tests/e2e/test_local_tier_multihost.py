@@ -243,3 +243,21 @@ def test_a_local_directory_shared_by_two_processes_is_refused_at_the_first_save(
         assert repr(str(shared)) in o.result["message"]
         assert "also written by process" in o.result["message"]
     assert not (shared / "step_1").exists()
+
+
+def test_a_damaged_own_set_is_read_from_its_peer_s_replica(s3_endpoint, tmp_path):
+    """2 processes: p0's own part of the newest step is bit-flipped; its intact replica on p1 serves it."""
+    root = tmp_path / "local"
+    kwargs = dict(base=_base(), local_root=str(root), mesh_shape=[2, 2], rows=ROWS, watchdog=WATCHDOG)
+    kwargs.update(local_every=2, persistent_every=100, transfer_bytes=1 << 16)
+    done = multihost.run("local_train", 2, 2, timeout=TIMEOUT, steps=6, **kwargs)
+    data = root / "p0" / "step_6" / "set_0" / "data.bin"
+    raw = bytearray(data.read_bytes())
+    raw[5] ^= 0x20
+    data.write_bytes(bytes(raw))
+    again = multihost.run("local_train", 2, 2, timeout=TIMEOUT, steps=6, **kwargs)
+    output = "\n".join(o.output for o in again)
+    assert {(o.result["start"], o.result["tier"]) for o in again} == {(6, "local")}, output[-4000:]
+    assert "local step 6 could not be restored" in output and "crc32c" in output
+    assert "restore: local tier, step 6 (set 0 from process 1's replica)" in output
+    assert [o.result["w"] for o in again] == [o.result["w"] for o in done]  # bit-exact: no step was taken

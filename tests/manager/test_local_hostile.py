@@ -143,7 +143,8 @@ def test_two_trajectories_at_one_step_are_never_mixed():
     plan = _recover._plan(table, 2)
     first = plan["candidates"][0]
     assert (first["step"], first["save"], first["holders"]) == (4, "b", {0: 0, 1: 0})  # all of B, from p0
-    assert any(step == 4 and "another trajectory" in why for step, why in plan["rejected"])
+    assert any(step == 4 and "another trajectory" in why for step, why in plan["notes"])
+    assert plan["rejected"] == []
     # only A's set 1 left: step 4 has no whole save, never A's set 1 with B's set 0
     table = [[_row(4, 0, "b", 20.0)], [_row(4, 1, "a", 5.0)]]
     assert _recover._plan(table, 2)["candidates"] == []
@@ -161,3 +162,44 @@ def test_a_copied_back_host_directory_of_another_trajectory_is_not_mixed_in(tmp_
     step, n = meta["step"], int(state["n"])
     assert n in (step + 1000, step + 2000)  # one trajectory's state at that step, exactly
     assert_tree_equal(state, _state(step, mesh42, n // 1000))
+
+
+def test_a_process_without_a_template_means_no_local_step_for_anyone():
+    table = [[_row(4, 0, "b", 2.0), _row(4, 1, "b", 2.0)], [_row(4, 1, "b", 2.0, fits=False)]]
+    plan = _recover._plan(table, 2, [None, "FileNotFoundError: no data on this host"])
+    assert plan["candidates"] == []
+    assert plan["rejected"] == [[4, "process 1 has no template (FileNotFoundError: no data on this host)"]]
+
+
+def test_discard_newer_deletes_the_newer_local_steps_too(tmp_path, mesh42):
+    _train(_ck(tmp_path, persistent_every=4), range(1, 13), mesh42)  # persistent 4, 8, 12; local 10, 12
+    ck = _ck(tmp_path, persistent_every=4)
+    _, meta = ck.restore(step=4, discard_newer=True, template=_state(0, mesh42))
+    assert meta["step"] == 4
+    assert sorted(os.listdir(tmp_path / "local")) == [".claims"]
+    _, meta = _restore(ck, mesh42)  # a crash now resumes the kept trajectory, never the discarded one
+    assert meta["step"] == 4
+    ck.close()
+
+
+@pytest.mark.parametrize(("saved", "template"), [("hello", 0.5), (None, 7), (3, "x"), (3, None), ("s", jnp.zeros(()))])
+def test_a_host_leaf_of_another_kind_than_the_template_s_does_not_fit(saved, template):
+    from ckpt_callbacks.manager._local._sets import Layout
+
+    row = {"path": "n", "kind": "json", "value": saved}
+    with pytest.raises(TypeError, match="leaf n: saved as"):
+        Layout.of({"n": template}, saved=[row])
+    assert Layout.of({"n": 1.5}, saved=[{**row, "value": 2}]).leaves[0].kind == "json"  # numbers fit numbers
+
+
+def test_deleting_a_step_leaves_foreign_files_in_its_directory(tmp_path, mesh42):
+    ck = _ck(tmp_path)
+    ck.on_step(_state(4, mesh42), step=4)
+    ck.close()
+    (tmp_path / "local" / "step_4" / "notes").mkdir()
+    (tmp_path / "local" / "step_4" / "notes" / "precious.txt").write_text("mine")
+    ck = _ck(tmp_path)
+    ck.on_step(_state(2, mesh42), step=2)  # a new trajectory: step 4's parts go, the notes stay
+    ck.close()
+    assert (tmp_path / "local" / "step_4" / "notes" / "precious.txt").read_text() == "mine"
+    assert not (tmp_path / "local" / "step_4" / "set_0").exists()

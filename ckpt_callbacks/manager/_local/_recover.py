@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from ckpt_callbacks import distributed
+from ckpt_callbacks.errors import CorruptCheckpointError
 from ckpt_callbacks.manager._local import _peers as peers
 from ckpt_callbacks.manager._local import _store as store
 from ckpt_callbacks.manager._local._sets import Layout, Piece, region_of, summary, topology
@@ -37,7 +38,13 @@ log = logging.getLogger("ckpt_callbacks")
 def _fit(part: store.Part, template: Any, current: dict[str, Any], base: str) -> dict[str, Any]:
     """Whether ``part`` can be placed under ``template`` on this topology by a run of ``base``,
     and what it holds."""
-    row: dict[str, Any] = {"step": part.step, "set": part.set_index, "save": part.save, "fits": False}
+    row: dict[str, Any] = {
+        "step": part.step,
+        "set": part.set_index,
+        "save": part.save,
+        "holder": distributed.process_index(),
+        "fits": False,
+    }
     try:
         man = store.manifest(part)
         host = [r for r in man["leaves"] if r.get("kind") in ("numpy", "json")]
@@ -84,10 +91,18 @@ def _holders(table: list[list[dict[str, Any]]], n: int, step: int, save: str) ->
     return holders, whys
 
 
-def _plan(table: list[list[dict[str, Any]]], n: int) -> dict[str, Any]:
-    """Process 0: every step every set can come from, newest first (one save per step: the
-    newest), and why each step that cannot be used cannot."""
-    rejected, candidates = [], []
+def _plan(table: list[list[dict[str, Any]]], n: int, unusable: list[Any] | None = None) -> dict[str, Any]:
+    """Every step every set can come from, newest first (one save per step: the newest), and
+    why each step that cannot be used cannot. ``unusable``: per process, why it has no
+    template (then no step is used: that process could not take part in a transfer)."""
+    rejected: list[list[Any]] = []
+    candidates: list[dict[str, Any]] = []
+    notes: list[list[Any]] = []
+    lacking = [(p, why) for p, why in enumerate(unusable or []) if why]
+    if lacking:
+        p, why = lacking[0]
+        steps = sorted({row["step"] for rows in table for row in rows}, reverse=True)
+        return {"candidates": [], "rejected": [[s, f"process {p} has no template ({why})"] for s in steps], "notes": []}
     for step in sorted({row["step"] for rows in table for row in rows}, reverse=True):
         saves = {r["save"]: r.get("saved_at", 0.0) for rows in table for r in rows if r["step"] == step and r["fits"]}
         newest = max(saves, key=lambda k: (saves[k], k)) if saves else ""
@@ -98,7 +113,7 @@ def _plan(table: list[list[dict[str, Any]]], n: int) -> dict[str, Any]:
             rejected.append([step, why + (f"; {whys[0]}" if whys else "")])
             continue
         if len(saves) > 1:  # two trajectories saved this step: only the newest save is this run's
-            rejected.append([step, f"{len(saves) - 1} older save(s) of this step are another trajectory's: ignored"])
+            notes.append([step, f"{len(saves) - 1} older save(s) of this step, another trajectory's, are ignored"])
         first = next(r for rows in table for r in rows if r["step"] == step and r["fits"] and r["save"] == newest)
         candidates.append(
             {
@@ -110,7 +125,7 @@ def _plan(table: list[list[dict[str, Any]]], n: int) -> dict[str, Any]:
                 "timestamp": first["timestamp"],
             }
         )
-    return {"candidates": candidates, "rejected": rejected}
+    return {"candidates": candidates, "rejected": rejected, "notes": notes}
 
 
 def _own_part(parts: list[store.Part], plan: dict[str, Any], set_index: int) -> store.Part:
@@ -217,7 +232,10 @@ def _as_template(value: Any, like: Any) -> Any:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if like is None or sharding is None or value is None or isinstance(value, str):
         return value
-    return jax.device_put(np.asarray(value, dtype=like.dtype), sharding)
+    array = np.asarray(value, dtype=like.dtype)
+    # not device_put: onto a sharding over several processes it checks the value is equal on each,
+    # a collective that one process leaving a failed attempt early would leave the others waiting in
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def _describe(plan: dict[str, Any]) -> str:
@@ -238,17 +256,27 @@ def plan(saver: Any, template: Any, unusable: str | None = None) -> dict[str, An
         log.warning("restore: a local part is passed over: %s", problem)
     if unusable is not None:
         rows = [
-            {"step": p.step, "set": p.set_index, "save": p.save, "fits": False, "why": f"no template ({unusable})"}
+            {
+                "step": p.step,
+                "set": p.set_index,
+                "save": p.save,
+                "holder": distributed.process_index(),
+                "fits": False,
+                "why": f"no template ({unusable})",
+            }
             for p in parts
         ]
     else:
         current = topology()
         rows = [_fit(part, template, current, saver.base_url) for part in parts]
-    gathered = distributed.gather_json(f"{name}/inventory", {"rows": rows, "problems": len(problems)})
+    mine = {"rows": rows, "problems": len(problems), "unusable": unusable}
+    gathered = distributed.gather_json(f"{name}/inventory", mine)
     agreed = None
     if gathered is not None:
-        agreed = _plan([g["rows"] for g in gathered], distributed.process_count())
+        table, unusables = [g["rows"] for g in gathered], [g["unusable"] for g in gathered]
+        agreed = _plan(table, distributed.process_count(), unusables)
         agreed["seen"] = sum(len(g["rows"]) + g["problems"] for g in gathered)  # parts anywhere, usable or not
+        agreed["table"], agreed["unusable"] = table, unusables
     agreed = distributed.broadcast_json(f"{name}/plan", agreed)
     agreed["parts"] = parts
     return agreed
@@ -259,6 +287,8 @@ def explain(agreed: dict[str, Any], newer_than: int | None) -> None:
     for step, why in agreed["rejected"]:
         if newer_than is None or step > newer_than:
             log.warning("restore: local step %d cannot be used: %s", step, why)
+    for step, why in agreed["notes"]:
+        log.info("restore: local step %d: %s", step, why)
     if not agreed["candidates"] and agreed["seen"]:
         log.warning("restore: no local step can be restored on every process; using the persistent tier")
 
@@ -271,36 +301,53 @@ def newest(agreed: dict[str, Any]) -> int | None:
 def restore(
     saver: Any, agreed: dict[str, Any], template: Any, newer_than: int | None
 ) -> tuple[Any, dict[str, Any], int] | None:
-    """Steps 3-4 for each candidate of ``agreed`` not older than ``newer_than``, newest first,
-    until one restores on every process; None: use the persistent tier (logged why)."""
-    for candidate in agreed["candidates"]:
+    """Steps 3-4 for the newest candidate of ``agreed`` not older than ``newer_than``, until one
+    restores on every process; None: use the persistent tier (logged why). A part whose data
+    fails its check is left out and the step planned again (its replica may serve), every
+    process alike: the table is the broadcast one."""
+    table = [[dict(r) for r in rows] for rows in agreed["table"]]
+    candidates = agreed["candidates"]
+    while candidates:
+        candidate = candidates[0]
         step = candidate["step"]
         if newer_than is not None and step < newer_than:
             log.info("restore: the persistent tier's step %d is newer than local step %d", newer_than, step)
             return None
-        got = _attempt(saver, candidate, template, agreed["parts"])
+        got, bad = _attempt(saver, candidate, template, agreed["parts"])
         if got is not None:
             return got
+        for row in (r for p, rows in enumerate(table) for r in rows if r["step"] == step):
+            if not bad or [row["holder"], row["set"]] in bad:  # unknown damage: the whole step is left out
+                row.update(fits=False, why="its data failed the check")
+        candidates = _plan(table, distributed.process_count(), agreed["unusable"])["candidates"]
     if agreed["candidates"]:
         log.warning("restore: no local step can be restored on every process; using the persistent tier")
     return None
 
 
-def _attempt(saver: Any, candidate: dict[str, Any], template: Any, parts: list[store.Part]) -> Any:
-    """One candidate step, restored on every process or on none (agreed)."""
+def _attempt(saver: Any, candidate: dict[str, Any], template: Any, parts: list[store.Part]) -> tuple[Any, list[Any]]:
+    """One candidate step, restored on every process or on none (agreed). Returns (the tree,
+    meta and step, or None) and the [holder, set] parts whose data failed its check."""
     step, name = candidate["step"], f"local-restore/{saver.tag}/{saver.next_round()}"
+    me = distributed.process_index()
     error, tree = None, None
     try:
         layout = Layout.of(template, saved=candidate["host"])
         data, crcs = _receive(saver, candidate, layout, parts)
         tree = _build(layout, data, crcs, candidate, f"{saver.root} local step {step}")
     except Exception as e:
-        error = f"process {distributed.process_index()}: {type(e).__name__}: {e}"
+        source = int(candidate["holders"][str(me)] if str(me) in candidate["holders"] else candidate["holders"][me])
+        bad = [source, me] if isinstance(e, CorruptCheckpointError) else None
+        error = {"why": f"process {me}: {type(e).__name__}: {e}", "bad": bad}
     errors = distributed.gather_json(f"{name}/outcome", error)
-    verdict = distributed.broadcast_json(f"{name}/verdict", next((e for e in errors or [] if e), None))
+    failed = [e for e in errors or [] if e]
+    verdict = distributed.broadcast_json(
+        f"{name}/verdict", {"why": failed[0]["why"], "bad": [e["bad"] for e in failed]} if failed else None
+    )
     if verdict is not None:
-        log.warning("restore: local step %d could not be restored (%s)", step, verdict)
-        return None
+        log.warning("restore: local step %d could not be restored (%s)", step, verdict["why"])
+        bad = verdict["bad"]
+        return None, [] if any(b is None for b in bad) else bad
     log.info("restore: local tier, step %d (%s)", step, _describe(candidate))
     meta = {
         "step": step,
@@ -309,4 +356,4 @@ def _attempt(saver: Any, candidate: dict[str, Any], template: Any, parts: list[s
         "extras": candidate["extras"],
         "tier": "local",
     }
-    return tree, meta, step
+    return (tree, meta, step), []

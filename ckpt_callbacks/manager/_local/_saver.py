@@ -358,6 +358,14 @@ class LocalSaver:
 
     # -- restoring -----------------------------------------------------------------------------
 
+    def discard_after(self, step: int) -> None:
+        """``restore(..., discard_newer=True)`` of ``step``: this host's later local steps go now."""
+        for s in store.steps(self.root):
+            if s > step:
+                distributed.unpublish(f"local/{self.tag}/{s}", distributed.process_index())
+                store.delete_step(self.root, s)
+        self.restored(step)
+
     def restored(self, step: int) -> None:
         """After a restore of ``step`` from either tier: the schedule goes on from there (this
         run's later local steps are another trajectory's now: the next save deletes them)."""

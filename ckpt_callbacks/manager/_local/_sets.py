@@ -121,6 +121,31 @@ def leaf_of(path: str, value: Any) -> Leaf:
     )
 
 
+def _category(value: Any) -> str:
+    if value is None or isinstance(value, str | bool):
+        return type(value).__name__
+    return "number" if isinstance(value, int | float) else type(value).__name__
+
+
+def _check_host(path: str, row: dict[str, Any], like: Any) -> None:
+    """A host leaf saved as ``row`` fits the template's ``like`` (as the persistent tier would
+    have it): a JSON value of the same kind, a numpy array of the same shape and dtype."""
+    if row["kind"] == "numpy":
+        got = (tuple(getattr(like, "shape", ())), np.dtype(getattr(like, "dtype", object)).name)
+        if got != (tuple(row.get("shape", ())), row.get("dtype")):
+            raise TypeError(
+                f"leaf {path}: saved as a {row.get('dtype')}{row.get('shape')} array, the template has {got}"
+            )
+        return
+    saved = _category(row.get("value"))
+    if isinstance(like, jax.ShapeDtypeStruct | jax.Array | np.ndarray | np.generic):
+        fits = saved in ("number", "bool") and tuple(like.shape) == ()
+    else:
+        fits = saved == _category(like)
+    if not fits:
+        raise TypeError(f"leaf {path}: saved as {saved} {row.get('value')!r:.40}, the template has {like!r:.60}")
+
+
 def raw_value(leaf: Leaf, value: Any) -> Any:
     """What is stored of a state leaf: a key array's key_data, a host array as numpy."""
     if leaf.kind == "key":
@@ -161,6 +186,7 @@ class Layout:
             name = fmt.key_string(fmt.path_of(path)) or "<root>"
             row = host.get(name)
             if row is not None:
+                _check_host(name, row, value)
                 like = value if isinstance(value, jax.ShapeDtypeStruct | jax.Array) else None
                 leaves.append(Leaf(name, row["kind"], tuple(row.get("shape", ())), row.get("dtype", ""), template=like))
             else:

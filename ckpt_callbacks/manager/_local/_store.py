@@ -250,13 +250,19 @@ def verify(part: Part) -> str | None:
 
 
 def delete_step(root: str, step: int) -> None:
-    """Deletes a step's parts: every marker first, so a partial delete never leaves one counting."""
+    """Deletes a step's parts: every marker first, so a partial delete never leaves one counting;
+    then the parts, and the step's directory if nothing else is in it (foreign files stay)."""
     sdir = step_dir(root, step)
-    for _, pdir in _numbered(sdir, _SET):
+    parts = _numbered(sdir, _SET)
+    for _, pdir in parts:
         _hit("delete")
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.unlink(os.path.join(pdir, COMMITTED))
-    shutil.rmtree(sdir, ignore_errors=True)
+    for _, pdir in parts:
+        if os.path.isdir(pdir) and not os.path.islink(pdir):
+            shutil.rmtree(pdir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(sdir)
 
 
 CLAIMS = ".claims"
