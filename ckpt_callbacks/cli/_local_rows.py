@@ -11,7 +11,7 @@ be seen from here, so a step complete here may still lack a set elsewhere. Damag
 >>> root = tempfile.mkdtemp()
 >>> store.claim(root, "run", 0)
 >>> with store.PartWriter(root, step=4, set_index=0) as w:
-...     w.commit({"digest": "ab" * 32, "topology": {"processes": 1}}, data_bytes=0)
+...     w.commit({"digest": "ab" * 32, "save": "5a", "topology": {"processes": 1}, "pieces": []}, data_bytes=0)
 >>> data = local_data(root)
 >>> [(s["step"], s["here"], s["digest"]) for s in data["steps"]], data["process"]
 ([(4, 'complete', 'abababababab')], 0)

@@ -261,3 +261,18 @@ def test_a_damaged_own_set_is_read_from_its_peer_s_replica(s3_endpoint, tmp_path
     assert "local step 6 could not be restored" in output and "crc32c" in output
     assert "restore: local tier, step 6 (set 0 from process 1's replica)" in output
     assert [o.result["w"] for o in again] == [o.result["w"] for o in done]  # bit-exact: no step was taken
+
+
+def test_with_two_replicas_two_neighbours_lost_still_restore_locally(s3_endpoint, tmp_path):
+    """replicas=2: set q is also kept by q+1 and q+2, so wiping p2 and p3 leaves both sets on p0."""
+    root = tmp_path / "local"
+    kwargs = dict(base=_base(), local_root=str(root), mesh_shape=MESH, rows=ROWS, watchdog=WATCHDOG, replicas=2)
+    kwargs.update(local_every=2, persistent_every=100, transfer_bytes=1 << 16)
+    done = multihost.run("local_train", N, DEVICES, timeout=TIMEOUT, steps=6, **kwargs)
+    assert sorted(p.set_index for p in store.scan(str(root / "p0")) if p.step == 6) == [0, 2, 3]
+    _wipe(root, 2, 3)
+    again = multihost.run("local_train", N, DEVICES, timeout=TIMEOUT, steps=6, **kwargs)
+    output = "\n".join(o.output for o in again)
+    assert {(o.result["start"], o.result["tier"]) for o in again} == {(6, "local")}, output[-4000:]
+    assert "step 6 (set 2 from process 0's replica, set 3 from process 0's replica)" in output
+    assert [o.result["w"] for o in again] == [o.result["w"] for o in done]
