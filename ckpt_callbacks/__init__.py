@@ -25,6 +25,7 @@ from ckpt_callbacks.errors import RestoreMismatchError as RestoreMismatchError
 from ckpt_callbacks.errors import ShardingRuleError as ShardingRuleError
 from ckpt_callbacks.errors import StorageNotSharedError as StorageNotSharedError
 from ckpt_callbacks.errors import StorageTimeoutError as StorageTimeoutError
+from ckpt_callbacks.interop import export_safetensors as export_safetensors
 from ckpt_callbacks.layouts import LayoutCounts as LayoutCounts
 from ckpt_callbacks.layouts import LeafShape as LeafShape
 from ckpt_callbacks.layouts import plan_layout as plan_layout

@@ -69,6 +69,7 @@ def test_root_exports_exactly_the_public_names():
         "find_latest_checkpoint", "list_checkpoints", "match_partition_rules", "open_checkpoint", "plan_layout",
         "restore", "save", "save_async", "save_items", "save_items_async", "shardings_from_rules", "verify",
         "VerifyReport", "VerifyProblem", "MissingFileError", "DeletedArrayError", "LocalTier",
+        "export_safetensors",
     }  # fmt: skip
     assert public == names
     assert callable(cc.restore)  # the function, not a module of that name

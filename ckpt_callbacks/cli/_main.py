@@ -32,7 +32,7 @@ from ckpt_callbacks import directory as discovery
 from ckpt_callbacks import directory as layout
 from ckpt_callbacks import directory as leftovers
 from ckpt_callbacks import format as fmt
-from ckpt_callbacks import interop as orbax_format
+from ckpt_callbacks import interop as orbax_format  # orbax and safetensors
 from ckpt_callbacks import storage as paths
 from ckpt_callbacks.cli import _checks as cli_checks
 from ckpt_callbacks.cli import _local_rows as local_rows
@@ -93,8 +93,21 @@ def _orbax(loc: paths.Location, items: dict[str, paths.Location]) -> dict[str, A
     return {"kind": "orbax", "path": loc.url, "items": out}
 
 
+def _safetensors(loc: paths.Location, found: orbax_format.SafetensorsSet) -> dict[str, Any]:
+    files = [
+        {"file": f, "tensors": len(h.tensors), "bytes": sum(t.stop - t.start for t in h.tensors.values())}
+        for f, h in found.headers.items()
+    ]
+    metadata = {f: h.metadata for f, h in found.headers.items() if h.metadata}
+    return {
+        "kind": "safetensors", "path": loc.url, "files": files, "metadata": metadata,
+        "items": {"state": _item(found.manifest.leaves)},
+    }  # fmt: skip
+
+
 def inspect_data(path: str) -> dict[str, Any]:
-    """What ``inspect`` shows: our checkpoint, an orbax one, or a base directory's checkpoints."""
+    """What ``inspect`` shows: our checkpoint, an orbax one, safetensors files, or a base
+    directory's checkpoints."""
     try:
         ckpt = layout.open_checkpoint(path)
     except CheckpointNotFoundError:
@@ -102,6 +115,9 @@ def inspect_data(path: str) -> dict[str, Any]:
         items = orbax_format.find_items(loc)
         if items:
             return _orbax(loc, items)
+        tensors = orbax_format.open_safetensors(loc)
+        if tensors is not None:
+            return _safetensors(loc, tensors)
         rows = checkpoint_rows(path)
         if rows:
             return {"kind": "base", "path": path, "checkpoints": rows}
@@ -225,6 +241,14 @@ _HELP = {
         "absolute change of each leaf in both.",
         ["run/run-1000 run/run-2000", "a/run-5 b/run-5 --item state --json"],
     ),
+    "export": (
+        "Write a committed checkpoint's item as safetensors files (model.safetensors, or shards plus "
+        "model.safetensors.index.json) into the local directory OUT, streamed within --max-host-mib.",
+        [
+            "gs://bucket/run/run-1000 serve/",
+            "ckpts/run-1000 serve/ --dtype bfloat16 --keys params --rename '^params\\.' 'model.'",
+        ],
+    ),
     "prune": (
         "Apply a keep policy to the checkpoints under BASE: a dry run that shows what would be "
         "deleted and kept, unless --yes.",
@@ -286,6 +310,49 @@ def _add_reading(sub: Any) -> None:
     p.add_argument("--item", help="compare only this item (default: every item both have)")
 
 
+def _export(args: argparse.Namespace) -> int:
+    import ml_dtypes
+
+    dtype = None if args.dtype is None else getattr(ml_dtypes, args.dtype, args.dtype)
+    files = orbax_format.export_safetensors(
+        args.path,
+        args.out,
+        item=args.item,
+        keys=args.keys or None,
+        rename=[tuple(r) for r in args.rename],
+        dtype=dtype,
+        max_file_bytes=int(args.max_file_mib * 2**20),
+        max_host_bytes=int(args.max_host_mib * 2**20),
+        overwrite=args.overwrite,
+    )
+    if args.json:
+        show.print_json({"path": args.path, "out": args.out, "files": files})
+    else:
+        for name in files:
+            print(name)
+    return 0
+
+
+def _add_export(sub: Any) -> None:
+    p = _add(sub, "export", _export)
+    p.add_argument("path", help="a committed checkpoint (ours, either layout; or orbax's)")
+    p.add_argument("out", help="local output directory")
+    p.add_argument("--item", default="state", help="the item to export (default: state)")
+    p.add_argument("--keys", action="append", default=[], metavar="KEY", help="only leaves under KEY (repeat)")
+    p.add_argument(
+        "--rename",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("REGEX", "REPLACEMENT"),
+        help="rename tensors ('.'-joined key paths), first match wins (repeat)",
+    )
+    p.add_argument("--dtype", help="write floating leaves in this dtype (bfloat16, float16, float32)")
+    p.add_argument("--max-file-mib", type=float, default=5 * 1024, help="largest file before a new shard (MiB)")
+    p.add_argument("--max-host-mib", type=float, default=256, help="host memory for data in flight (MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in OUT")
+
+
 def _add_policies(sub: Any) -> None:
     p = _add(sub, "prune", _prune)
     p.add_argument("base")
@@ -334,6 +401,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_reading(sub)
+    _add_export(sub)
     _add_policies(sub)
     cli_layout.add_parser(sub)
     return top

@@ -208,6 +208,13 @@ def show_inspect(out: Console, data: dict[str, Any]) -> None:
         return
     if data["kind"] == "orbax":
         out.print(f"{data['path']}: an orbax checkpoint (read without orbax; no chunk checksums to verify)")
+    elif data["kind"] == "safetensors":
+        total = human_size(sum(f["bytes"] for f in data["files"]))
+        out.print(f"{data['path']}: safetensors, {plural(len(data['files']), 'file')}, {total}", soft_wrap=True)
+        for f in data["files"]:
+            out.print(f"  {f['file']}: {plural(f['tensors'], 'tensor')}, {human_size(f['bytes'])}", soft_wrap=True)
+        for file, metadata in data["metadata"].items():
+            out.print(f"metadata of {file}: {json.dumps(metadata)}", soft_wrap=True)
     else:
         kind = "temporary" if data["temporary"] else "permanent"
         total = human_size(sum(item["bytes"] for item in data["items"].values()))

@@ -150,24 +150,36 @@ def _check_coverage(path: str, tensors: Iterable[TensorInfo], data_start: int, d
         raise _refuse(path, f"{data_start + data_bytes - at} data bytes at the end belong to no tensor")
 
 
-def read_header(path: str) -> Header:
-    """The checked header of the safetensors file at ``path`` (see the module's checks)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise _refuse(path, f"{size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise _refuse(path, f"a header of {n} bytes, in a file of {size} (at most {MAX_HEADER_BYTES})")
-        value = _parse(path, f.read(n))
-    data_start, data_bytes = 8 + n, size - 8 - n
+def header_length(path: str, head: bytes, size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against its ``size``."""
+    if len(head) < 8:
+        raise _refuse(path, f"{size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise _refuse(path, f"a header of {n} bytes, in a file of {size} (at most {MAX_HEADER_BYTES})")
+    return int(n)
+
+
+def parse_header(path: str, raw: bytes, size: int) -> Header:
+    """The checked header from its JSON bytes ``raw`` (as ``header_length`` sized them) of a
+    file of ``size`` bytes, read by any reader (a local file, byte ranges of an object)."""
+    value = _parse(path, raw)
+    data_start, data_bytes = 8 + len(raw), size - 8 - len(raw)
     metadata = value.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _refuse(path, "__metadata__ is not an object of strings")
     tensors = {name: _entry(path, name, entry, data_bytes, data_start) for name, entry in value.items()}
     _check_coverage(path, tensors.values(), data_start, data_bytes)
     return Header(tensors, dict(metadata), data_start)
+
+
+def read_header(path: str) -> Header:
+    """The checked header of the safetensors file at ``path`` (see the module's checks)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = header_length(path, f.read(8), size)
+        raw = f.read(n)
+    return parse_header(path, raw, size)
 
 
 def read_tensor(path: str, info: TensorInfo) -> np.ndarray:

@@ -28,10 +28,15 @@ READ_WINDOW_BYTES = 512 << 20
 Opener = Callable[[fmt.LeafRecord], Any]  # a leaf's array -> its TensorStore open future
 
 
-def _finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.Region, np.ndarray]) -> Any:
+def finish_leaf(record: fmt.LeafRecord, target: Target, regions: dict[planning.Region, np.ndarray]) -> Any:
+    """The restored leaf from its regions read (those ``regions_of`` named), on its target:
+    cast to the target's dtype, then a numpy array or a ``jax.Array`` of the target sharding
+    (a PRNG key array for a key leaf); the regions themselves for a target of ``regions``."""
     dtype = target.dtype
     if record.kind == "array" and dtype is not None:
         regions = {r: (a if a.dtype == dtype else a.astype(dtype)) for r, a in regions.items()}
+    if target.regions is not None:
+        return regions
     if target.sharding is None:
         return regions[tuple((0, n) for n in record.data_shape)]
     sharding = data_sharding(record, target.sharding)
@@ -56,9 +61,12 @@ def _open_array(kvstore: dict[str, Any], record: fmt.LeafRecord, where: str, unc
         raise CorruptCheckpointError(f"{where}: leaf {record.key!r}: cannot open its array: {e}") from e
 
 
-def _regions(record: fmt.LeafRecord, target: Target) -> list[planning.Region]:
-    """The regions of a leaf this process's devices hold (the whole leaf for a numpy target)."""
+def regions_of(record: fmt.LeafRecord, target: Target) -> list[planning.Region]:
+    """The regions of a leaf to read: those this process's devices hold (the whole leaf for a
+    numpy target; a target's own ``regions`` where it names them), distinct and sorted."""
     shape = record.data_shape
+    if target.regions is not None:
+        return sorted(set(target.regions))
     if target.sharding is None:
         return [tuple((0, n) for n in shape)]
     index_map = data_sharding(record, target.sharding).addressable_devices_indices_map(shape)
@@ -101,12 +109,12 @@ def read_leaves(
     def drain_one() -> None:
         nonlocal pending
         i, read = inflight.popleft()
-        out[i] = _finish_leaf(records[i], targets[i], read.result())
+        out[i] = finish_leaf(records[i], targets[i], read.result())
         pending -= read.nbytes
 
     try:
         for i, (record, target) in enumerate(zip(records, targets, strict=True)):
-            regions = _regions(record, target)
+            regions = regions_of(record, target)
             read: LeafRead | DirectRead
             if direct[i]:
                 read = DirectRead(loc, record, regions, loc.url)

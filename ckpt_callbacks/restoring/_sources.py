@@ -3,10 +3,10 @@
 Our own format is always tried first (its commit marker decides). Where a path holds no
 committed checkpoint of ours, each registered foreign source is asked in registration order;
 the first that recognises the directory reads it. ``interop`` registers orbax's PyTree
-checkpoints when ``ckpt_callbacks`` is imported; ``restoring`` itself imports no source.
+checkpoints and safetensors files when ``ckpt_callbacks`` is imported; ``restoring`` itself imports no source.
 
 >>> [s.name for s in sources()]
-['orbax']
+['orbax', 'safetensors']
 """
 
 from __future__ import annotations

@@ -32,10 +32,16 @@ log = logging.getLogger("ckpt_callbacks")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """How one leaf comes back: its sharding (None: a numpy array) and dtype."""
+    """How one leaf comes back: its sharding (None: a numpy array) and dtype.
+
+    ``regions`` (for a reader of parts of leaves, such as an export): read exactly these
+    regions of the stored array, and return them as ``{region: numpy array}`` (cast to
+    ``dtype``) instead of one finished leaf; ``sharding`` is then ignored.
+    """
 
     sharding: Sharding | None
     dtype: np.dtype | None = None
+    regions: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
 
 def sharding_map(shardings: Any) -> dict[fmt.KeyPath, Sharding] | Sharding | None:

@@ -40,7 +40,7 @@ def test_the_documented_source_restores_a_foreign_directory(npy_source, tmp_path
     w, b = np.arange(32, dtype=np.float32).reshape(8, 4), np.ones(3, np.int32)
     np.save(tmp_path / "w.npy", w)
     np.save(tmp_path / "b.npy", b)
-    assert [s.name for s in restoring.sources()] == ["orbax", "npy-dir"]
+    assert [s.name for s in restoring.sources()] == ["orbax", "safetensors", "npy-dir"]
     plain = cc.restore(tmp_path)
     np.testing.assert_array_equal(plain["w"], w)
     np.testing.assert_array_equal(plain["b"], b)
@@ -54,7 +54,7 @@ def test_the_documented_source_restores_a_foreign_directory(npy_source, tmp_path
 
 
 def test_a_refusal_names_every_source_tried(npy_source, tmp_path):
-    with pytest.raises(cc.CheckpointNotFoundError, match=r"also tried as: orbax \(not one\), npy-dir \(not one\)"):
+    with pytest.raises(cc.CheckpointNotFoundError, match=r"also tried as: orbax \(not one\), safetensors \(not one\), npy-dir \(not one\)"):
         cc.restore(tmp_path)
 
 
@@ -211,7 +211,7 @@ def test_save_options_take_only_registered_layout_names(layout):
 def test_a_source_without_a_name_is_refused(name):
     with pytest.raises(ValueError, match="non-empty str name"):
         restoring.register_source(_Named(name=name))
-    assert [s.name for s in restoring.sources()] == ["orbax"]
+    assert [s.name for s in restoring.sources()] == ["orbax", "safetensors"]
 
 
 @pytest.mark.parametrize("scheme", [None, "", "a:b", "3d", "s 3"])
