@@ -54,7 +54,10 @@ def test_the_documented_source_restores_a_foreign_directory(npy_source, tmp_path
 
 
 def test_a_refusal_names_every_source_tried(npy_source, tmp_path):
-    with pytest.raises(cc.CheckpointNotFoundError, match=r"also tried as: orbax \(not one\), safetensors \(not one\), npy-dir \(not one\)"):
+    with pytest.raises(
+        cc.CheckpointNotFoundError,
+        match=r"also tried as: orbax \(not one\), safetensors \(not one\), npy-dir \(not one\)",
+    ):
         cc.restore(tmp_path)
 
 
