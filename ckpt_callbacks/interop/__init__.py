@@ -12,8 +12,8 @@ from ckpt_callbacks.interop._orbax_reader import unfinished_step as unfinished_s
 from ckpt_callbacks.interop._orbax_source import OrbaxSource as OrbaxSource
 from ckpt_callbacks.interop._orbax_source import skipped_message as skipped_message
 from ckpt_callbacks.interop._orbax_source import skipped_steps as skipped_steps
-from ckpt_callbacks.interop._safetensors_export import ExportHook as ExportHook
 from ckpt_callbacks.interop._safetensors_export import export_safetensors as export_safetensors
+from ckpt_callbacks.interop._safetensors_hook import ExportHook as ExportHook
 from ckpt_callbacks.interop._safetensors_source import READ_STATS as READ_STATS
 from ckpt_callbacks.interop._safetensors_source import SafetensorsSet as SafetensorsSet
 from ckpt_callbacks.interop._safetensors_source import SafetensorsSource as SafetensorsSource
